@@ -1,0 +1,128 @@
+"""brats-shards command line. Thin: each command parses options and calls one library function;
+heavy imports (torch, dask, zarr) happen inside commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn BraTS releases into verified 2D slice shards and train segmentation models on them.")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        s = tuple(int(v) for v in text.split(","))
+        assert len(s) == 3 and min(s) >= 8
+        return s
+    except (ValueError, AssertionError):
+        _fail(f"--shape must be three integers >= 8 like 240,240,155, not {text!r}")
+
+
+@app.command("make-demo-data")
+def make_demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the synthetic release into.")],
+    patients: Annotated[int, typer.Option(help="Number of cases.")] = 8,
+    shape: Annotated[str, typer.Option(help="Volume shape X,Y,Z (BraTS: 240,240,155).")] = "240,240,155",
+    release: Annotated[str, typer.Option(help="File layout and labels: 2020 (0/1/2/4) or 2023 (0/1/2/3).")] = "2020",
+    orientation: Annotated[str, typer.Option(help="Stored orientation: lps (as BraTS ships) or ras.")] = "lps",
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same cases.")] = 0,
+    start: Annotated[int, typer.Option(help="Index of the first case.")] = 1,
+):
+    """Write synthetic BraTS-format cases (brain, tumour sub-regions, four modalities)."""
+    from preprocess.synthetic import make_demo_data as make
+
+    if orientation not in ("lps", "ras"):
+        _fail(f"--orientation must be lps or ras, not {orientation!r}")
+    try:
+        ids = make(out, patients, shape=_shape(shape), release=release, seed=seed, orientation=orientation,
+                   start=start, progress=True)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(ids)} cases ({release} layout) to {out}")
+
+
+@app.command("build-shards")
+def build_shards(
+    input: Annotated[Path, typer.Argument(help="BraTS release folder (one sub-folder per patient).")],
+    output: Annotated[Path, typer.Argument(help="Shard set folder to create or complete.")],
+    size: Annotated[int, typer.Option(help="In-plane size of every slice.")] = 128,
+    normalize: Annotated[str, typer.Option(help="volume: z-score over the brain of the whole volume; slice: per-slice z-score.")] = "volume",
+    crop: Annotated[bool, typer.Option("--crop/--no-crop", help="Crop to the brain's square bounding box before resizing.")] = False,
+    mask: Annotated[str, typer.Option(help="subregions: [NCR/NET, ED, ET]; regions: [WT, TC, ET].")] = "subregions",
+    tumour_free_fraction: Annotated[float, typer.Option(help="Fraction of tumour-free brain slices to keep.")] = 1.0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of patients in the validation split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the patient split and slice subsampling.")] = 0,
+    format: Annotated[str, typer.Option(help="zarr, wds or both.")] = "both",
+    codec: Annotated[str, typer.Option(help="Zarr compressor: blosc-zstd, blosc-lz4, zstd or none, with optional :LEVEL.")] = "blosc-zstd:3",
+    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: CPU count; 0: no Dask, in-process).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
+    from preprocess.pipeline import PreprocessConfig
+    from shards.build import BuildConfig, BuildError, build
+
+    formats = {"both": ("zarr", "wds"), "zarr": ("zarr",), "wds": ("wds",)}.get(format)
+    if formats is None:
+        _fail(f"--format must be zarr, wds or both, not {format!r}")
+    try:
+        pre = PreprocessConfig(size=size, normalize=normalize, crop=crop, mask=mask,
+                               tumour_free_fraction=tumour_free_fraction, seed=seed)
+        cfg = BuildConfig(preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats, codec=codec)
+        m = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet)
+    except (BuildError, ValueError) as e:
+        _fail(str(e))
+    run = m.pop("_run")
+    n = {s: len(p) for s, p in m["splits"].items()}
+    typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
+               f"({run['built']} built, {run['reused']} already done), {len(m['failed'])} failed")
+    for f in m["failed"]:
+        typer.echo(f"  FAILED {f['patient']}: {f['reason']}")
+    if m["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(shards: Annotated[Path, typer.Argument(help="Shard set folder.")]):
+    """Re-hash every file against the manifest and check slice counts."""
+    from shards.manifest import ManifestError, verify as run
+
+    try:
+        problems = run(shards)
+    except ManifestError as e:
+        _fail(str(e))
+    for p in problems:
+        typer.echo(f"BAD {p}")
+    if problems:
+        typer.echo(f"{shards}: {len(problems)} problem(s)")
+        raise typer.Exit(1)
+    typer.echo(f"{shards}: OK, every file matches the manifest")
+
+
+@app.command()
+def info(
+    shards: Annotated[Path, typer.Argument(help="Shard set folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Patients and slices per split, class balance, bytes on disk, build config."""
+    from shards.manifest import ManifestError, format_summary, load_manifest, summary
+
+    try:
+        s = summary(load_manifest(shards))
+    except ManifestError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_summary(s))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,124 @@
+"""Find the patients of a BraTS release on disk and resolve each one's five files.
+
+Handles 2020 (`BraTS20_Training_001_t1ce.nii.gz`), 2021 (`BraTS2021_00000_t1ce.nii.gz`) and
+2023+ (`BraTS-GLI-00000-000-t1c.nii.gz`) naming, `.nii` or `.nii.gz`, patient folders at any
+depth. Files that are not NIfTI (csv tables, readme) are ignored. Known quirk: one BraTS 2020
+case ships its segmentation as `W39_1998.09.19_Segm.nii`; a folder whose only unclaimed NIfTI
+file has "seg" in its name uses that file as its segmentation, and says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from preprocess.synthetic import MODALITIES
+
+# file suffix -> canonical modality, per naming convention
+SUFFIXES = {
+    "2020": {"t1": "t1", "t1ce": "t1gd", "t2": "t2", "flair": "flair", "seg": "seg"},
+    "2023": {"t1n": "t1", "t1c": "t1gd", "t2w": "t2", "t2f": "flair", "seg": "seg"},
+}
+# label convention of each naming: the enhancing tumour is 4 before 2023, 3 from 2023
+LABELS = {"2020": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
+_NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
+
+
+class DiscoveryError(ValueError):
+    """The input folder as a whole cannot be used (empty, mixed conventions)."""
+
+
+@dataclass(frozen=True)
+class PatientFiles:
+    pid: str
+    convention: str  # "2020" (also 2021) or "2023"
+    files: dict[str, Path]  # canonical modality ("t1", "t1gd", "t2", "flair", "seg") -> path
+    notes: tuple[str, ...] = ()
+    problem: str | None = None  # why this patient cannot be used, naming the file(s)
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return LABELS[self.convention]
+
+
+@dataclass
+class Discovery:
+    root: Path
+    patients: list[PatientFiles] = field(default_factory=list)
+
+    @property
+    def convention(self) -> str:
+        conv = {p.convention for p in self.patients}
+        return conv.pop() if len(conv) == 1 else "mixed"
+
+
+def _split_name(stem: str, pid: str) -> str | None:
+    """Return the suffix after the patient id (`pid_t1ce` -> `t1ce`), or None."""
+    if stem.startswith(pid) and len(stem) > len(pid) + 1 and stem[len(pid)] in "_-":
+        return stem[len(pid) + 1:].lower()
+    return None
+
+
+def _resolve(folder: Path, niftis: list[Path], need_seg: bool) -> PatientFiles:
+    pid = folder.name
+    found: dict[str, dict[str, Path]] = {"2020": {}, "2023": {}}
+    unclaimed = []
+    for path in niftis:
+        suffix = _split_name(_NII.match(path.name)["stem"], pid)
+        claimed = False
+        for conv, table in SUFFIXES.items():
+            if suffix in table:
+                found[conv][table[suffix]] = path
+                claimed = True
+        if not claimed:
+            unclaimed.append(path)
+    # "t1" and "seg" exist in both namings: choose the convention with the most matches
+    conv = max(found, key=lambda c: (len(found[c]), c == "2020"))
+    files = dict(found[conv])
+    other = "2023" if conv == "2020" else "2020"
+    extra = set(found[other]) - set(files)  # modalities only the other naming matched
+    notes = []
+    if "seg" not in files:
+        segs = [p for p in unclaimed if "seg" in p.name.lower()]
+        if len(segs) == 1:
+            files["seg"] = segs[0]
+            unclaimed.remove(segs[0])
+            notes.append(f"segmentation taken from non-standard file name {segs[0].name}")
+    need = list(MODALITIES) + (["seg"] if need_seg else [])
+    missing = [m for m in need if m not in files]
+    problem = None
+    if missing:
+        names = ", ".join(sorted(p.name for p in niftis))
+        problem = (f"missing {', '.join(missing)} (found: {names or 'no NIfTI files'}"
+                   + (f"; unrecognised: {', '.join(p.name for p in unclaimed)}" if unclaimed else "") + ")")
+    elif extra:
+        problem = f"files of two naming conventions in one folder: {', '.join(sorted(extra))}"
+    return PatientFiles(pid=pid, convention=conv, files=files, notes=tuple(notes), problem=problem)
+
+
+def discover(root: str | Path, need_seg: bool = True) -> Discovery:
+    """Every folder holding NIfTI files is a patient, its id the folder name; sorted by id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
+    by_folder: dict[Path, list[Path]] = {}
+    for path in root.rglob("*"):
+        if path.is_file() and _NII.match(path.name) and not path.name.startswith("."):
+            by_folder.setdefault(path.parent, []).append(path)
+    if root in by_folder:
+        loose = ", ".join(sorted(p.name for p in by_folder[root])[:3])
+        raise DiscoveryError(f"NIfTI files directly in {root} ({loose}, ...): expected one folder per patient")
+    patients = [_resolve(folder, sorted(files), need_seg) for folder, files in by_folder.items()]
+    patients.sort(key=lambda p: p.pid)
+    ids = [p.pid for p in patients]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DiscoveryError(f"patient ids appear in more than one folder: {', '.join(dupes)}")
+    if not patients:
+        raise DiscoveryError(f"no patient folders with NIfTI files found under {root}")
+    d = Discovery(root=root, patients=patients)
+    if d.convention == "mixed":
+        counts = {c: sum(p.convention == c for p in patients) for c in LABELS}
+        raise DiscoveryError(f"input mixes 2020/2021-style and 2023-style names ({counts}); build them separately")
+    return d

@@ -1,0 +1,188 @@
+"""One patient's recipe: volumes on disk -> normalised, resized 2D axial slices.
+
+Steps, in order (each a pure function from `preprocess.steps`):
+  1. load the four modalities and the segmentation; validate (present, 3D, same shape and
+     affine, labels within the release's set); NaN/Inf image voxels become 0 (counted)
+  2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
+  3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped)
+  4. keep axial slices that contain brain; optionally keep only a fraction of tumour-free ones
+  5. normalise each modality (z-score over the whole volume's brain voxels, background 0;
+     or per slice) -- statistics always come from the full volume or slice, not a crop
+  6. optionally crop in-plane to the brain's square bounding box (recorded for the way back)
+  7. resize in-plane to size x size (antialiased linear for images, nearest for labels)
+  8. encode the mask as [NCR/NET, ED, ET] sub-regions or [WT, TC, ET] regions
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import steps
+from preprocess.discover import PatientFiles
+from preprocess.nifti import load_volume
+from preprocess.synthetic import MODALITIES
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 128
+    normalize: str = "volume"  # "volume" | "slice"
+    crop: bool = False
+    mask: str = "subregions"  # "subregions" [NCR/NET, ED, ET] | "regions" [WT, TC, ET]
+    tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.normalize not in ("volume", "slice"):
+            raise ValueError(f"normalize must be 'volume' or 'slice', not {self.normalize!r}")
+        if self.mask not in ("subregions", "regions"):
+            raise ValueError(f"mask must be 'subregions' or 'regions', not {self.mask!r}")
+        if not 0.0 <= self.tumour_free_fraction <= 1.0:
+            raise ValueError("tumour_free_fraction must lie in [0, 1]")
+        if not 8 <= self.size <= 1024:
+            raise ValueError("size must lie in [8, 1024]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PatientSlices:
+    pid: str
+    image: np.ndarray  # (S, 4, H, W) float16
+    mask: np.ndarray  # (S, 3, H, W) uint8
+    slice_index: list[int]  # source axial index (canonical RAS z) of each slice
+    geometry: dict  # what it takes to map slices back onto the source volume
+    label_voxels: dict  # source label -> voxel count (whole volume)
+    sources: dict  # modality -> {path, sha256, bytes}
+    nonfinite_voxels: int
+
+
+def load_patient(pf: PatientFiles, root: Path | None = None):
+    """Read the five files; returns (images dict, seg or None, sources dict)."""
+    vols, sources = {}, {}
+    for name in list(MODALITIES) + ["seg"]:
+        path = pf.files.get(name)
+        if path is None:
+            continue
+        try:
+            vols[name] = load_volume(path)
+        except Exception as e:  # nibabel raises many types for truncated / non-NIfTI files
+            raise steps.InputError(f"cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
+        rel = str(Path(path).relative_to(root)) if root else str(path)
+        sources[name] = {"path": rel, "sha256": vols[name].sha256, "bytes": vols[name].nbytes}
+    return vols, sources
+
+
+def validate(pf: PatientFiles, vols: dict) -> None:
+    ref_name = "t1"
+    ref = vols[ref_name]
+    for name, v in vols.items():
+        fname = Path(pf.files[name]).name
+        if v.data.ndim != 3:
+            raise steps.InputError(f"{fname} is {v.data.ndim}D with shape {v.data.shape}; expected 3D")
+        if v.data.shape != ref.data.shape:
+            raise steps.InputError(f"{fname} has shape {v.data.shape}, {Path(pf.files[ref_name]).name} has {ref.data.shape}")
+        if not np.allclose(v.affine, ref.affine, atol=1e-3):
+            raise steps.InputError(f"{fname} has a different affine from {Path(pf.files[ref_name]).name}")
+    if "seg" in vols:
+        seg = vols["seg"].data
+        if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
+            raise steps.InputError(f"{Path(pf.files['seg']).name} holds NaN/Inf values")
+        steps.check_labels(seg, pf.labels)
+
+
+def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarray:
+    """Deterministic choice of round(fraction * n) tumour-free slices for this patient."""
+    if fraction >= 1.0:
+        return np.ones(n, bool)
+    digest = hashlib.sha256(f"{seed}:{pid}:tumour-free".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    keep = np.zeros(n, bool)
+    keep[rng.permutation(n)[: int(round(fraction * n))]] = True
+    return keep
+
+
+def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
+    """Steps 2-8 on loaded, validated volumes."""
+    ref = vols["t1"]
+    ornt = steps.canonical_ornt(ref.affine)
+    nonfinite = 0
+    images = []
+    for m in MODALITIES:
+        v, n = steps.nonfinite_to_zero(vols[m].data)
+        nonfinite += n
+        images.append(steps.apply_ornt(v, ornt))
+    has_seg = "seg" in vols
+    seg = steps.apply_ornt(np.asarray(vols["seg"].data).astype(np.uint8), ornt) if has_seg else None
+    canon_shape = images[0].shape  # (X, Y, Z) in RAS order
+
+    brain = np.zeros(canon_shape, bool)
+    for img in images:
+        brain |= img != 0
+    has_brain = brain.any(axis=(0, 1))
+    z_all = np.nonzero(has_brain)[0]
+    if z_all.size == 0:
+        raise steps.InputError("no brain voxels: every modality is zero everywhere")
+    if has_seg and cfg.tumour_free_fraction < 1.0:
+        tumour = (seg[:, :, z_all] > 0).any(axis=(0, 1))
+        keep = tumour | _keep_tumour_free(pf.pid, cfg.seed, len(z_all), cfg.tumour_free_fraction)
+        z_keep = z_all[keep]
+    else:
+        z_keep = z_all
+
+    box = steps.square_box(brain.any(axis=2)) if cfg.crop else (0, canon_shape[0], 0, canon_shape[1])
+    x0, x1, y0, y1 = box
+    chans = []
+    for img in images:
+        if cfg.normalize == "volume":
+            # statistics over the whole volume's brain, applied only to the kept slices
+            mean, std = steps._exact_mean_std(img[brain])
+            std = std if std > 1e-8 else 1.0
+            sub, m = img[x0:x1, y0:y1, z_keep], brain[x0:x1, y0:y1, z_keep]
+            norm = np.where(m, (sub.astype(np.float32) - np.float32(mean)) / np.float32(std), np.float32(0))
+        else:
+            norm = steps.zscore_per_slice(img[:, :, z_keep], brain[:, :, z_keep])[x0:x1, y0:y1]
+        chans.append(steps.resize_image(np.moveaxis(norm, 2, 0), cfg.size))  # (S, H, W)
+    image = np.stack(chans, axis=1).astype(np.float16)  # (S, 4, H, W)
+
+    if has_seg:
+        seg_s = steps.resize_labels(np.moveaxis(seg[x0:x1, y0:y1, z_keep], 2, 0), cfg.size)  # (S, H, W)
+        mask = np.moveaxis(steps.encode_mask(seg_s, pf.labels[-1], cfg.mask), 0, 1)  # (S, 3, H, W)
+        labels, counts = np.unique(seg, return_counts=True)
+        label_voxels = {str(int(l)): int(c) for l, c in zip(labels, counts)}
+    else:
+        mask = np.zeros((len(z_keep), 3, cfg.size, cfg.size), np.uint8)
+        label_voxels = {}
+    zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
+    geometry = {
+        "affine": ref.affine.tolist(),
+        "source_shape": list(ref.data.shape),
+        "ornt": ornt.astype(int).tolist(),
+        "canonical_shape": list(canon_shape),
+        "crop_box": [int(b) for b in box],
+        "spacing": [float(z) for z in zooms],
+        "labels": list(pf.labels),
+        "convention": pf.convention,
+    }
+    return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
+                         slice_index=[int(z) for z in z_keep], geometry=geometry,
+                         label_voxels=label_voxels, sources=sources or {}, nonfinite_voxels=nonfinite)
+
+
+def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None = None) -> PatientSlices:
+    """The whole recipe for one patient; raises InputError naming the file on bad input."""
+    if pf.problem:
+        raise steps.InputError(pf.problem)
+    vols, sources = load_patient(pf, root)
+    validate(pf, vols)
+    return process_volumes(pf, vols, cfg, sources)

@@ -1,0 +1,185 @@
+"""Pure array steps of the per-patient recipe. No file I/O; inputs are never mutated.
+
+Byte-for-byte determinism across machines is a contract of the shard set, so every
+floating-point step here avoids results that depend on the CPU's vector width: statistics
+of integer volumes are summed exactly in int64, and resampling is a fixed-order sum of
+elementwise products (no BLAS, no SIMD reductions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """A patient's data breaks the release's rules; the message names the file or rule."""
+
+
+# ---------------------------------------------------------------- orientation
+
+def canonical_ornt(affine: np.ndarray) -> np.ndarray:
+    """Orientation transform (nibabel `ornt` form) from storage axes to RAS+."""
+    from nibabel.orientations import io_orientation
+
+    return io_orientation(affine)
+
+
+def apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Reorder/flip the three spatial axes (the last three) of `arr` as `ornt` says."""
+    lead = arr.ndim - 3
+    perm = [int(a) for a in ornt[:, 0]]
+    out = arr.transpose(list(range(lead)) + [lead + int(np.argsort(perm)[i]) for i in range(3)])
+    # after the transpose, output axis j comes from input axis k = argsort(perm)[j]
+    for j in range(3):
+        k = int(np.argsort(perm)[j])
+        if ornt[k, 1] < 0:
+            out = np.flip(out, axis=lead + j)
+    return out
+
+
+def invert_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo `apply_ornt`: canonical (RAS) array back to storage order."""
+    lead = arr.ndim - 3
+    perm = [int(a) for a in ornt[:, 0]]
+    inv = np.argsort(perm)
+    out = arr
+    for j in range(3):
+        k = int(inv[j])
+        if ornt[k, 1] < 0:
+            out = np.flip(out, axis=lead + j)
+    # output axis k (storage) is canonical axis perm[k]
+    return out.transpose(list(range(lead)) + [lead + perm[k] for k in range(3)])
+
+
+# ---------------------------------------------------------------- normalisation
+
+def nonfinite_to_zero(vol: np.ndarray) -> tuple[np.ndarray, int]:
+    """Documented rule: NaN/Inf voxels of an image become background (0); returns the count."""
+    if vol.dtype.kind != "f":
+        return vol, 0
+    bad = ~np.isfinite(vol)
+    n = int(bad.sum())
+    return (np.where(bad, 0, vol).astype(vol.dtype) if n else vol), n
+
+
+def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std; exact integer sums when the values are integers (the usual BraTS case)."""
+    n = values.size
+    if n == 0:
+        return 0.0, 1.0
+    if values.dtype.kind in "iu" or np.array_equal(values, np.rint(values)):
+        v = values.astype(np.int64)
+        s, s2 = int(v.sum()), int((v * v).sum())
+        mean = s / n
+        var = max((s2 - s * s / n) / n, 0.0)
+    else:
+        v = values.astype(np.float64)
+        mean = float(np.sort(v).sum() / n)  # sorted: order-independent of SIMD width
+        var = float(np.sort((v - mean) ** 2).sum() / n)
+    return mean, float(np.sqrt(var))
+
+
+def zscore(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """z-score over the voxels in `mask`; voxels outside stay 0 (nnU-Net/MONAI BraTS recipe)."""
+    mean, std = _exact_mean_std(vol[mask])
+    std = std if std > 1e-8 else 1.0
+    out = (vol.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    return np.where(mask, out, np.float32(0))
+
+
+def zscore_per_slice(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The seed notebook's per-slice z-score, on axial slices (last axis), inside the mask."""
+    out = np.zeros(vol.shape, np.float32)
+    for z in range(vol.shape[-1]):
+        m = mask[..., z]
+        if m.any():
+            out[..., z] = zscore(vol[..., z], m)
+    return out
+
+
+# ---------------------------------------------------------------- crop / resize
+
+def square_box(mask2d: np.ndarray, margin: int = 2) -> tuple[int, int, int, int]:
+    """In-plane bounding box (x0, x1, y0, y1) of `mask2d`, grown to a square inside the plane."""
+    X, Y = mask2d.shape
+    xs, ys = np.nonzero(mask2d)
+    if xs.size == 0:
+        return 0, X, 0, Y
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + 1 + margin, X)
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + 1 + margin, Y)
+    side = min(max(x1 - x0, y1 - y0), X, Y)
+
+    def grow(a0, a1, n):
+        extra = side - (a1 - a0)
+        a0 = a0 - extra // 2
+        a0 = min(max(a0, 0), n - side)
+        return a0, a0 + side
+
+    (x0, x1), (y0, y1) = grow(x0, x1, X), grow(y0, y1, Y)
+    return x0, x1, y0, y1
+
+
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiased linear (triangle) resampling weights: (n_out, K) source indices and weights."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # widen the triangle when shrinking: antialiasing
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    k = int(np.ceil(support)) * 2 + 1
+    first = np.floor(centres - support).astype(np.int64) + 1
+    idx = first[:, None] + np.arange(k)[None, :]
+    w = np.maximum(0.0, 1.0 - np.abs(idx - centres[:, None]) / support)
+    w /= w.sum(axis=1, keepdims=True)
+    return np.clip(idx, 0, n_in - 1), w.astype(np.float32)
+
+
+def _resample_axis(arr: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    idx, w = _taps(arr.shape[axis], n_out)
+    moved = np.moveaxis(arr, axis, -1)
+    out = np.zeros(moved.shape[:-1] + (n_out,), np.float32)
+    for k in range(idx.shape[1]):  # fixed summation order -> identical bytes on any CPU
+        if np.any(w[:, k]):
+            out += moved[..., idx[:, k]] * w[:, k]
+    return np.moveaxis(out, -1, axis)
+
+
+def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
+    """Smooth in-plane resize of (..., X, Y) to (..., size, size)."""
+    if arr.shape[-2:] == (size, size):
+        return arr.astype(np.float32)
+    out = _resample_axis(arr.astype(np.float32, copy=False), arr.ndim - 2, size)
+    return _resample_axis(out, arr.ndim - 1, size)
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def resize_labels(arr: np.ndarray, size: int) -> np.ndarray:
+    """Label-preserving in-plane resize (nearest neighbour at pixel centres) of (..., X, Y)."""
+    ix, iy = nearest_index(arr.shape[-2], size), nearest_index(arr.shape[-1], size)
+    return arr[..., ix[:, None], iy[None, :]]
+
+
+# ---------------------------------------------------------------- masks
+
+SUBREGIONS = ("NCR/NET", "ED", "ET")
+REGIONS = ("WT", "TC", "ET")
+
+
+def encode_mask(seg: np.ndarray, et_label: int, mode: str = "subregions") -> np.ndarray:
+    """Label map (...) -> uint8 channels (3, ...): [NCR/NET, ED, ET] or regions [WT, TC, ET]."""
+    ncr, ed, et = seg == 1, seg == 2, seg == et_label
+    if mode == "subregions":
+        chans = (ncr, ed, et)
+    elif mode == "regions":
+        chans = (ncr | ed | et, ncr | et, et)
+    else:
+        raise ValueError(f"unknown mask mode {mode!r}")
+    return np.stack(chans).astype(np.uint8)
+
+
+def check_labels(seg: np.ndarray, allowed: tuple[int, ...]) -> None:
+    found = np.unique(seg)
+    bad = [int(v) if float(v).is_integer() else float(v) for v in found if v not in allowed]
+    if bad:
+        raise InputError(f"segmentation labels {bad} outside this release's set {list(allowed)}")

@@ -1,0 +1,176 @@
+"""A synthetic generator of BraTS-format cases: the project's stand-in for real data.
+
+Each case is a skull-stripped brain (white matter, grey matter, ventricles and an outer CSF
+rim) with one glioma: necrotic core (label 1), enhancing rim (label 4, or 3 in 2023-style
+releases) and surrounding oedema (label 2), of random size, position and irregular shape.
+Some cases have no necrosis, some no enhancement. Modality contrast follows MRI physics
+coarsely (enhancing tumour bright on T1Gd, oedema and CSF bright on T2, CSF dark on FLAIR),
+with a smooth multiplicative bias field, Rician-like noise and a per-case scanner scale.
+Seeded and deterministic: case i of seed s is always the same volume.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.nifti import save_volume
+
+MODALITIES = ("t1", "t1gd", "t2", "flair")
+# release -> (file suffix per modality in MODALITIES order, enhancing-tumour label)
+LAYOUTS = {
+    "2020": (("t1", "t1ce", "t2", "flair"), 4),
+    "2023": (("t1n", "t1c", "t2w", "t2f"), 3),
+}
+# tissue -> mean intensity per modality (T1, T1Gd, T2, FLAIR), relative units
+CONTRAST = {
+    "wm": (0.80, 0.75, 0.35, 0.45),
+    "gm": (0.60, 0.55, 0.55, 0.60),
+    "csf": (0.20, 0.20, 1.00, 0.15),
+    "edema": (0.50, 0.48, 0.85, 0.95),
+    "ncr": (0.30, 0.32, 0.90, 0.50),
+    "et": (0.62, 1.25, 0.60, 0.72),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    pid: str
+    images: tuple[np.ndarray, ...]  # 4 x (X, Y, Z) int16, RAS voxel order
+    seg: np.ndarray  # (X, Y, Z) uint8 in the release's labels
+
+
+def case_id(release: str, index: int) -> str:
+    return f"BraTS20_Training_{index:03d}" if release == "2020" else f"BraTS-GLI-{index:05d}-000"
+
+
+def _smooth_field(rng, grids, n_waves: int, scale: float) -> np.ndarray:
+    """Sum of a few low-frequency sinusoids: a cheap smooth random field."""
+    field = np.zeros(np.broadcast_shapes(*(g.shape for g in grids)), np.float32)
+    for _ in range(n_waves):
+        w = rng.normal(0, 2.5, 3)
+        phase = rng.uniform(0, 2 * np.pi)
+        field += np.sin(w[0] * grids[0] + w[1] * grids[1] + w[2] * grids[2] + phase, dtype=np.float32)
+    return field * (scale / np.sqrt(n_waves))
+
+
+def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: int = 0) -> Case:
+    """Generate one case in RAS voxel order."""
+    rng = np.random.default_rng([seed, index])
+    X, Y, Z = shape
+    # normalised coordinates in [-1, 1], broadcastable (X,1,1), (1,Y,1), (1,1,Z)
+    gx = np.linspace(-1, 1, X, dtype=np.float32)[:, None, None]
+    gy = np.linspace(-1, 1, Y, dtype=np.float32)[None, :, None]
+    gz = np.linspace(-1, 1, Z, dtype=np.float32)[None, None, :]
+    grids = (gx, gy, gz)
+
+    # brain: a deformed ellipsoid; r < 1 inside
+    radii = np.array([0.68, 0.82, 0.78]) * rng.uniform(0.92, 1.05, 3)
+    r_brain = np.sqrt((gx / radii[0]) ** 2 + (gy / radii[1]) ** 2 + ((gz + 0.05) / radii[2]) ** 2)
+    r_brain = r_brain + _smooth_field(rng, grids, 4, 0.04)
+    brain = r_brain < 1.0
+    tissue = np.full(shape, 1, np.uint8)  # 0 bg, 1 wm, 2 gm, 3 csf
+    tissue[r_brain > 0.80] = 2
+    tissue[r_brain > 0.95] = 3
+    # two lateral ventricles
+    for side in (-1, 1):
+        rv = np.sqrt(((gx - side * 0.12) / 0.08) ** 2 + ((gy + 0.05) / 0.30) ** 2 + ((gz - 0.1) / 0.18) ** 2)
+        tissue[rv < 1.0] = 3
+    tissue[~brain] = 0
+
+    # tumour: centre inside the brain, irregular boundary from a smooth field
+    centre = np.array([rng.choice([-1, 1]) * rng.uniform(0.1, 0.4), rng.uniform(-0.4, 0.4),
+                       rng.uniform(-0.3, 0.4)], np.float32)
+    t_radii = rng.uniform(0.10, 0.26) * rng.uniform(0.8, 1.2, 3)
+    d = np.sqrt(((gx - centre[0]) / t_radii[0]) ** 2 + ((gy - centre[1]) / t_radii[1]) ** 2
+                + ((gz - centre[2]) / t_radii[2]) ** 2)
+    d = d + _smooth_field(rng, grids, 5, 0.18)
+    edema_extent = rng.uniform(1.5, 2.4)
+    has_ncr = rng.random() < 0.8
+    has_et = rng.random() < 0.85
+    et_label = LAYOUTS[release][1]
+    seg = np.zeros(shape, np.uint8)
+    seg[d < edema_extent] = 2
+    core = d < 1.0
+    if has_et:
+        seg[core] = et_label
+        if has_ncr:
+            seg[d < rng.uniform(0.45, 0.75)] = 1
+    else:
+        seg[core] = 1  # non-enhancing core only
+    seg[~brain] = 0
+
+    labels = {0: None, 1: "ncr", 2: "edema", et_label: "et"}
+    tissue_names = {1: "wm", 2: "gm", 3: "csf"}
+    images = []
+    texture = _smooth_field(rng, grids, 6, 0.05)
+    for m in range(4):
+        img = np.zeros(shape, np.float32)
+        for t, name in tissue_names.items():
+            img[tissue == t] = CONTRAST[name][m]
+        for lab, name in labels.items():
+            if name is not None:
+                img[seg == lab] = CONTRAST[name][m]
+        bias = np.exp(_smooth_field(rng, grids, 3, 0.15))
+        noise = rng.normal(0, 0.035, shape).astype(np.float32)
+        img = (img * (1 + texture) + noise) * bias
+        scale = rng.uniform(300, 3000)  # scanner / protocol intensity scale
+        out = np.clip(np.rint(img * scale), 1, 32000).astype(np.int16)
+        out[~brain] = 0
+        images.append(out)
+    return Case(pid=case_id(release, index), images=tuple(images), seg=seg)
+
+
+def lps_affine(shape) -> np.ndarray:
+    """BraTS-style affine: storage axes run towards Left and Posterior (x, y flipped)."""
+    return np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, shape[1] - 1.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+
+def ras_affine(shape) -> np.ndarray:
+    return np.array([[1.0, 0, 0, -(shape[0] - 1.0)], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+
+def write_case(case: Case, root: Path, release: str = "2020", orientation: str = "lps",
+               ext: str = ".nii.gz") -> Path:
+    """Write a case in the release's folder layout; LPS storage flips x and y of the RAS array."""
+    suffixes, _ = LAYOUTS[release]
+    sep = "_" if release == "2020" else "-"
+    folder = root / case.pid
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = case.seg.shape
+    affine = lps_affine(shape) if orientation == "lps" else ras_affine(shape)
+
+    def stored(a):
+        return np.ascontiguousarray(a[::-1, ::-1, :]) if orientation == "lps" else a
+
+    for suffix, img in zip(suffixes, case.images):
+        save_volume(folder / f"{case.pid}{sep}{suffix}{ext}", stored(img), affine)
+    save_volume(folder / f"{case.pid}{sep}seg{ext}", stored(case.seg), affine)
+    return folder
+
+
+def make_demo_data(out: Path, patients: int, shape=(240, 240, 155), release: str = "2020",
+                   seed: int = 0, orientation: str = "lps", start: int = 1, progress: bool = False) -> list[str]:
+    """Write `patients` cases plus a name-mapping table in the root, as real releases ship."""
+    if release not in LAYOUTS:
+        raise ValueError(f"unknown release {release!r}; choose one of {sorted(LAYOUTS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = []
+    it = range(start, start + patients)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="demo cases", unit="patient")
+    for i in it:
+        case = make_case(i, shape=shape, release=release, seed=seed)
+        write_case(case, out, release=release, orientation=orientation)
+        ids.append(case.pid)
+    with open(out / "name_mapping.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Grade", "BraTS_ID"])
+        for pid in ids:
+            w.writerow(["HGG", pid])
+    return ids

@@ -1,0 +1,76 @@
+"""WebDataset side of the contract: uncompressed tars of whole patients, nothing pickled.
+
+Sample key `{patient}_s{slice:03d}` (dots replaced, webdataset splits keys at the first dot),
+members `image.npy` float16 (4,H,W), `mask.npy` uint8 (3,H,W), `meta.json`. Tar headers carry
+fixed mtime/owner/mode so the same samples give the same bytes on any machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+
+def sample_key(pid: str, i: int) -> str:
+    return f"{pid.replace('.', '_')}_s{i:03d}"
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.ndarray,
+                  slice_index: list[int]) -> Path:
+    """Write one patient's slices as one tar, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, z in enumerate(slice_index):
+            key = sample_key(pid, i)
+            meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
+            _add(tar, f"{key}.image.npy", npy_bytes(image[i]))
+            _add(tar, f"{key}.mask.npy", npy_bytes(mask[i]))
+            _add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+    os.replace(tmp, path)
+    return path
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def iter_tar(fileobj) -> "Iterator[dict]":
+    """Plain-tar reader: yields {'__key__', 'image', 'mask', 'meta'} per sample, in file order."""
+    sample, key = {}, None
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, _, ext = m.name.partition(".")
+            if k != key and sample:
+                yield sample
+                sample = {}
+            key = k
+            data = tar.extractfile(m).read()
+            sample["__key__"] = k
+            if ext.endswith(".npy"):
+                sample[ext[:-4]] = read_npy(data)
+            elif ext.endswith(".json"):
+                sample[ext[:-5]] = json.loads(data)
+    if sample:
+        yield sample
