@@ -1,0 +1,89 @@
+import itertools
+
+import numpy as np
+import pytest
+from nibabel.orientations import apply_orientation
+
+from preprocess import steps
+
+
+@pytest.mark.parametrize("perm,flips", [(p, f) for p in itertools.permutations(range(3))
+                                        for f in ((1, 1, 1), (-1, -1, 1), (-1, 1, -1))])
+def test_orientation_matches_nibabel_and_inverts(perm, flips):
+    ornt = np.array([[perm[i], flips[i]] for i in range(3)], float)
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    out = steps.apply_ornt(arr, ornt)
+    assert np.array_equal(out, apply_orientation(arr, ornt))
+    assert np.array_equal(steps.invert_ornt(out, ornt), arr)
+    stacked = np.stack([arr, arr + 100])  # leading channel axis is carried along
+    assert np.array_equal(steps.apply_ornt(stacked, ornt)[1], out + 100)
+
+
+def test_zscore_inside_mask_background_zero():
+    rng = np.random.default_rng(0)
+    vol = rng.integers(100, 900, (20, 20, 10)).astype(np.int16)
+    mask = np.zeros(vol.shape, bool)
+    mask[5:15, 5:15] = True
+    z = steps.zscore(vol, mask)
+    assert abs(z[mask].mean()) < 1e-4 and abs(z[mask].std() - 1) < 1e-4
+    assert np.all(z[~mask] == 0)
+    assert np.array_equal(vol, vol.copy())  # input untouched
+
+
+def test_exact_statistics_of_integers():
+    v = np.array([1, 2, 3, 4], np.int16)
+    assert steps._exact_mean_std(v) == (2.5, pytest.approx(np.sqrt(1.25)))
+
+
+def test_per_slice_zscore_normalises_each_slice():
+    rng = np.random.default_rng(1)
+    vol = rng.normal(0, 1, (16, 16, 3)) * np.array([1, 10, 100]) + np.array([0, 50, 500])
+    z = steps.zscore_per_slice(vol, np.ones(vol.shape, bool))
+    for k in range(3):
+        assert abs(z[..., k].mean()) < 1e-4 and abs(z[..., k].std() - 1) < 1e-3
+
+
+def test_nonfinite_rule():
+    v = np.ones((4, 4, 4), np.float32)
+    v[0, 0, 0], v[1, 1, 1] = np.nan, np.inf
+    out, n = steps.nonfinite_to_zero(v)
+    assert n == 2 and np.isfinite(out).all() and out[0, 0, 0] == 0 and np.isnan(v[0, 0, 0])
+
+
+def test_resize_image_keeps_constants_and_mean():
+    const = np.full((3, 240, 240), 2.5, np.float32)
+    assert np.allclose(steps.resize_image(const, 128), 2.5, atol=1e-5)
+    ramp = np.tile(np.linspace(0, 1, 240, dtype=np.float32), (240, 1))
+    out = steps.resize_image(ramp, 128)
+    assert out.shape == (128, 128) and abs(out.mean() - ramp.mean()) < 1e-3
+    assert np.all(np.diff(out, axis=1) > 0)  # monotone ramp stays monotone
+
+
+def test_resize_labels_keeps_label_set():
+    seg = np.zeros((240, 240), np.uint8)
+    seg[100:140, 100:140] = 2
+    seg[110:130, 110:130] = 4
+    seg[118:122, 118:122] = 1
+    out = steps.resize_labels(seg, 128)
+    assert out.shape == (128, 128) and set(np.unique(out)) == {0, 1, 2, 4}
+
+
+def test_encode_mask_subregions_and_regions():
+    seg = np.array([0, 1, 2, 4])
+    sub = steps.encode_mask(seg, 4, "subregions")
+    reg = steps.encode_mask(seg, 4, "regions")
+    assert sub.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert reg.tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]
+    assert steps.encode_mask(np.array([3]), 3)[2].tolist() == [1]
+
+
+def test_check_labels_names_the_offenders():
+    with pytest.raises(steps.InputError, match=r"\[3\] outside .*\[0, 1, 2, 4\]"):
+        steps.check_labels(np.array([0, 1, 3]), (0, 1, 2, 4))
+
+
+def test_square_box_is_square_and_contains_mask():
+    m = np.zeros((240, 240), bool)
+    m[50:200, 80:150] = True
+    x0, x1, y0, y1 = steps.square_box(m)
+    assert x1 - x0 == y1 - y0 and x0 <= 50 and x1 >= 200 and y0 <= 80 and y1 >= 150
