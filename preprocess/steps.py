@@ -67,34 +67,35 @@ def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:
     n = values.size
     if n == 0:
         return 0.0, 1.0
-    if values.dtype.kind in "iu" or np.array_equal(values, np.rint(values)):
-        v = values.astype(np.int64)
-        s, s2 = int(v.sum()), int((v * v).sum())
-        mean = s / n
-        var = max((s2 - s * s / n) / n, 0.0)
-    else:
-        v = values.astype(np.float64)
-        mean = float(np.sort(v).sum() / n)  # sorted: order-independent of SIMD width
-        var = float(np.sort((v - mean) ** 2).sum() / n)
+    if values.dtype.kind not in "iu" and np.array_equal(values, np.rint(values)):
+        values = values.astype(np.int64)
+    if values.dtype.kind in "iu":
+        return _integer_mean_std(values, n)
+    v = values.astype(np.float64)
+    mean = float(np.sort(v).sum() / n)  # sorted: independent of the CPU's SIMD width
+    var = float(np.sort((v - mean) ** 2).sum() / n)
     return mean, float(np.sqrt(var))
 
 
-def zscore(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """z-score over the voxels in `mask`; voxels outside stay 0 (nnU-Net/MONAI BraTS recipe)."""
-    mean, std = _exact_mean_std(vol[mask])
-    std = std if std > 1e-8 else 1.0
-    out = (vol.astype(np.float32) - np.float32(mean)) / np.float32(std)
-    return np.where(mask, out, np.float32(0))
+def _integer_mean_std(values: np.ndarray, n: int) -> tuple[float, float]:
+    """Exact integer sums (no rounding anywhere, so any summation order gives the same bits)."""
+    sq_dtype = np.int32 if values.dtype.itemsize == 1 or values.dtype == np.int16 else np.int64
+    s = int(values.sum(dtype=np.int64))
+    s2 = int(np.square(values, dtype=sq_dtype).sum(dtype=np.int64))
+    if values.dtype.itemsize > 2 and np.abs(values).max() >= 2**31:  # int64 squares would overflow
+        s2 = sum(int(v) * int(v) for v in values.ravel())
+    mean = s / n
+    var = max((s2 - s * s / n) / n, 0.0)
+    return mean, float(np.sqrt(var))
 
 
-def zscore_per_slice(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The seed notebook's per-slice z-score, on axial slices (last axis), inside the mask."""
-    out = np.zeros(vol.shape, np.float32)
-    for z in range(vol.shape[-1]):
-        m = mask[..., z]
-        if m.any():
-            out[..., z] = zscore(vol[..., z], m)
-    return out
+def brain_stats(vol: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
+    """Mean/std of `vol` over `brain`. Images are zero outside the brain, so integer sums
+    over the whole volume equal sums over the brain: no masked copy is needed."""
+    if vol.dtype.kind in "iu":
+        n = int(np.count_nonzero(brain))
+        return _integer_mean_std(vol, n) if n else (0.0, 1.0)
+    return _exact_mean_std(vol[brain])
 
 
 # ---------------------------------------------------------------- crop / resize
@@ -132,22 +133,27 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(idx, 0, n_in - 1), w.astype(np.float32)
 
 
-def _resample_axis(arr: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    idx, w = _taps(arr.shape[axis], n_out)
-    moved = np.moveaxis(arr, axis, -1)
-    out = np.zeros(moved.shape[:-1] + (n_out,), np.float32)
+def _resample_last(arr: np.ndarray, n_out: int) -> np.ndarray:
+    """Resample the last (contiguous) axis: out = sum_k w_k * arr[..., idx_k], k in fixed order."""
+    idx, w = _taps(arr.shape[-1], n_out)
+    out = np.zeros(arr.shape[:-1] + (n_out,), np.float32)
+    tmp = np.empty_like(out)
     for k in range(idx.shape[1]):  # fixed summation order -> identical bytes on any CPU
-        if np.any(w[:, k]):
-            out += moved[..., idx[:, k]] * w[:, k]
-    return np.moveaxis(out, -1, axis)
+        if not np.any(w[:, k]):
+            continue
+        np.copyto(tmp, np.take(arr, idx[:, k], axis=-1), casting="unsafe")
+        np.multiply(tmp, w[:, k], out=tmp)
+        np.add(out, tmp, out=out)
+    return out
 
 
 def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
-    """Smooth in-plane resize of (..., X, Y) to (..., size, size)."""
+    """Smooth (antialiased linear) in-plane resize of (..., X, Y) to (..., size, size), float32."""
     if arr.shape[-2:] == (size, size):
         return arr.astype(np.float32)
-    out = _resample_axis(arr.astype(np.float32, copy=False), arr.ndim - 2, size)
-    return _resample_axis(out, arr.ndim - 1, size)
+    out = _resample_last(np.ascontiguousarray(arr), size)  # along Y
+    out = _resample_last(np.ascontiguousarray(np.swapaxes(out, -1, -2)), size)  # along X
+    return np.ascontiguousarray(np.swapaxes(out, -1, -2))
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -178,8 +184,11 @@ def encode_mask(seg: np.ndarray, et_label: int, mode: str = "subregions") -> np.
     return np.stack(chans).astype(np.uint8)
 
 
-def check_labels(seg: np.ndarray, allowed: tuple[int, ...]) -> None:
-    found = np.unique(seg)
-    bad = [int(v) if float(v).is_integer() else float(v) for v in found if v not in allowed]
-    if bad:
-        raise InputError(f"segmentation labels {bad} outside this release's set {list(allowed)}")
+def label_counts(seg: np.ndarray, allowed: tuple[int, ...], name: str = "segmentation") -> dict[str, int]:
+    """Voxels per label; raises InputError naming values outside the release's label set."""
+    counts = {str(v): int(np.count_nonzero(seg == v)) for v in allowed}
+    if sum(counts.values()) != seg.size:
+        found = np.unique(seg)
+        bad = [int(v) if float(v).is_integer() else float(v) for v in found if v not in allowed]
+        raise InputError(f"{name} labels {bad} outside this release's set {list(allowed)}")
+    return {k: c for k, c in counts.items() if c}

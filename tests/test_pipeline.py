@@ -61,11 +61,22 @@ def test_regions_crop_and_tumour_free_fraction(release_2020):
     assert few.slice_index == tumour_slices
 
 
-def test_per_slice_normalisation_differs_from_volume(release_2020):
+def test_normalisation_volume_and_per_slice(release_2020):
+    """At native size: brain voxels have mean 0 / std 1 over the volume (or each slice),
+    background stays exactly 0."""
     pf = _patient(release_2020)
-    a = process_patient(pf, PreprocessConfig(size=32, normalize="volume"))
-    b = process_patient(pf, PreprocessConfig(size=32, normalize="slice"))
-    assert a.image.shape == b.image.shape and not np.array_equal(a.image, b.image)
+    t1 = load_volume(pf.files["t1"]).data[::-1, ::-1, :]
+    vol = process_patient(pf, PreprocessConfig(size=48, normalize="volume"))
+    sl = process_patient(pf, PreprocessConfig(size=48, normalize="slice"))
+    brain = np.stack([t1[:, :, z] != 0 for z in vol.slice_index])  # t1 is nonzero in the brain
+    x = vol.image[:, 0].astype(np.float64)
+    assert abs(x[brain].mean()) < 2e-3 and abs(x[brain].std() - 1) < 2e-3
+    assert np.all(x[~brain] == 0)
+    y = sl.image[:, 0].astype(np.float64)
+    for i in range(len(sl.slice_index)):
+        if brain[i].sum() > 30:
+            assert abs(y[i][brain[i]].mean()) < 5e-3 and abs(y[i][brain[i]].std() - 1) < 5e-3
+    assert not np.array_equal(vol.image, sl.image)
 
 
 def _rewrite(path, fn):

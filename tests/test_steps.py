@@ -19,28 +19,22 @@ def test_orientation_matches_nibabel_and_inverts(perm, flips):
     assert np.array_equal(steps.apply_ornt(stacked, ornt)[1], out + 100)
 
 
-def test_zscore_inside_mask_background_zero():
-    rng = np.random.default_rng(0)
-    vol = rng.integers(100, 900, (20, 20, 10)).astype(np.int16)
-    mask = np.zeros(vol.shape, bool)
-    mask[5:15, 5:15] = True
-    z = steps.zscore(vol, mask)
-    assert abs(z[mask].mean()) < 1e-4 and abs(z[mask].std() - 1) < 1e-4
-    assert np.all(z[~mask] == 0)
-    assert np.array_equal(vol, vol.copy())  # input untouched
-
-
 def test_exact_statistics_of_integers():
     v = np.array([1, 2, 3, 4], np.int16)
     assert steps._exact_mean_std(v) == (2.5, pytest.approx(np.sqrt(1.25)))
 
 
-def test_per_slice_zscore_normalises_each_slice():
+def test_brain_stats_exact_for_integers_and_floats():
     rng = np.random.default_rng(1)
-    vol = rng.normal(0, 1, (16, 16, 3)) * np.array([1, 10, 100]) + np.array([0, 50, 500])
-    z = steps.zscore_per_slice(vol, np.ones(vol.shape, bool))
-    for k in range(3):
-        assert abs(z[..., k].mean()) < 1e-4 and abs(z[..., k].std() - 1) < 1e-3
+    vol = rng.integers(-50, 3000, (30, 30, 8)).astype(np.int16)
+    brain = vol > 100
+    vol = np.where(brain, vol, 0).astype(np.int16)
+    ref = vol[brain].astype(np.float64)
+    for v in (vol, vol.astype(np.float32), vol.astype(np.int32)):
+        m, s = steps.brain_stats(v, brain)
+        assert m == pytest.approx(ref.mean(), rel=1e-12) and s == pytest.approx(ref.std(), rel=1e-9)
+    f = np.where(brain, rng.normal(5, 2, vol.shape), 0)
+    assert steps.brain_stats(f, brain)[0] == pytest.approx(f[brain].mean())
 
 
 def test_nonfinite_rule():
@@ -77,9 +71,10 @@ def test_encode_mask_subregions_and_regions():
     assert steps.encode_mask(np.array([3]), 3)[2].tolist() == [1]
 
 
-def test_check_labels_names_the_offenders():
-    with pytest.raises(steps.InputError, match=r"\[3\] outside .*\[0, 1, 2, 4\]"):
-        steps.check_labels(np.array([0, 1, 3]), (0, 1, 2, 4))
+def test_label_counts_and_offenders():
+    assert steps.label_counts(np.array([0, 0, 1, 4, 4, 4]), (0, 1, 2, 4)) == {"0": 2, "1": 1, "4": 3}
+    with pytest.raises(steps.InputError, match=r"seg.nii labels \[3\] outside .*\[0, 1, 2, 4\]"):
+        steps.label_counts(np.array([0, 1, 3]), (0, 1, 2, 4), "seg.nii")
 
 
 def test_square_box_is_square_and_contains_mask():
