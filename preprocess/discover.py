@@ -9,6 +9,7 @@ file has "seg" in its name uses that file as its segmentation, and says so.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +104,10 @@ def discover(root: str | Path, need_seg: bool = True) -> Discovery:
     if not root.is_dir():
         raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
     by_folder: dict[Path, list[Path]] = {}
-    for path in root.rglob("*"):
-        if path.is_file() and _NII.match(path.name) and not path.name.startswith("."):
-            by_folder.setdefault(path.parent, []).append(path)
+    for dirpath, _, names in os.walk(root, followlinks=True):  # symlinked patient folders count
+        for name in names:
+            if _NII.match(name) and not name.startswith("."):
+                by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
     if root in by_folder:
         loose = ", ".join(sorted(p.name for p in by_folder[root])[:3])
         raise DiscoveryError(f"NIfTI files directly in {root} ({loose}, ...): expected one folder per patient")
