@@ -124,5 +124,51 @@ def info(
     typer.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_summary(s))
 
 
+@app.command()
+def train(
+    shards: Annotated[str, typer.Argument(help="Shard set: local folder or URL (http(s)://, s3://, gs://).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.csv, plots/.")],
+    model: Annotated[str, typer.Option(help="unet or attention-unet.")] = "unet",
+    base_channels: Annotated[int, typer.Option(help="Channels of the first level (doubling per level).")] = 32,
+    depth: Annotated[int, typer.Option(help="Number of downsamplings.")] = 4,
+    loss: Annotated[str, typer.Option(help="dice or dice-bce.")] = "dice-bce",
+    optimizer: Annotated[str, typer.Option(help="adam or adamw.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: the new total).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch (per process).")] = 32,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes per rank.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
+    format: Annotated[str, typer.Option(help="zarr or wds (default: what the set holds, zarr first).")] = "",
+    augment: Annotated[bool, typer.Option(help="Random flips, rotations within 15 degrees, intensity scale/shift.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (CUDA: mixed precision, channels_last).")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs.")] = False,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache for remote shards (default ~/.cache/brats-shards).")] = None,
+    storage_options: Annotated[Optional[str], typer.Option(help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'.")] = None,
+    log_samples: Annotated[bool, typer.Option(help="Record the sample keys each rank trained on (OUT/samples_rank*.jsonl).")] = False,
+    max_batches: Annotated[int, typer.Option(help="Cap batches per epoch (0: no cap).")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
+):
+    """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
+    from shards.manifest import ManifestError
+    from train.loop import TrainConfig, TrainError, train as run
+    from train.source import ShardSetError
+
+    if format not in ("", "zarr", "wds"):
+        _fail(f"--format must be zarr or wds, not {format!r}")
+    try:
+        cfg = TrainConfig(model=model, base_channels=base_channels, depth=depth, loss=loss, optimizer=optimizer,
+                          lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
+                          num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,
+                          compile=compile, log_samples=log_samples, max_batches=max_batches)
+        opts = json.loads(storage_options) if storage_options else None
+        history = run(shards, out, cfg, resume=resume, progress=not quiet, cache_dir=cache_dir, storage_options=opts)
+    except (TrainError, ShardSetError, ManifestError, ValueError) as e:
+        _fail(str(e))
+    if history and not quiet:
+        typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
+
+
 if __name__ == "__main__":
     sys.exit(app())

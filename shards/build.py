@@ -194,7 +194,7 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
     """Yield results of build_patient over `todo` (serially, or on a Dask cluster)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="patients", unit="patient", disable=not progress)
+    bar = tqdm(total=len(todo), desc="patients", unit="patient", disable=None if progress else True)
     if not todo:
         bar.close()
         return

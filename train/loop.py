@@ -1,0 +1,344 @@
+"""`train`: stream a shard set into a 2D U-Net; checkpoint, resume, metrics, plots, DDP.
+
+Read top to bottom: setup -> (resume) -> per epoch: train, validate, schedule, record.
+Determinism: the data order depends on (seed, epoch) only and the torch RNG is reseeded from
+(seed, epoch) at the start of every epoch, so a run killed and resumed from its last checkpoint
+reaches the same result as a straight run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import checkpoint, plots
+from train.data import SliceStream, StreamConfig, derive_seed
+from train.metrics import confusion, make_loss, scores, to_regions
+from train.model import build_model
+from train.source import ShardSource
+
+SUBREGION_NAMES = ["NEC/NET", "ED", "ET"]  # the seed notebook's column names
+REGION_NAMES = ["WT", "TC", "ET"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "unet"
+    base_channels: int = 32
+    depth: int = 4
+    loss: str = "dice-bce"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 10
+    batch_size: int = 32
+    num_workers: int = 2
+    seed: int = 0
+    fmt: str = ""  # "" = what the set holds (zarr preferred)
+    augment: bool = False
+    buffer_size: int = 1024
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    device: str = "auto"
+    compile: bool = False
+    log_samples: bool = False
+    max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# architecture-defining fields: a resume must not change them
+_FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def _dist():
+    """(rank, world, is_distributed) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world, True
+    return 0, 1, False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def channel_names(source: ShardSource) -> list[str]:
+    return SUBREGION_NAMES if source.manifest["config"]["preprocess"]["mask"] == "subregions" else REGION_NAMES
+
+
+def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          cache_dir: str | None = None, storage_options: dict | None = None) -> list[dict]:
+    rank, world, distributed = _dist()
+    out = Path(out)
+    device = _device(cfg.device)
+    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options)
+    fmt = cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds")
+    cfg = TrainConfig.from_dict(dict(cfg.to_dict(), fmt=fmt))
+    names = channel_names(source)
+    mask_mode = source.manifest["config"]["preprocess"]["mask"]
+    if not source.patients("train") or not source.patients("val"):
+        raise TrainError(f"{shards} needs patients in both splits (train {len(source.patients('train'))}, "
+                         f"val {len(source.patients('val'))})")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.base_channels, cfg.depth).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.plateau_factor,
+                                                       patience=cfg.plateau_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    history, start, best = [], 0, -1.0
+    last_path = out / "checkpoints" / "last.pt"
+    if resume:
+        if not last_path.exists():
+            raise TrainError(f"--resume: no checkpoint at {last_path}")
+        ck = checkpoint.load(last_path)
+        if ck["manifest_sha256"] != source.manifest_sha256:
+            raise TrainError(f"--resume: {last_path} was trained on another shard set (manifest hash differs)")
+        old = TrainConfig.from_dict(ck["config"])
+        changed = [k for k in _FIXED if getattr(old, k) != getattr(cfg, k)]
+        if changed:
+            raise TrainError(f"--resume: options differ from the checkpoint's: {', '.join(changed)}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        history, start, best = ck["history"], ck["epoch"] + 1, ck["best_dice"]
+        torch.set_rng_state(ck["rng"])
+        if start >= cfg.epochs and rank == 0:
+            print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_fn = make_loss(cfg.loss)
+    nw = cfg.num_workers
+    stream = dict(fmt=fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
+    train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment, **stream),
+                           rank, world, nw)
+    val_ds = SliceStream(source, StreamConfig(split="val", train=False, **stream), rank, world, nw)
+    if train_ds.batches_per_epoch(0) == 0:
+        raise TrainError(f"too few training slices per worker for batch size {cfg.batch_size}: "
+                         f"lower --batch-size or --num-workers")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "shards": str(shards),
+                                                     "manifest_sha256": source.manifest_sha256}, indent=1))
+    amp = dict(device_type="cuda", dtype=torch.float16, enabled=cuda)
+
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
+        train_ds.set_epoch(epoch)
+        t0 = time.perf_counter()
+        net.train()
+        loss_sum, n_seen, n_batches = 0.0, 0, 0
+        n_total = train_ds.batches_per_epoch()
+        if cfg.max_batches:
+            n_total = min(n_total, cfg.max_batches)
+        bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
+        seen_keys = []
+        for batch in _loader(train_ds, nw):
+            if cfg.max_batches and n_batches >= cfg.max_batches:
+                break
+            x, y = _to(batch["image"], device, cuda), batch["mask"].to(device)
+            with torch.autocast(**amp):
+                loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.item() * len(batch["keys"])
+            n_seen += len(batch["keys"])
+            n_batches += 1
+            if cfg.log_samples:
+                seen_keys.extend(batch["keys"])
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        if cfg.log_samples:
+            _log_samples(out, rank, epoch, n_batches, seen_keys)
+        val = evaluate(net, val_ds, loss_fn, device, cuda, mask_mode, keep=4 if rank == 0 else 0)
+        stats = _reduce(loss_sum, n_seen, val, distributed)
+        row = _row(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
+        sched.step(row["mean_dice"])
+        history.append(row)
+        is_best = row["mean_dice"] > best
+        best = max(best, row["mean_dice"])
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+                     "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
+                     "channels": names, "rng": torch.get_rng_state(), "history": history, "best_dice": best}
+            checkpoint.save(last_path, state)
+            if is_best:
+                checkpoint.save(out / "checkpoints" / "best.pt", state)
+            _write_metrics(out, history, names, stats["patients"], epoch)
+            plots.curves(history, names, out / "plots")
+            if val["samples"]:
+                plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
+            if progress:
+                print(_summary(row, names), flush=True)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return history
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=None if enabled else True, leave=False)
+
+
+def _loader(ds, num_workers):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
+
+
+def _to(x, device, cuda):
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+
+@torch.no_grad()
+def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> dict:
+    """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice)."""
+    net.eval()
+    conf = torch.zeros(3, 3, dtype=torch.long)
+    patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
+    loss_sum, n = 0.0, 0
+    samples = []
+    for batch in _loader(ds, ds.num_workers):
+        x, y = _to(batch["image"], device, cuda), batch["mask"].to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+            logits = net(x)
+        loss_sum += loss_fn(logits, y).item() * len(batch["keys"])
+        n += len(batch["keys"])
+        pred = (logits.float() > 0).cpu()
+        truth = batch["mask"].bool()
+        conf += confusion(pred, truth)
+        pr, tr = to_regions(pred.numpy(), mask_mode), to_regions(truth.numpy(), mask_mode)
+        for i, key in enumerate(batch["keys"]):
+            pid = key.rsplit("_s", 1)[0]
+            c = patients.setdefault(pid, np.zeros((3, 3), np.int64))
+            p, t = pr[i].reshape(3, -1), tr[i].reshape(3, -1)
+            c[:, 0] += (p & t).sum(1)
+            c[:, 1] += (p & ~t).sum(1)
+            c[:, 2] += (~p & t).sum(1)
+        if keep:
+            area = truth.flatten(1).sum(1)
+            for i in area.argsort(descending=True)[:keep].tolist():
+                samples.append({"key": batch["keys"][i], "image": batch["image"][i].numpy(),
+                                "mask": truth[i].numpy(), "pred": pred[i].numpy(), "area": int(area[i])})
+            samples = sorted(samples, key=lambda s: -s["area"])[:keep]
+    return {"loss_sum": loss_sum, "n": n, "confusion": conf, "patients": patients, "samples": samples}
+
+
+def _reduce(loss_sum, n_seen, val, distributed) -> dict:
+    """Sum counts over ranks; gather per-patient region counts."""
+    patients = val["patients"]
+    if distributed:
+        import torch.distributed as dist
+
+        t = torch.tensor([loss_sum, n_seen, val["loss_sum"], val["n"]], dtype=torch.float64)
+        dist.all_reduce(t)
+        loss_sum, n_seen, vl, vn = t.tolist()
+        conf = val["confusion"].clone()
+        dist.all_reduce(conf)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, patients)
+        patients = {k: v for g in gathered for k, v in g.items()}
+    else:
+        vl, vn, conf = val["loss_sum"], val["n"], val["confusion"]
+    return {"train_loss": loss_sum / max(n_seen, 1), "val_loss": vl / max(vn, 1), "confusion": conf,
+            "patients": patients}
+
+
+def _row(epoch, stats, names, lr, seconds, slices) -> dict:
+    row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"]}
+    per = [scores(*stats["confusion"][c].tolist()) for c in range(3)]
+    row["mean_dice"] = float(np.mean([p["dice"] for p in per]))
+    for key, metric in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
+        for name, p in zip(names, per):
+            row[f"{key}_{name}"] = p[metric]
+    for r, region in enumerate(REGION_NAMES):
+        d = [scores(*c[r].tolist())["dice"] for c in stats["patients"].values()]
+        row[f"patient_dice_{region}"] = float(np.mean(d)) if d else float("nan")
+    row.update(lr=lr, seconds=seconds, slices_per_s=slices / seconds if seconds else 0.0)
+    return row
+
+
+def _write_metrics(out: Path, history, names, patients, epoch) -> None:
+    cols = list(history[0].keys())
+    tmp = out / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for h in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
+    tmp.replace(out / "metrics.csv")
+    path = out / "val_patients.csv"
+    rows = []
+    if path.exists():  # keep earlier epochs' rows (drop any of this epoch from a killed run)
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch + 1]
+    for pid in sorted(patients):
+        c = patients[pid]
+        rows.append({"epoch": epoch + 1, "patient": pid,
+                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(REGION_NAMES)}})
+    tmp = out / ".val_patients.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "patient"] + [f"dice_{r}" for r in REGION_NAMES])
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"samples_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch + 1, "batches": n_batches, "keys": keys}) + "\n")
+
+
+def _summary(row: dict, names: list[str]) -> str:
+    per = " ".join(f"{n} {row[f'dice_{n}']:.3f}" for n in names)
+    reg = " ".join(f"{r} {row[f'patient_dice_{r}']:.3f}" for r in REGION_NAMES)
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
+            f"mean Dice {row['mean_dice']:.3f} ({per}) | per-patient 3D Dice {reg} | "
+            f"{row['slices_per_s']:.0f} slices/s, lr {row['lr']:.2g}")

@@ -1,0 +1,89 @@
+"""Figures of a run, refreshed each epoch: loss curves, per-class Dice, prediction overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    a = _save(fig, out / "loss.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in channels:
+        ax.plot(ep, [h[f"dice_{c}"] for h in history], "o-", label=c)
+    ax.plot(ep, [h["mean_dice"] for h in history], "k--", label="mean")
+    for r in ("WT", "TC", "ET"):
+        key = f"patient_dice_{r}"
+        if key in history[0]:
+            ax.plot(ep, [h[key] for h in history], ":", label=f"{r} (3D, per patient)")
+    ax.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    b = _save(fig, out / "dice.png")
+    plt.close(fig)
+    return [a, b]
+
+
+COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2]])  # channel 0, 1, 2
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """FLAIR (channel 3) in grey with mask channels coloured: (H, W, 3) RGB."""
+    g = image[3].astype(np.float32)
+    lo, hi = np.percentile(g, [1, 99]) if g.any() else (0.0, 1.0)
+    g = np.clip((g - lo) / (hi - lo + 1e-6), 0, 1)
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    for c in range(mask.shape[0]):
+        m = mask[c].astype(bool)
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * COLOURS[c]
+    return rgb
+
+
+def predictions(samples: list[dict], channels: list[str], out: Path, name: str = "predictions.png",
+                title: str = "") -> Path:
+    """Rows: validation slices; columns: FLAIR, truth overlay, prediction overlay."""
+    plt = _plt()
+    n = len(samples)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for row, s in zip(axes, samples):
+        # arrays are (x, y) in RAS order: transpose so y (anterior) runs up, x (right) to the right
+        row[0].imshow(overlay(s["image"], np.zeros_like(s["mask"])).transpose(1, 0, 2), origin="lower")
+        row[1].imshow(overlay(s["image"], s["mask"]).transpose(1, 0, 2), origin="lower")
+        row[2].imshow(overlay(s["image"], s["pred"]).transpose(1, 0, 2), origin="lower")
+        row[0].set_ylabel(s["key"], fontsize=7)
+        for ax, t in zip(row, ("FLAIR", "truth", "prediction")):
+            ax.set_title(t, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    legend = ", ".join(f"{c}: {col}" for c, col in zip(channels, ("red", "green", "yellow")))
+    fig.suptitle(f"{title}  ({legend})", fontsize=9)
+    p = _save(fig, out / name)
+    plt.close(fig)
+    return p
