@@ -243,7 +243,7 @@ def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> d
     conf = torch.zeros(3, 3, dtype=torch.long)
     patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
     loss_sum, n = 0.0, 0
-    samples = []
+    samples = {}
     for batch in _loader(ds, ds.num_workers):
         x, y = _to(batch["image"], device, cuda), batch["mask"].to(device)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
@@ -261,12 +261,14 @@ def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> d
             c[:, 0] += (p & t).sum(1)
             c[:, 1] += (p & ~t).sum(1)
             c[:, 2] += (~p & t).sum(1)
-        if keep:
+        if keep:  # the slice with the most tumour of each patient, for the overlay figure
             area = truth.flatten(1).sum(1)
-            for i in area.argsort(descending=True)[:keep].tolist():
-                samples.append({"key": batch["keys"][i], "image": batch["image"][i].numpy(),
-                                "mask": truth[i].numpy(), "pred": pred[i].numpy(), "area": int(area[i])})
-            samples = sorted(samples, key=lambda s: -s["area"])[:keep]
+            for i, key in enumerate(batch["keys"]):
+                pid = key.rsplit("_s", 1)[0]
+                if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
+                    samples[pid] = {"key": key, "image": batch["image"][i].numpy(), "mask": truth[i].numpy(),
+                                    "pred": pred[i].numpy(), "area": int(area[i])}
+    samples = sorted(samples.values(), key=lambda s: s["key"])[:keep]
     return {"loss_sum": loss_sum, "n": n, "confusion": conf, "patients": patients, "samples": samples}
 
 

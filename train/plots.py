@@ -57,8 +57,9 @@ COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2]])  # chann
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """FLAIR (channel 3) in grey with mask channels coloured: (H, W, 3) RGB."""
     g = image[3].astype(np.float32)
-    lo, hi = np.percentile(g, [1, 99]) if g.any() else (0.0, 1.0)
-    g = np.clip((g - lo) / (hi - lo + 1e-6), 0, 1)
+    brain = np.any(image != 0, axis=0)
+    lo, hi = np.percentile(g[brain], [1, 99]) if brain.any() else (0.0, 1.0)
+    g = np.where(brain, np.clip((g - lo) / (hi - lo + 1e-6), 0, 1), 0)  # background black
     rgb = np.repeat(g[..., None], 3, axis=-1)
     for c in range(mask.shape[0]):
         m = mask[c].astype(bool)
