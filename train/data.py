@@ -49,6 +49,7 @@ class SliceStream(IterableDataset):
         self.source, self.cfg = source, cfg
         self.rank, self.world, self.num_workers = rank, world, max(num_workers, 1)
         self.epoch = 0
+        self.peak_buffered = 0  # most slices held at once by this process (memory bound check)
         self.patients = sorted(source.patients(cfg.split))
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,6 +100,7 @@ class SliceStream(IterableDataset):
                 yield from items
                 continue
             buf.extend(items)
+            self.peak_buffered = max(self.peak_buffered, len(buf))
             while len(buf) > self.cfg.buffer_size:
                 j = rng.integers(len(buf))
                 buf[j], buf[-1] = buf[-1], buf[j]

@@ -1,0 +1,138 @@
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint
+from train.loop import TrainConfig, TrainError, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=2, lr=3e-3)
+SEED_COLUMNS = ["epoch", "train_loss", "val_loss", "mean_dice", "dice_NEC/NET", "dice_ED", "dice_ET",
+                "prec_NEC/NET", "prec_ED", "prec_ET", "recall_NEC/NET", "recall_ED", "recall_ET"]
+
+
+def _rows(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "slices_per_s")} for r in rows]
+
+
+def test_cli_end_to_end(shard_set, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "cli.py", "train", str(shard_set), "--out", str(run), "--epochs", "2",
+                        "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "1",
+                        "--model", "attention-unet", "--augment"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 2: train loss" in r.stdout and "per-patient 3D Dice WT" in r.stdout
+    rows = _rows(run)
+    assert len(rows) == 2 and list(rows[0])[: len(SEED_COLUMNS)] == SEED_COLUMNS
+    assert {"patient_dice_WT", "patient_dice_TC", "patient_dice_ET"} <= set(rows[0])
+    assert all(0 <= float(rows[1][c]) <= 1 for c in SEED_COLUMNS[3:])
+    with open(run / "val_patients.csv") as f:
+        per = list(csv.DictReader(f))
+    val = json.loads((shard_set / "manifest.json").read_text())["splits"]["val"]
+    assert sorted({p["patient"] for p in per}) == sorted(val) and len(per) == 2 * len(val)
+    for name in ("loss.png", "dice.png", "predictions.png"):
+        assert (run / "plots" / name).stat().st_size > 5000
+    ck = checkpoint.load(run / "checkpoints" / "last.pt")  # weights_only=True
+    assert ck["epoch"] == 1 and ck["config"]["model"] == "attention-unet" and len(ck["manifest_sha256"]) == 64
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "history"} <= set(ck)
+    assert (run / "checkpoints" / "best.pt").exists()
+
+
+def test_learns_on_tiny_data(shard_set, tmp_path):
+    hist = train(str(shard_set), tmp_path / "run", TrainConfig(base_channels=8, depth=2, batch_size=8,
+                                                               num_workers=0, epochs=8, lr=3e-3), progress=False)
+    assert hist[-1]["train_loss"] < 0.85 * hist[0]["train_loss"]
+    assert hist[-1]["dice_ED"] > 0.6 > hist[0]["dice_ED"]
+
+
+def test_resume_equals_straight_run_and_extends(shard_set, tmp_path):
+    straight = train(str(shard_set), tmp_path / "a", TrainConfig.from_dict(dict(TINY.to_dict(), epochs=3)),
+                     progress=False)
+    train(str(shard_set), tmp_path / "b", TINY, progress=False)  # 2 epochs, then extended to 3
+    resumed = train(str(shard_set), tmp_path / "b", TrainConfig.from_dict(dict(TINY.to_dict(), epochs=3)),
+                    resume=True, progress=False)
+    assert len(resumed) == 3
+    assert _stable(_rows(tmp_path / "a")) == _stable(_rows(tmp_path / "b"))
+    a = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["scheduler"] == b["scheduler"]
+    assert straight[-1]["mean_dice"] == resumed[-1]["mean_dice"]
+
+
+def test_resume_refuses_other_model_or_shards(shard_set, tmp_path):
+    train(str(shard_set), tmp_path / "run", TrainConfig.from_dict(dict(TINY.to_dict(), epochs=1)), progress=False)
+    with pytest.raises(TrainError, match="base_channels"):
+        train(str(shard_set), tmp_path / "run", TrainConfig.from_dict(dict(TINY.to_dict(), base_channels=8)),
+              resume=True, progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(shard_set, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["config"]["note"] = "another set"
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TrainError, match="another shard set"):
+        train(str(other), tmp_path / "run", TINY, resume=True, progress=False)
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train(str(shard_set), tmp_path / "fresh", TINY, resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_straight_result(shard_set, tmp_path):
+    args = [sys.executable, "cli.py", "train", str(shard_set), "--base-channels", "4", "--depth", "2",
+            "--batch-size", "8", "--num-workers", "0", "--epochs", "4", "--lr", "0.003", "--quiet"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], cwd=REPO, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(run)], cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_rows(run)) < 4
+    again = subprocess.run(args + ["--out", str(run), "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert _stable(_rows(run)) == _stable(_rows(tmp_path / "ref"))
+    a = checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_disjoint_data_equal_batches(shard_set, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "cli.py", "train",
+                        str(shard_set), "--out", str(run), "--epochs", "2", "--base-channels", "4", "--depth", "2",
+                        "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--log-samples", "--quiet"],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = {}
+    for rank in (0, 1):
+        with open(run / f"samples_rank{rank}.jsonl") as f:
+            logs[rank] = [json.loads(line) for line in f]
+    for e in range(2):
+        a, b = logs[0][e], logs[1][e]
+        assert a["batches"] == b["batches"] > 0
+        assert not set(a["keys"]) & set(b["keys"])
+        pa = {k.rsplit("_s", 1)[0] for k in a["keys"]}
+        pb = {k.rsplit("_s", 1)[0] for k in b["keys"]}
+        assert not pa & pb  # whole patients per rank
+    assert len(_rows(run)) == 2
