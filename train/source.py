@@ -40,7 +40,7 @@ class ShardSource:
         self.remote = is_url(self.location)
         self.storage_options = storage_options or {}
         self.cache_bytes = cache_bytes
-        self._fs = None
+        self._fs, self._fs_pid = None, None
         raw = self._fetch_raw(MANIFEST)
         try:
             self.manifest = check_format(json.loads(raw), f"{self.location}/{MANIFEST}")
@@ -58,11 +58,13 @@ class ShardSource:
 
     # -- raw access
     def _filesystem(self):
-        if self._fs is None:
+        # one fsspec instance per process: its event loop does not survive a fork (DataLoader)
+        if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
             protocol = self.location.split("://", 1)[0]
-            self._fs = fsspec.filesystem(protocol, **self.storage_options)
+            self._fs = fsspec.filesystem(protocol, skip_instance_cache=True, **self.storage_options)
+            self._fs_pid = os.getpid()
         return self._fs
 
     def _fetch_raw(self, rel: str) -> bytes:
