@@ -63,7 +63,7 @@ def build_shards(
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients in the validation split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the patient split and slice subsampling.")] = 0,
     format: Annotated[str, typer.Option(help="zarr, wds or both.")] = "both",
-    codec: Annotated[str, typer.Option(help="Zarr compressor: blosc-zstd, blosc-lz4, zstd or none, with optional :LEVEL.")] = "blosc-zstd:3",
+    codec: Annotated[str, typer.Option(help="Zarr compressor: blosc-zstd, blosc-lz4, zstd or none, with optional :LEVEL.")] = "blosc-lz4:5",
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: CPU count; 0: no Dask, in-process).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,

@@ -39,7 +39,7 @@ class BuildConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     formats: tuple[str, ...] = ("zarr", "wds")
-    codec: str = "blosc-zstd:3"
+    codec: str = "blosc-lz4:5"  # chosen by bench/codecs.py + bench/loader.py (BENCHMARKS.md)
 
     def to_dict(self) -> dict:
         d = asdict(self)

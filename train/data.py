@@ -84,14 +84,15 @@ class SliceStream(IterableDataset):
     def read_patient(self, pid: str):
         split = self.source.manifest["patients"][pid]["split"]
         if self.cfg.fmt == "zarr":
-            image, mask = read_zarr_patient(self.source.read, f"zarr/{split}/{pid}")
-            keys = [sample_key(pid, i) for i in range(image.shape[0])]
+            image, mask = read_zarr_patient(self.source.read, f"zarr/{split}/{pid}", per_slice=True)
+            keys = [sample_key(pid, i) for i in range(len(image))]
         else:
             image, mask, keys = read_wds_patient(self.source.read(self.source.wds_file(pid)))
         return image, mask, keys
 
     def samples(self, pids, rng):
-        """Slices of `pids`, through the shuffle buffer when training."""
+        """Slices of `pids`, through the shuffle buffer when training. Every slice owns its
+        memory, so the buffer's size bounds what is held."""
         buf = []
         for pid in pids:
             image, mask, keys = self.read_patient(pid)
@@ -132,8 +133,12 @@ class SliceStream(IterableDataset):
             yield self.collate(batch, gen)
 
     def collate(self, batch, gen):
-        image = torch.from_numpy(np.stack([b[0] for b in batch])).float()  # (B, 4, H, W)
-        mask = torch.from_numpy(np.stack([b[1] for b in batch])).float()  # (B, 3, H, W)
+        # gather and convert to float32 in one pass per sample (torch's vectorised half->float)
+        image = torch.empty((len(batch),) + batch[0][0].shape, dtype=torch.float32)  # (B, 4, H, W)
+        mask = torch.empty((len(batch),) + batch[0][1].shape, dtype=torch.float32)  # (B, 3, H, W)
+        for i, (img, m, _) in enumerate(batch):
+            image[i].copy_(torch.from_numpy(img))
+            mask[i].copy_(torch.from_numpy(m))
         if self.cfg.augment and self.cfg.train:
             image, mask = augment(image, mask, gen)
         return {"image": image, "mask": mask, "keys": [b[2] for b in batch]}
