@@ -171,6 +171,79 @@ def train(
 
 
 @app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt).")],
+    input: Annotated[Path, typer.Argument(help="BraTS-layout folder; segmentations not needed.")],
+    output: Annotated[Path, typer.Argument(help="Folder for <patient>.nii.gz label maps.")],
+    tta: Annotated[bool, typer.Option(help="Average predictions over in-plane flips.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Segment every patient and write label maps in the input's geometry and label convention."""
+    from preprocess.discover import DiscoveryError
+    from train.predict import predict as run
+
+    try:
+        r = run(checkpoint, input, output, device=device, batch_size=batch_size, tta=tta, progress=not quiet)
+    except (DiscoveryError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
+    for pid, reason in sorted(r["failed"].items()):
+        typer.echo(f"  FAILED {pid}: {reason}")
+    if r["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    pred_dir: Annotated[Path, typer.Argument(help="Folder of <patient>.nii.gz predictions.")],
+    ref_dir: Annotated[Path, typer.Argument(help="BraTS-layout folder with segmentations, or flat <patient>.nii.gz files.")],
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Per-patient CSV (default PRED_DIR/metrics.csv).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Dice and HD95 of the BraTS regions WT/TC/ET (and sub-region Dice), per patient and summarised."""
+    from preprocess.discover import DiscoveryError
+    from train.evaluate import evaluate as run, format_summary
+
+    csv_path = csv_path or pred_dir / "metrics.csv"
+    try:
+        r = run(pred_dir, ref_dir, csv_path, progress=not quiet)
+    except (DiscoveryError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not r["rows"]:
+        _fail(f"no reference segmentations found in {ref_dir}")
+    typer.echo(format_summary(r["summary"], len(r["rows"])))
+    if r["missing"]:
+        typer.echo(f"no prediction for {len(r['missing'])} patient(s), scored as empty: {', '.join(r['missing'])}")
+    typer.echo(f"per-patient metrics: {csv_path}")
+
+
+@app.command()
+def show(
+    source: Annotated[Optional[Path], typer.Argument(help="A raw BraTS folder or a shard set.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("figures"),
+    patient: Annotated[Optional[str], typer.Option(help="Patient to draw (default: the first).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A training run folder: truth vs prediction per validation patient.")] = None,
+):
+    """Figures: modalities, three planes, mask overlay, histograms, class imbalance; run predictions."""
+    from train.show import figures, run_figures
+
+    if source is None and run is None:
+        _fail("give a SOURCE folder, --run RUN_DIR, or both")
+    paths = []
+    try:
+        if source is not None:
+            paths += figures(source, out, patient)
+        if run is not None:
+            paths += run_figures(run, out)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, shards and run.")] = Path("demo"),
     patients: Annotated[int, typer.Option(help="Synthetic patients.")] = 16,

@@ -84,11 +84,11 @@ def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: in
     # tumour: centre inside the brain, irregular boundary from a smooth field
     centre = np.array([rng.choice([-1, 1]) * rng.uniform(0.1, 0.4), rng.uniform(-0.4, 0.4),
                        rng.uniform(-0.3, 0.4)], np.float32)
-    t_radii = rng.uniform(0.10, 0.26) * rng.uniform(0.8, 1.2, 3)
+    t_radii = rng.uniform(0.07, 0.20) * rng.uniform(0.75, 1.25, 3)
     d = np.sqrt(((gx - centre[0]) / t_radii[0]) ** 2 + ((gy - centre[1]) / t_radii[1]) ** 2
                 + ((gz - centre[2]) / t_radii[2]) ** 2)
-    d = d + _smooth_field(rng, grids, 5, 0.18)
-    edema_extent = rng.uniform(1.5, 2.4)
+    d = d + _smooth_field(rng, grids, 6, 0.30)  # irregular, lobulated boundary
+    edema_extent = rng.uniform(1.4, 2.1)
     has_ncr = rng.random() < 0.8
     has_et = rng.random() < 0.85
     et_label = LAYOUTS[release][1]
@@ -98,7 +98,7 @@ def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: in
     if has_et:
         seg[core] = et_label
         if has_ncr:
-            seg[d < rng.uniform(0.45, 0.75)] = 1
+            seg[d < rng.uniform(0.55, 0.85)] = 1
     else:
         seg[core] = 1  # non-enhancing core only
     seg[~brain] = 0

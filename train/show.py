@@ -1,0 +1,206 @@
+"""`show`: the figures the seed notebook drew by hand, from a raw release or a shard set,
+and prediction-vs-truth overlays for a training run. Returns the PNG paths written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from train.plots import _plt, _save, overlay
+
+MODALITY_NAMES = ("T1", "T1Gd", "T2", "FLAIR")
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    """(X, Y) in RAS order -> (Y, X) for imshow with origin='lower': anterior up, right to the right."""
+    return img.T
+
+
+def _imshow(ax, img, title, cmap="gray"):
+    ax.imshow(img, cmap=cmap, origin="lower")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _volume_from_raw(src: Path, patient: str | None):
+    from preprocess import steps
+    from preprocess.discover import discover
+    from preprocess.pipeline import load_patient, validate
+
+    disc = discover(src, need_seg=False)
+    pf = next((p for p in disc.patients if p.pid == patient), None) if patient else disc.patients[0]
+    if pf is None:
+        raise ValueError(f"patient {patient} not found in {src}")
+    vols, _ = load_patient(pf)
+    validate(pf, vols)
+    ornt = steps.canonical_ornt(vols["t1"].affine)
+    images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in ("t1", "t1gd", "t2", "flair")])
+    seg = steps.apply_ornt(vols["seg"].data, ornt) if "seg" in vols else np.zeros(images.shape[1:], np.uint8)
+    from preprocess.steps import encode_mask
+
+    mask = encode_mask(seg, pf.labels[-1])  # (3, X, Y, Z)
+    return pf.pid, images.astype(np.float32), mask, disc
+
+
+def _volume_from_shards(src: Path, patient: str | None):
+    from shards.readers import read_wds_patient, read_zarr_patient
+    from train.source import ShardSource
+
+    s = ShardSource(src)
+    pid = patient or (s.patients("train") + s.patients("val"))[0]
+    if pid not in s.manifest["patients"]:
+        raise ValueError(f"patient {pid} not in the shard set {src}")
+    split = s.manifest["patients"][pid]["split"]
+    if "zarr" in s.layouts():
+        image, mask = read_zarr_patient(s.read, f"zarr/{split}/{pid}")
+    else:
+        ims, mks, _ = read_wds_patient(s.read(s.wds_file(pid)))
+        image, mask = np.stack(ims), np.stack(mks)
+    # (S, C, H, W) -> (C, H, W, S): slices stacked back along z
+    return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), s
+
+
+def figures(src: str | Path, out: str | Path, patient: str | None = None) -> list[Path]:
+    """Modalities, planes, overlay, histograms and class balance for one patient of `src`."""
+    src, out = Path(src), Path(out)
+    is_shards = (src / "manifest.json").exists()
+    pid, images, mask, ctx = (_volume_from_shards if is_shards else _volume_from_raw)(src, patient)
+    tumour = mask.any(axis=0)  # (X, Y, Z)
+    per_z = tumour.sum(axis=(0, 1))
+    z = int(per_z.argmax()) if per_z.any() else images.shape[-1] // 2
+    if tumour.any():
+        cx, cy, _ = (int(v) for v in np.argwhere(tumour).mean(axis=0))
+    else:
+        cx, cy = images.shape[1] // 2, images.shape[2] // 2
+    plt = _plt()
+    paths = []
+    kind = "shards (normalised)" if is_shards else "raw input"
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    for ax, img, name in zip(axes, images, MODALITY_NAMES):
+        _imshow(ax, _grey(img[:, :, z]), name)
+    fig.suptitle(f"{pid}, axial slice {z} — {kind}", fontsize=10)
+    paths.append(_save(fig, out / f"{pid}_modalities.png"))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    planes = [("axial", images[:, :, :, z], mask[:, :, :, z]),
+              ("coronal", images[:, :, cy, :], mask[:, :, cy, :]),
+              ("sagittal", images[:, cx, :, :], mask[:, cx, :, :])]
+    for ax, (name, img, m) in zip(axes, planes):
+        ax.imshow(overlay(img, m).transpose(1, 0, 2), origin="lower", aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{pid}: three planes through the tumour (FLAIR; NCR/NET red, ED green, ET yellow)", fontsize=9)
+    paths.append(_save(fig, out / f"{pid}_planes.png"))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+    _imshow(axes[0], _grey(images[3][:, :, z]), "FLAIR")
+    axes[1].imshow(overlay(images[:, :, :, z], mask[:, :, :, z]).transpose(1, 0, 2), origin="lower")
+    axes[1].set_title("mask overlay: NCR/NET red, ED green, ET yellow", fontsize=8)
+    axes[1].set_xticks([])
+    axes[1].set_yticks([])
+    paths.append(_save(fig, out / f"{pid}_overlay.png"))
+    plt.close(fig)
+
+    paths.append(_histograms(images, pid, out, normalised_input=is_shards))
+    paths.append(_class_balance(ctx, is_shards, out))
+    return paths
+
+
+def _histograms(images: np.ndarray, pid: str, out: Path, normalised_input: bool) -> Path:
+    plt = _plt()
+    brain = np.any(images != 0, axis=0)
+    rows = [("normalised (as stored in the shards)", images)] if normalised_input else [("raw", images)]
+    if not normalised_input:
+        norm = np.zeros_like(images)
+        for c in range(4):
+            v = images[c][brain]
+            norm[c][brain] = (v - v.mean()) / (v.std() + 1e-8)
+        rows.append(("after z-score over the brain", norm))
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 2.8 * len(rows)), squeeze=False)
+    for r, (label, arr) in enumerate(rows):
+        for c in range(4):
+            axes[r][c].hist(arr[c][brain], bins=100, color="C0")
+            axes[r][c].set_title(f"{MODALITY_NAMES[c]} — {label}", fontsize=8)
+            axes[r][c].tick_params(labelsize=7)
+    fig.suptitle(f"{pid}: intensity histograms of brain voxels", fontsize=10)
+    fig.tight_layout()
+    p = _save(fig, out / f"{pid}_histograms.png")
+    plt.close(fig)
+    return p
+
+
+def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
+    """Tumour sub-region voxels as a share of brain voxels, per patient."""
+    plt = _plt()
+    names, fractions = [], []
+    if is_shards:
+        for pid, p in sorted(ctx.manifest["patients"].items()):
+            names.append(pid)
+            fractions.append([c / max(p["pixels"], 1) for c in p["mask_pixels"]])
+        what = "share of slice pixels (shards)"
+    else:
+        from preprocess.nifti import load_volume
+
+        for pf in ctx.patients:
+            if "seg" not in pf.files or pf.problem:
+                continue
+            seg = load_volume(pf.files["seg"]).data
+            brain = max(int(np.count_nonzero(load_volume(pf.files["flair"]).data)), 1)
+            names.append(pf.pid)
+            fractions.append([np.count_nonzero(seg == lab) / brain for lab in (1, 2, pf.labels[-1])])
+        what = "share of brain voxels (raw input)"
+    f = np.array(fractions).reshape(-1, 3) * 100
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
+    bottom = np.zeros(len(names))
+    for c, (label, colour) in enumerate(zip(("NCR/NET", "ED", "ET"), ("C3", "C2", "C1"))):
+        ax.bar(range(len(names)), f[:, c], bottom=bottom, label=label, color=colour)
+        bottom += f[:, c]
+    ax.set_ylim(0, max(bottom.max(), 1e-3) * 1.08)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("%")
+    ax.set_title(f"Class imbalance: tumour sub-regions as {what}; the rest is healthy tissue", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = _save(fig, out / "class_balance.png")
+    plt.close(fig)
+    return p
+
+
+def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[Path]:
+    """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
+    import torch
+
+    from shards.readers import read_zarr_patient, read_wds_patient
+    from train.loop import channel_names
+    from train.plots import predictions
+    from train.predict import load_model, predict_slices
+    from train.source import ShardSource
+
+    run, out = Path(run), Path(out)
+    conf = json.loads((run / "config.json").read_text())
+    ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
+    model, _, _ = load_model(ck, torch.device(device))
+    src = ShardSource(conf["shards"])
+    names = channel_names(src)
+    paths = []
+    for pid in src.patients("val"):
+        if "zarr" in src.layouts():
+            image, mask = read_zarr_patient(src.read, f"zarr/val/{pid}")
+        else:
+            ims, mks, _ = read_wds_patient(src.read(src.wds_file(pid)))
+            image, mask = np.stack(ims), np.stack(mks)
+        prob = predict_slices(model, image, torch.device(device))
+        area = mask.reshape(len(mask), -1).sum(1, dtype=np.int64)
+        order = np.argsort(-area, kind="stable")[:3]  # the most tumorous slices
+        samples = [{"key": f"{pid} slice {int(i)}", "image": image[i].astype(np.float32), "mask": mask[i],
+                    "pred": prob[i] > 0.5} for i in sorted(order)]
+        paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})"))
+    return paths
