@@ -37,6 +37,11 @@ class PatientFiles:
     files: dict[str, Path]  # canonical modality ("t1", "t1gd", "t2", "flair", "seg") -> path
     notes: tuple[str, ...] = ()
     problem: str | None = None  # why this patient cannot be used, naming the file(s)
+    slices: tuple = ()  # HDF5 slice export only: ((slice index, path), ...)
+
+    @property
+    def kind(self) -> str:
+        return "h5-slices" if self.slices else "nifti"
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -52,6 +57,10 @@ class Discovery:
     def convention(self) -> str:
         conv = {p.convention for p in self.patients}
         return conv.pop() if len(conv) == 1 else "mixed"
+
+    @property
+    def kind(self) -> str:
+        return self.patients[0].kind if self.patients else "nifti"
 
 
 def _split_name(stem: str, pid: str) -> str | None:
@@ -108,6 +117,13 @@ def discover(root: str | Path, need_seg: bool = True) -> Discovery:
         for name in names:
             if _NII.match(name) and not name.startswith("."):
                 by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
+    if not by_folder:  # the seed's per-slice HDF5 export?
+        from preprocess.h5slices import find_volumes
+
+        volumes = find_volumes(root)
+        if volumes:
+            return Discovery(root=root, patients=[
+                PatientFiles(pid=v, convention="2020", files={}, slices=tuple(s)) for v, s in volumes.items()])
     if root in by_folder:
         loose = ", ".join(sorted(p.name for p in by_folder[root])[:3])
         raise DiscoveryError(f"NIfTI files directly in {root} ({loose}, ...): expected one folder per patient")

@@ -68,7 +68,14 @@ class PatientSlices:
 
 
 def load_patient(pf: PatientFiles, root: Path | None = None):
-    """Read the five files; returns (images dict, seg or None, sources dict)."""
+    """Read the five files; returns (volumes by modality and "seg", sources dict)."""
+    if pf.slices:
+        from preprocess.h5slices import load_volumes
+
+        try:
+            return load_volumes(list(pf.slices), root)
+        except (OSError, ValueError, KeyError) as e:
+            raise steps.InputError(f"{type(e).__name__}: {e}") from e
     vols, sources = {}, {}
     for name in list(MODALITIES) + ["seg"]:
         path = pf.files.get(name)
@@ -83,22 +90,26 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
     return vols, sources
 
 
+def _name(pf: PatientFiles, modality: str) -> str:
+    return Path(pf.files[modality]).name if modality in pf.files else f"{pf.pid} {modality}"
+
+
 def validate(pf: PatientFiles, vols: dict) -> None:
     ref_name = "t1"
     ref = vols[ref_name]
     for name, v in vols.items():
-        fname = Path(pf.files[name]).name
+        fname = _name(pf, name)
         if v.data.ndim != 3:
             raise steps.InputError(f"{fname} is {v.data.ndim}D with shape {v.data.shape}; expected 3D")
         if v.data.shape != ref.data.shape:
-            raise steps.InputError(f"{fname} has shape {v.data.shape}, {Path(pf.files[ref_name]).name} has {ref.data.shape}")
+            raise steps.InputError(f"{fname} has shape {v.data.shape}, {_name(pf, ref_name)} has {ref.data.shape}")
         if not np.allclose(v.affine, ref.affine, atol=1e-3):
-            raise steps.InputError(f"{fname} has a different affine from {Path(pf.files[ref_name]).name}")
+            raise steps.InputError(f"{fname} has a different affine from {_name(pf, ref_name)}")
     if "seg" in vols:
         seg = vols["seg"].data
         if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
-            raise steps.InputError(f"{Path(pf.files['seg']).name} holds NaN/Inf values")
-        steps.label_counts(seg, pf.labels, Path(pf.files["seg"]).name)
+            raise steps.InputError(f"{_name(pf, 'seg')} holds NaN/Inf values")
+        steps.label_counts(seg, pf.labels, _name(pf, "seg"))
 
 
 def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarray:
@@ -179,6 +190,7 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
         "spacing": [float(z) for z in zooms],
         "labels": list(pf.labels),
         "convention": pf.convention,
+        "affine_known": not pf.slices,
     }
     return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
                          slice_index=[int(z) for z in z_keep], geometry=geometry,

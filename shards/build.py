@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from preprocess.discover import PatientFiles, discover
+from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, wds_io, zarr_io
 from shards.atomic import sha256_file, write_json
@@ -295,7 +296,8 @@ def _manifest(out: Path, disc, config: dict, done: dict, failed: dict, group_fil
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION, "layouts": list(config["formats"])},
         "config": config,
-        "source": {"convention": disc.convention, "n_patients_found": len(disc.patients)},
+        "source": {"convention": disc.convention, "n_patients_found": len(disc.patients), "kind": disc.kind,
+                   **({"note": _H5_NOTE} if disc.kind == "h5-slices" else {})},
         "patients": patients,
         "splits": {s: [p for p in sorted(done) if done[p]["split"] == s] for s in SPLITS},
         "files": sorted(files, key=lambda f: f["path"]),

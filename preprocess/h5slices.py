@@ -1,0 +1,94 @@
+"""The seed's per-slice HDF5 export of BraTS 2020 as an input: `volume_{N}_slice_{M}.h5`, each
+with datasets `image` (H, W, 4: T1, T1Gd, T2, FLAIR) and `mask` (H, W, 3: NCR/NET, ED, ET).
+
+Volumes become patients (`volume_{N}`), slices are reassembled in order of M along z, and the
+mask channels become 2020-style labels (NCR/NET 1, ED 2, ET 4). The export carries no affine:
+an identity affine is assumed (the arrays' own axes), and the manifest says so.
+Needs the optional extra: pip install 'brats-shards[h5]'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.nifti import RawVolume
+
+SLICE_FILE = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
+NOTE = "HDF5 slice export: no affine in the input; an identity affine (the arrays' own axes) is assumed"
+
+
+def find_volumes(root: Path) -> dict[str, list[tuple[int, Path]]]:
+    """volume id -> [(slice index, path)], sorted by slice index."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for p in root.rglob("volume_*_slice_*.h5"):
+        m = SLICE_FILE.match(p.name)
+        if m:
+            out.setdefault(f"volume_{int(m[1])}", []).append((int(m[2]), p))
+    return {k: sorted(v) for k, v in sorted(out.items(), key=lambda kv: int(kv[0].split("_")[1]))}
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("reading HDF5 slice exports needs h5py: pip install 'brats-shards[h5]'") from None
+    return h5py
+
+
+def load_volumes(slices: list[tuple[int, Path]], root: Path | None = None) -> tuple[dict, dict]:
+    """(vols, sources) in the shape `pipeline.load_patient` returns for NIfTI input."""
+    h5py = _h5py()
+    depth = max(i for i, _ in slices) + 1
+    image = mask = None
+    digest = hashlib.sha256()
+    nbytes = 0
+    for i, path in slices:
+        raw = Path(path).read_bytes()
+        digest.update(hashlib.sha256(raw).digest())
+        nbytes += len(raw)
+        try:
+            with h5py.File(path, "r") as f:
+                img, m = np.asarray(f["image"]), np.asarray(f["mask"])
+        except (OSError, KeyError) as e:
+            raise ValueError(f"cannot read {Path(path).name}: {e}") from e
+        if img.ndim != 3 or img.shape[-1] != 4 or m.shape != img.shape[:2] + (3,):
+            raise ValueError(f"{Path(path).name}: image {img.shape} / mask {m.shape}; expected (H, W, 4) and (H, W, 3)")
+        if image is None:
+            image = np.zeros(img.shape[:2] + (depth, 4), np.float32)
+            mask = np.zeros(img.shape[:2] + (depth, 3), bool)
+        elif img.shape[:2] != image.shape[:2]:
+            raise ValueError(f"{Path(path).name}: slice size {img.shape[:2]} differs from {image.shape[:2]}")
+        image[:, :, i] = img
+        mask[:, :, i] = m > 0.5
+    seg = np.zeros(image.shape[:3], np.uint8)
+    seg[mask[..., 1]] = 2
+    seg[mask[..., 0]] = 1
+    seg[mask[..., 2]] = 4
+    affine = np.eye(4)
+    sha = digest.hexdigest()
+    vols = {name: RawVolume(np.ascontiguousarray(image[..., c]), affine, sha, nbytes)
+            for c, name in enumerate(("t1", "t1gd", "t2", "flair"))}
+    vols["seg"] = RawVolume(seg, affine, sha, nbytes)
+    folder = Path(slices[0][1]).parent
+    rel = str(folder.relative_to(root)) if root else str(folder)
+    sources = {"h5_slices": {"path": rel, "files": len(slices), "sha256": sha, "bytes": nbytes,
+                             "note": "sha256 over the files' own sha256 digests, in slice order"}}
+    return vols, sources
+
+
+def write_export(root: Path, volume: int, images: np.ndarray, seg: np.ndarray, et_label: int = 4) -> list[Path]:
+    """Write one volume as the seed's export (for tests and demos): images (4, X, Y, Z), seg (X, Y, Z)."""
+    h5py = _h5py()
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for z in range(seg.shape[2]):
+        p = root / f"volume_{volume}_slice_{z}.h5"
+        with h5py.File(p, "w") as f:
+            f["image"] = np.moveaxis(images[:, :, :, z], 0, -1).astype(np.float64)
+            f["mask"] = np.stack([seg[:, :, z] == 1, seg[:, :, z] == 2, seg[:, :, z] == et_label], -1).astype(np.uint8)
+        paths.append(p)
+    return paths

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preprocess.nifti import save_volume
+from train.evaluate import EMPTY_HD95, evaluate, hd95, patient_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_identical_gives_dice_1_hd95_0():
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[5:12, 5:12, 3:7] = 2
+    ref[7:10, 7:10, 4:6] = 4
+    ref[8, 8, 5] = 1
+    m = patient_metrics(ref, ref, (1, 1, 1), 4)
+    assert all(m[f"dice_{r}"] == 1.0 for r in ("WT", "TC", "ET"))
+    assert all(m[f"hd95_{r}"] == 0.0 for r in ("WT", "TC", "ET"))
+    assert m["dice_sub_NCR"] == m["dice_sub_ED"] == m["dice_sub_ET"] == 1.0
+
+
+def test_hand_computed_values():
+    ref = np.zeros((10, 10, 10), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[5, 5, 5] = 4
+    pred[5, 5, 8] = 4  # 3 voxels away along z, spacing 2 mm along z -> 6 mm
+    assert hd95(pred == 4, ref == 4, (1.0, 1.0, 2.0)) == pytest.approx(6.0)
+    # Dice: ref 8 voxels, pred 8 voxels overlapping 4 -> 2*4/16
+    ref2 = np.zeros((10, 10, 10), np.uint8)
+    pred2 = np.zeros_like(ref2)
+    ref2[0:2, 0:2, 0:2] = 2
+    pred2[1:3, 0:2, 0:2] = 2
+    m = patient_metrics(pred2, ref2, (1, 1, 1), 4)
+    assert m["dice_WT"] == pytest.approx(0.5) and m["dice_sub_ED"] == pytest.approx(0.5)
+    assert m["hd95_WT"] == pytest.approx(1.0)  # every surface voxel is within 1 mm of the other surface
+    # region composition: NCR counts in WT and TC, ED only in WT
+    ref3 = np.zeros((6, 6, 6), np.uint8)
+    ref3[1, 1, 1], ref3[2, 2, 2], ref3[3, 3, 3] = 1, 2, 4
+    pred3 = np.zeros_like(ref3)
+    pred3[1, 1, 1] = 4  # NCR voxel called enhancing: right for WT and TC, wrong for ET
+    m = patient_metrics(pred3, ref3, (1, 1, 1), 4)
+    assert m["dice_WT"] == pytest.approx(2 * 1 / (1 + 3))
+    assert m["dice_TC"] == pytest.approx(2 * 1 / (1 + 2))
+    assert m["dice_ET"] == 0.0 and m["dice_sub_NCR"] == 0.0
+
+
+def test_empty_conventions():
+    empty = np.zeros((8, 8, 8), np.uint8)
+    some = empty.copy()
+    some[3, 3, 3] = 4
+    both = patient_metrics(empty, empty, (1, 1, 1), 4)
+    assert both["dice_ET"] == 1.0 and both["hd95_ET"] == 0.0
+    missed = patient_metrics(empty, some, (1, 1, 1), 4)
+    assert missed["dice_ET"] == 0.0 and missed["hd95_ET"] == EMPTY_HD95
+    false_alarm = patient_metrics(some, empty, (1, 1, 1), 4)
+    assert false_alarm["dice_ET"] == 0.0 and false_alarm["hd95_ET"] == EMPTY_HD95
+    assert patient_metrics(some == 4, (some == 4).astype(np.uint8) * 3, (1, 1, 1), 3)["dice_ET"] == 0.0
+
+
+def test_folders_missing_prediction_and_2023_labels(tmp_path):
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    ref = np.zeros((12, 12, 6), np.uint8)
+    ref[3:8, 3:8, 2:4] = 2
+    ref[4:6, 4:6, 2:4] = 3
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    for pid in ("BraTS-GLI-00001-000", "BraTS-GLI-00002-000"):
+        save_volume(tmp_path / "ref" / f"{pid}.nii.gz", ref, aff)
+    save_volume(tmp_path / "pred" / "BraTS-GLI-00001-000.nii.gz", ref, aff)
+    r = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "m.csv", progress=False)
+    rows = {row["patient"]: row for row in r["rows"]}
+    assert rows["BraTS-GLI-00001-000"]["dice_ET"] == 1.0  # label 3 read as enhancing tumour
+    assert rows["BraTS-GLI-00002-000"]["dice_WT"] == 0.0 and r["missing"] == ["BraTS-GLI-00002-000"]
+    assert r["summary"]["dice_ET"]["mean"] == pytest.approx(0.5)
+    cli = subprocess.run([sys.executable, "cli.py", "evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"),
+                          "--quiet"], cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert "dice_WT" in cli.stdout and "scored as empty: BraTS-GLI-00002-000" in cli.stdout
+    assert (tmp_path / "pred" / "metrics.csv").read_text().startswith("patient,dice_WT,dice_TC,dice_ET,hd95_WT")
