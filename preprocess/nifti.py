@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,28 @@ def load_volume(path: str | os.PathLike) -> RawVolume:
 
     raw, digest = read_bytes(path)
     payload = inflate(raw) if str(path).endswith(".gz") else raw
-    img = nib.Nifti1Image.from_bytes(payload)
-    hdr = img.header
-    slope, inter = hdr.get_slope_inter()
-    if slope is None or (slope == 1 and not inter):
-        data = np.asanyarray(img.dataobj)  # keep int16 as int16: exact statistics later
-    else:
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    return RawVolume(data=np.asarray(data), affine=np.asarray(img.affine, dtype=np.float64),
-                     sha256=digest, nbytes=len(raw))
+    try:
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(payload[:540]))  # NIfTI-1 (348) or NIfTI-2 sizes
+    except Exception:
+        hdr = None
+    if hdr is None or hdr.sizeof_hdr != 348:  # NIfTI-2 or odd files: let nibabel do everything
+        img = nib.Nifti1Image.from_bytes(payload) if hdr is not None else nib.Nifti2Image.from_bytes(payload)
+        return RawVolume(data=np.asarray(img.dataobj), affine=np.asarray(img.affine, dtype=np.float64),
+                         sha256=digest, nbytes=len(raw))
+    shape = hdr.get_data_shape()
+    dtype = hdr.get_data_dtype()
+    offset = max(int(hdr["vox_offset"]), 352)
+    count = int(np.prod(shape))
+    if len(payload) < offset + dtype.itemsize * count:
+        raise ValueError(f"truncated: {len(payload)} bytes for {count} voxels of {dtype} at offset {offset}")
+    # a zero-copy view of the inflated bytes (NIfTI stores voxels in Fortran order); int16 stays
+    # int16, which keeps the normalisation statistics exact
+    data = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    if np.isfinite(slope) and slope != 0 and (slope != 1 or (np.isfinite(inter) and inter != 0)):
+        data = data.astype(np.float32) * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
+    return RawVolume(data=data, affine=np.asarray(hdr.get_best_affine(), dtype=np.float64), sha256=digest,
+                     nbytes=len(raw))
 
 
 def decode_only(path: str | os.PathLike) -> int:

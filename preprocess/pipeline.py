@@ -158,7 +158,10 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     # brain mask, so resizing x and B and then combining equals normalising then resizing
     # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
     def small(vol):  # (X, Y, Z) -> (S, size, size) float32
-        return steps.resize_image(np.moveaxis(vol[x0:x1, y0:y1, z_keep], 2, 0), cfg.size)
+        stack = np.empty((len(z_keep), x1 - x0, y1 - y0), np.float32)
+        for i, z in enumerate(z_keep):  # gather the kept slices and cast in one pass
+            stack[i] = vol[x0:x1, y0:y1, z]
+        return steps.resize_image(stack, cfg.size)
 
     b_small = small(brain.view(np.uint8))
     chans = []

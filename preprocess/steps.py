@@ -134,24 +134,27 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _resample_last(arr: np.ndarray, n_out: int) -> np.ndarray:
-    """Resample the last (contiguous) axis: out = sum_k w_k * arr[..., idx_k], k in fixed order."""
+    """Resample the last axis of a float32 array: out = sum_k w_k * arr[..., idx_k], k in a
+    fixed order (elementwise multiply and add only: identical bytes on any CPU)."""
     idx, w = _taps(arr.shape[-1], n_out)
-    out = np.zeros(arr.shape[:-1] + (n_out,), np.float32)
+    taps = [k for k in range(idx.shape[1]) if np.any(w[:, k])]
+    out = np.empty(arr.shape[:-1] + (n_out,), np.float32)
     tmp = np.empty_like(out)
-    for k in range(idx.shape[1]):  # fixed summation order -> identical bytes on any CPU
-        if not np.any(w[:, k]):
-            continue
-        np.copyto(tmp, np.take(arr, idx[:, k], axis=-1), casting="unsafe")
-        np.multiply(tmp, w[:, k], out=tmp)
-        np.add(out, tmp, out=out)
+    for j, k in enumerate(taps):
+        dst = out if j == 0 else tmp
+        np.take(arr, idx[:, k], axis=-1, out=dst, mode="clip")  # "clip": unbuffered (indices are in range)
+        np.multiply(dst, w[:, k], out=dst)
+        if j:
+            np.add(out, tmp, out=out)
     return out
 
 
 def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
     """Smooth (antialiased linear) in-plane resize of (..., X, Y) to (..., size, size), float32."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.shape[-2:] == (size, size):
-        return arr.astype(np.float32)
-    out = _resample_last(np.ascontiguousarray(arr), size)  # along Y
+        return arr
+    out = _resample_last(arr, size)  # along Y
     out = _resample_last(np.ascontiguousarray(np.swapaxes(out, -1, -2)), size)  # along X
     return np.ascontiguousarray(np.swapaxes(out, -1, -2))
 
