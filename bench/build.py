@@ -27,19 +27,24 @@ from preprocess.synthetic import make_demo_data  # noqa: E402
 from shards.build import BuildConfig, build  # noqa: E402
 
 
-def _decode_patient(paths):
-    return sum(decode_only(p) for p in paths)
+def _decode_patient(paths, stdlib=False):
+    return sum(decode_only(p, stdlib) for p in paths)
 
 
-def decode_floor(patients, workers: int) -> float:
+def _decode_patient_stdlib(paths):
+    return _decode_patient(paths, True)
+
+
+def decode_floor(patients, workers: int, stdlib: bool = False) -> float:
     jobs = [[str(p) for p in pf.files.values()] for pf in patients]
+    fn = _decode_patient_stdlib if stdlib else _decode_patient
     t0 = time.perf_counter()
     if workers <= 1:
         for j in jobs:
-            _decode_patient(j)
+            fn(j)
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            pool.map(_decode_patient, jobs, chunksize=1)
+            pool.map(fn, jobs, chunksize=1)
     return time.perf_counter() - t0
 
 
@@ -51,12 +56,14 @@ def time_build(data: Path, n: int, workers: int, cfg: BuildConfig) -> dict:
             os.symlink(pf.files["t1"].parent, subset / pf.pid)
         patients = discover(subset).patients
         floor = decode_floor(patients, workers)
+        floor_zlib = decode_floor(patients, workers, stdlib=True)
         t0 = time.perf_counter()
         m = build(subset, out, cfg, workers=workers, progress=False)
         wall = time.perf_counter() - t0
         run = m["_run"]
         return {"patients": n, "workers": workers, "build_s": round(wall, 3), "decode_floor_s": round(floor, 3),
                 "ratio": round(wall / floor, 2), "s_per_patient": round(wall / n, 3),
+                "decode_floor_stdlib_zlib_s": round(floor_zlib, 3), "ratio_vs_stdlib_zlib_floor": round(wall / floor_zlib, 2),
                 "task_s_mean": round(sum(run["task_seconds"]) / n, 3),
                 "peak_rss_mb_per_worker": round(max(run["peak_rss_mb"]), 1),
                 "bytes_out": sum(f["bytes"] for f in m["files"]), "failed": len(m["failed"])}
@@ -88,7 +95,7 @@ def main():
         r = time_build(args.data, n, w, cfg)
         runs.append(r)
         print(f"patients={r['patients']:3d} workers={r['workers']} build={r['build_s']:7.2f}s "
-              f"decode floor={r['decode_floor_s']:6.2f}s ratio={r['ratio']:5.2f} "
+              f"decode floor={r['decode_floor_s']:6.2f}s (stdlib zlib {r['decode_floor_stdlib_zlib_s']:.2f}s) ratio={r['ratio']:5.2f} "
               f"s/patient={r['s_per_patient']:.3f} task mean={r['task_s_mean']:.3f}s "
               f"peak RSS/worker={r['peak_rss_mb_per_worker']:.0f} MB", flush=True)
     main_run = next((r for r in runs if r["patients"] == args.patients and r["workers"] == args.workers), runs[-1])

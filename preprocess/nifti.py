@@ -76,11 +76,17 @@ def load_volume(path: str | os.PathLike) -> RawVolume:
                      nbytes=len(raw))
 
 
-def decode_only(path: str | os.PathLike) -> int:
-    """The decode floor of a build: read and inflate one file, return the bytes produced."""
+def decode_only(path: str | os.PathLike, stdlib_zlib: bool = False) -> int:
+    """The decode floor of a build: read and inflate one file, return the bytes produced.
+    stdlib_zlib=True inflates with the standard zlib (what nibabel uses) for comparison."""
     raw, _ = read_bytes(path)
-    payload = inflate(raw) if str(path).endswith(".gz") else raw
-    return len(payload)
+    if not str(path).endswith(".gz"):
+        return len(raw)
+    if stdlib_zlib:
+        import gzip
+
+        return len(gzip.decompress(raw))
+    return len(inflate(raw))
 
 
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:

@@ -56,10 +56,11 @@ def decode_zarr_array(meta: dict, shard: bytes | None, per_slice: bool = False):
     n = shape[0] // chunk[0]
     has_crc = any(c["name"] == "crc32c" for c in conf["index_codecs"])
     index_len = 16 * n + (4 if has_crc else 0)
+    shard = memoryview(shard)
     index = np.frombuffer(shard, dtype="<u8", count=2 * n, offset=len(shard) - index_len).reshape(n, 2)
     decode = _decoder(conf["codecs"])
     flat = [a.reshape(-1) for a in out] if per_slice else out.reshape(n, -1)
-    view = memoryview(shard)
+    view = shard
     for i, (off, nb) in enumerate(index):
         if off == _EMPTY:
             flat[i][...] = 0  # chunk never written: the fill value
@@ -72,7 +73,7 @@ def read_zarr_patient(read, prefix: str, per_slice: bool = False):
     """`read(relpath) -> bytes | None`; prefix `zarr/{split}/{pid}`. Returns (image, mask)."""
     arrays = []
     for name in ("image", "mask"):
-        meta = json.loads(read(f"{prefix}/{name}/zarr.json"))
+        meta = json.loads(bytes(read(f"{prefix}/{name}/zarr.json")))
         nd = len(meta["shape"])
         shard = read(f"{prefix}/{name}/c/" + "/".join(["0"] * nd)) if meta["shape"][0] else None
         arrays.append(decode_zarr_array(meta, shard, per_slice))
@@ -112,8 +113,8 @@ def iter_tar_members(data: bytes):
     """(name, payload memoryview) of the regular files of an uncompressed ustar/gnu tar."""
     view = memoryview(data)
     pos = 0
-    while pos + 512 <= len(data):
-        hdr = data[pos: pos + 512]
+    while pos + 512 <= len(view):
+        hdr = bytes(view[pos: pos + 512])
         if hdr.count(0) == 512:
             break
         name = hdr[0:100].split(b"\0", 1)[0].decode()

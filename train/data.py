@@ -84,10 +84,10 @@ class SliceStream(IterableDataset):
     def read_patient(self, pid: str):
         split = self.source.manifest["patients"][pid]["split"]
         if self.cfg.fmt == "zarr":
-            image, mask = read_zarr_patient(self.source.read, f"zarr/{split}/{pid}", per_slice=True)
+            image, mask = read_zarr_patient(self.source.read_buffer, f"zarr/{split}/{pid}", per_slice=True)
             keys = [sample_key(pid, i) for i in range(len(image))]
         else:
-            image, mask, keys = read_wds_patient(self.source.read(self.source.wds_file(pid)))
+            image, mask, keys = read_wds_patient(self.source.read_buffer(self.source.wds_file(pid)))
         return image, mask, keys
 
     def samples(self, pids, rng):
