@@ -145,6 +145,7 @@ def train(
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs.")] = False,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache for remote shards (default ~/.cache/brats-shards).")] = None,
+    cache_size_gb: Annotated[float, typer.Option(help="Remote-shard cache bound; least recently used files go first.")] = 20.0,
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'.")] = None,
     log_samples: Annotated[bool, typer.Option(help="Record the sample keys each rank trained on (OUT/samples_rank*.jsonl).")] = False,
     max_batches: Annotated[int, typer.Option(help="Cap batches per epoch (0: no cap).")] = 0,
@@ -163,7 +164,8 @@ def train(
                           num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,
                           compile=compile, log_samples=log_samples, max_batches=max_batches)
         opts = json.loads(storage_options) if storage_options else None
-        history = run(shards, out, cfg, resume=resume, progress=not quiet, cache_dir=cache_dir, storage_options=opts)
+        history = run(shards, out, cfg, resume=resume, progress=not quiet, cache_dir=cache_dir, storage_options=opts,
+                      cache_bytes=int(cache_size_gb * 2**30))
     except (TrainError, ShardSetError, ManifestError, ValueError) as e:
         _fail(str(e))
     if history and not quiet:

@@ -23,7 +23,7 @@ import numpy as np
 
 from preprocess.discover import LABELS, discover
 from preprocess.nifti import load_volume
-from train.metrics import scores
+from train.metrics import dice
 
 EMPTY_HD95 = 373.12866  # sqrt(240**2 + 240**2 + 155**2)
 REGIONS = ("WT", "TC", "ET")
@@ -56,10 +56,6 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
     d_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
     d_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
     return float(max(np.percentile(d_to_ref[sp], 95), np.percentile(d_to_pred[sr], 95)))
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    return scores(int((pred & ref).sum()), int((pred & ~ref).sum()), int((~pred & ref).sum()))["dice"]
 
 
 def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, et_label: int) -> dict:

@@ -51,6 +51,15 @@ class TrainConfig:
     log_samples: bool = False
     max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
 
+    def __post_init__(self):
+        choices = {"model": ("unet", "attention-unet"), "loss": ("dice", "dice-bce"), "optimizer": ("adam", "adamw"),
+                   "fmt": ("", "zarr", "wds"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, not {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
+            raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -95,11 +104,12 @@ def channel_names(source: ShardSource) -> list[str]:
 
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          cache_dir: str | None = None, storage_options: dict | None = None) -> list[dict]:
+          cache_dir: str | None = None, storage_options: dict | None = None,
+          cache_bytes: int = 20 * 2**30) -> list[dict]:
     rank, world, distributed = _dist()
     out = Path(out)
     device = _device(cfg.device)
-    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options)
+    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes)
     fmt = cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds")
     cfg = TrainConfig.from_dict(dict(cfg.to_dict(), fmt=fmt))
     names = channel_names(source)
