@@ -47,6 +47,17 @@ def test_hand_computed_values():
     assert m["dice_ET"] == 0.0 and m["dice_sub_NCR"] == 0.0
 
 
+def test_hd95_pools_both_directions():
+    """Reference {a}; prediction {b, c} at 1 and 5 mm from a. Pooled distances [1, 1, 5]:
+    95th percentile 1 + 0.9 * 4 = 4.6 (the official package's definition; the larger of the two
+    directed percentiles would give 4.8)."""
+    ref = np.zeros((10, 3, 3), bool)
+    pred = np.zeros_like(ref)
+    ref[2, 1, 1] = True
+    pred[3, 1, 1] = pred[7, 1, 1] = True
+    assert hd95(pred, ref, (1.0, 1.0, 1.0)) == pytest.approx(4.6)
+
+
 def test_empty_conventions():
     empty = np.zeros((8, 8, 8), np.uint8)
     some = empty.copy()

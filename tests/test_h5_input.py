@@ -64,3 +64,12 @@ def test_bad_slice_file_fails_that_volume_only(twin_inputs, tmp_path):
     assert [f["patient"] for f in m["failed"]] == ["volume_2"]
     assert "volume_2_slice_5.h5" in m["failed"][0]["reason"]
     assert set(m["patients"]) == {"volume_1", "volume_3"}
+
+
+def test_show_reads_the_h5_export(twin_inputs, tmp_path):
+    from train.show import figures
+
+    paths = figures(twin_inputs / "h5", tmp_path, "volume_2")
+    assert [p.name for p in paths] == [f"volume_2_{k}.png" for k in ("modalities", "planes", "overlay", "histograms")] \
+        + ["class_balance.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)

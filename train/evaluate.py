@@ -3,13 +3,17 @@
 Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (labels 1, 2, ET),
 TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET.
 
-Conventions (those of the BraTS 2018-2021 challenge evaluation):
+Definitions follow the official BraTS evaluation package (brats-evaluation, built on panoptica):
+Dice and HD95 of each region as a whole ("global" metrics). HD95 is the 95th percentile of the
+pooled surface distances in both directions; surface voxels are a region minus its erosion with
+a 6-connected (face) neighbourhood; distances in mm by Euclidean distance transform with the
+file's voxel spacing (the official package assumes 1 mm; BraTS volumes are 1 mm isotropic, so
+the two agree). Checked side by side: bench/official_eval_check.py, figures in BENCHMARKS.md.
+
+Empty-set conventions (those of the BraTS 2018-2021 evaluation):
   * Dice: reference and prediction both empty -> 1; exactly one empty -> 0.
   * HD95: both empty -> 0; exactly one empty -> 373.13 mm, the diagonal of the 240x240x155
-    BraTS volume at 1 mm (the challenge's value).
-  * HD95 is the larger of the two directed 95th-percentile distances between the regions'
-    surfaces (surface voxels: the region minus its erosion with a full 3x3x3 neighbourhood),
-    distances in mm by Euclidean distance transform with the voxel spacing.
+    BraTS volume at 1 mm.
   * A reference patient with no prediction file is scored as an empty prediction and listed.
 """
 
@@ -38,12 +42,12 @@ def regions(labels: np.ndarray, et_label: int) -> dict[str, np.ndarray]:
 def surface(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
-    eroded = ndimage.binary_erosion(mask, structure=np.ones((3,) * mask.ndim, bool), border_value=0)
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
     return mask & ~eroded
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in mm, with the empty-set conventions."""
+    """95th-percentile Hausdorff distance in mm (pooled both directions), with the empty-set rules."""
     from scipy import ndimage
 
     pred, ref = pred.astype(bool), ref.astype(bool)
@@ -55,7 +59,7 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
     # distance of every voxel to the nearest surface voxel of the other region
     d_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
     d_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return float(max(np.percentile(d_to_ref[sp], 95), np.percentile(d_to_pred[sr], 95)))
+    return float(np.percentile(np.hstack((d_to_ref[sp], d_to_pred[sr])), 95))
 
 
 def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, et_label: int) -> dict:

@@ -147,12 +147,17 @@ def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
         what = "share of slice pixels (shards)"
     else:
         from preprocess.nifti import load_volume
+        from preprocess.pipeline import load_patient
 
         for pf in ctx.patients:
-            if "seg" not in pf.files or pf.problem:
+            if pf.slices:  # HDF5 slice export: the volume comes whole
+                vols, _ = load_patient(pf)
+                seg, flair = vols["seg"].data, vols["flair"].data
+            elif "seg" in pf.files and "flair" in pf.files:
+                seg, flair = load_volume(pf.files["seg"]).data, load_volume(pf.files["flair"]).data
+            else:
                 continue
-            seg = load_volume(pf.files["seg"]).data
-            brain = max(int(np.count_nonzero(load_volume(pf.files["flair"]).data)), 1)
+            brain = max(int(np.count_nonzero(flair)), 1)
             names.append(pf.pid)
             fractions.append([np.count_nonzero(seg == lab) / brain for lab in (1, 2, pf.labels[-1])])
         what = "share of brain voxels (raw input)"
