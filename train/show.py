@@ -146,10 +146,12 @@ def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
             fractions.append([c / max(p["pixels"], 1) for c in p["mask_pixels"]])
         what = "share of slice pixels (shards)"
     else:
+        from tqdm import tqdm
+
         from preprocess.nifti import load_volume
         from preprocess.pipeline import load_patient
 
-        for pf in ctx.patients:
+        for pf in tqdm(ctx.patients, desc="class balance", unit="patient", disable=None):
             if pf.slices:  # HDF5 slice export: the volume comes whole
                 vols, _ = load_patient(pf)
                 seg, flair = vols["seg"].data, vols["flair"].data
