@@ -123,6 +123,26 @@ def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarra
     return keep
 
 
+def brain_mask(images: list[np.ndarray]) -> np.ndarray:
+    """Voxels nonzero in any modality (BraTS volumes are skull-stripped: background is 0)."""
+    brain = images[0] != 0
+    tmp = np.empty_like(brain)
+    for img in images[1:]:
+        np.logical_or(brain, np.not_equal(img, 0, out=tmp), out=brain)
+    return brain
+
+
+def select_slices(pid: str, brain: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig) -> np.ndarray:
+    """Axial slices with brain; of those without tumour, a fixed fraction when asked."""
+    z_all = np.nonzero(brain.any(axis=(0, 1)))[0]
+    if z_all.size == 0:
+        raise steps.InputError("no brain voxels: every modality is zero everywhere")
+    if seg is None or cfg.tumour_free_fraction >= 1.0:
+        return z_all
+    tumour = (seg[:, :, z_all] > 0).any(axis=(0, 1))
+    return z_all[tumour | _keep_tumour_free(pid, cfg.seed, len(z_all), cfg.tumour_free_fraction)]
+
+
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
     """Steps 2-8 on loaded, validated volumes."""
     ref = vols["t1"]
@@ -137,21 +157,8 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     seg = steps.apply_ornt(np.asarray(vols["seg"].data).astype(np.uint8), ornt) if has_seg else None
     canon_shape = images[0].shape  # (X, Y, Z) in RAS order
 
-    brain = images[0] != 0
-    tmp = np.empty_like(brain)
-    for img in images[1:]:
-        np.logical_or(brain, np.not_equal(img, 0, out=tmp), out=brain)
-    has_brain = brain.any(axis=(0, 1))
-    z_all = np.nonzero(has_brain)[0]
-    if z_all.size == 0:
-        raise steps.InputError("no brain voxels: every modality is zero everywhere")
-    if has_seg and cfg.tumour_free_fraction < 1.0:
-        tumour = (seg[:, :, z_all] > 0).any(axis=(0, 1))
-        keep = tumour | _keep_tumour_free(pf.pid, cfg.seed, len(z_all), cfg.tumour_free_fraction)
-        z_keep = z_all[keep]
-    else:
-        z_keep = z_all
-
+    brain = brain_mask(images)
+    z_keep = select_slices(pf.pid, brain, seg, cfg)
     box = steps.square_box(brain.any(axis=2)) if cfg.crop else (0, canon_shape[0], 0, canon_shape[1])
     x0, x1, y0, y1 = box
     # Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the
