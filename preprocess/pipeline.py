@@ -171,10 +171,11 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
         return steps.resize_image(stack, cfg.size)
 
     b_small = small(brain.view(np.uint8))
+    n_brain = int(np.count_nonzero(brain))  # shared by the four modalities' statistics
     chans = []
     for img in images:
         if cfg.normalize == "volume":
-            mean, std = steps.brain_stats(img, brain)
+            mean, std = steps.brain_stats(img, brain, n_brain)
             mean, std = np.float32(mean), np.float32(std if std > 1e-8 else 1.0)
         else:
             stats = [steps.brain_stats(img[:, :, z], brain[:, :, z]) for z in z_keep]

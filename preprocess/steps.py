@@ -89,11 +89,12 @@ def _integer_mean_std(values: np.ndarray, n: int) -> tuple[float, float]:
     return mean, float(np.sqrt(var))
 
 
-def brain_stats(vol: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
-    """Mean/std of `vol` over `brain`. Images are zero outside the brain, so integer sums
-    over the whole volume equal sums over the brain: no masked copy is needed."""
+def brain_stats(vol: np.ndarray, brain: np.ndarray, n: int | None = None) -> tuple[float, float]:
+    """Mean/std of `vol` over `brain` (`n`: its voxel count, if already known). Images are zero
+    outside the brain, so integer sums over the whole volume equal sums over the brain: no
+    masked copy is needed."""
     if vol.dtype.kind in "iu":
-        n = int(np.count_nonzero(brain))
+        n = int(np.count_nonzero(brain)) if n is None else n
         return _integer_mean_std(vol, n) if n else (0.0, 1.0)
     return _exact_mean_std(vol[brain])
 

@@ -73,9 +73,9 @@ def plan_paths(pid: str, split: str, wds_index: int) -> dict[str, str]:
     return {"zarr": f"zarr/{split}/{pid}", "wds": f"wds/{split}-{wds_index:06d}.tar"}
 
 
-def _file_entry(out: Path, path: Path, pid: str, split: str, fmt: str) -> dict:
+def _file_entry(out: Path, path: Path, pid: str, split: str, fmt: str, sha256: str | None = None) -> dict:
     return {"path": path.relative_to(out).as_posix(), "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "patient": pid, "split": split, "format": fmt}
+            "sha256": sha256 or sha256_file(path), "patient": pid, "split": split, "format": fmt}
 
 
 def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_index: int, cfg: BuildConfig) -> dict:
@@ -97,8 +97,8 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
         for p in zarr_io.write_patient(out / paths["zarr"], ps.image, ps.mask, attrs, cfg.codec):
             files.append(_file_entry(out, p, pf.pid, split, "zarr"))
     if "wds" in cfg.formats:
-        p = wds_io.write_patient(out / paths["wds"], pf.pid, split, ps.image, ps.mask, ps.slice_index)
-        files.append(_file_entry(out, p, pf.pid, split, "wds"))
+        p, digest = wds_io.write_patient(out / paths["wds"], pf.pid, split, ps.image, ps.mask, ps.slice_index)
+        files.append(_file_entry(out, p, pf.pid, split, "wds", digest))
     record = {
         "pid": pf.pid, "split": split, "n_slices": len(ps.slice_index), "slice_index": ps.slice_index,
         "label_voxels": ps.label_voxels,

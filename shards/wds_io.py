@@ -7,10 +7,12 @@ fixed mtime/owner/mode so the same samples give the same bytes on any machine.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,26 +37,31 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.ndarray,
-                  slice_index: list[int]) -> Path:
-    """Write one patient's slices as one tar, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                  slice_index: list[int]) -> tuple[Path, str]:
+    """Write one patient's slices as one tar, atomically; returns (path, sha256). The tar is
+    assembled in memory (one patient) so it is hashed without reading the file back."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, z in enumerate(slice_index):
             key = sample_key(pid, i)
             meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
             _add(tar, f"{key}.image.npy", npy_bytes(image[i]))
             _add(tar, f"{key}.mask.npy", npy_bytes(mask[i]))
             _add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+    data = buf.getbuffer()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
-    return path
+    return path, hashlib.sha256(data).hexdigest()
 
 
 def read_npy(data: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
-def iter_tar(fileobj) -> "Iterator[dict]":
+def iter_tar(fileobj) -> Iterator[dict]:
     """Plain-tar reader: yields {'__key__', 'image', 'mask', 'meta'} per sample, in file order."""
     sample, key = {}, None
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ def test_manifest_contract(release_2020, tmp_path):
     assert set(m["patients"]) == {p.pid for p in discover(release_2020).patients}
     train, val = set(m["splits"]["train"]), set(m["splits"]["val"])
     assert train and val and not train & val
-    for pid, p in m["patients"].items():
+    for p in m["patients"].values():
         assert p["n_slices"] == len(p["slice_index"]) > 0
         assert set(p["sources"]) == {"t1", "t1gd", "t2", "flair", "seg"}
         assert set(p["label_voxels"]) <= {"0", "1", "2", "4"}

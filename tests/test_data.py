@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -8,7 +7,7 @@ from train.data import SliceStream, StreamConfig, augment
 from train.source import ShardSetError, ShardSource
 
 
-def _keys(ds, epoch=0, worker=None):
+def _keys(ds, epoch=0):
     ds.set_epoch(epoch)
     return [k for b in ds for k in b["keys"]]
 

@@ -29,7 +29,7 @@ def test_wds_fast_reader_matches_tarfile(tmp_path):
     rng = np.random.default_rng(1)
     image = rng.normal(size=(5, 4, 8, 8)).astype(np.float16)
     mask = (rng.random((5, 3, 8, 8)) > 0.7).astype(np.uint8)
-    p = wds_io.write_patient(tmp_path / "x.tar", "BraTS20_Training_001", "train", image, mask, [3, 4, 5, 6, 9])
+    p, _ = wds_io.write_patient(tmp_path / "x.tar", "BraTS20_Training_001", "train", image, mask, [3, 4, 5, 6, 9])
     data = p.read_bytes()
     ims, mks, keys = readers.read_wds_patient(data)
     ref = list(wds_io.iter_tar(io.BytesIO(data)))

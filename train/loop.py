@@ -215,7 +215,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
             checkpoint.save(last_path, state)
             if is_best:
                 checkpoint.save(out / "checkpoints" / "best.pt", state)
-            _write_metrics(out, history, names, stats["patients"], epoch)
+            _write_metrics(out, history, stats["patients"], epoch)
             plots.curves(history, names, out / "plots")
             if val["samples"]:
                 plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
@@ -316,7 +316,7 @@ def _row(epoch, stats, names, lr, seconds, slices) -> dict:
     return row
 
 
-def _write_metrics(out: Path, history, names, patients, epoch) -> None:
+def _write_metrics(out: Path, history, patients, epoch) -> None:
     cols = list(history[0].keys())
     tmp = out / ".metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:

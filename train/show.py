@@ -39,9 +39,7 @@ def _volume_from_raw(src: Path, patient: str | None):
     ornt = steps.canonical_ornt(vols["t1"].affine)
     images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in ("t1", "t1gd", "t2", "flair")])
     seg = steps.apply_ornt(vols["seg"].data, ornt) if "seg" in vols else np.zeros(images.shape[1:], np.uint8)
-    from preprocess.steps import encode_mask
-
-    mask = encode_mask(seg, pf.labels[-1])  # (3, X, Y, Z)
+    mask = steps.encode_mask(seg, pf.labels[-1])  # (3, X, Y, Z)
     return pf.pid, images.astype(np.float32), mask, disc
 
 
