@@ -1,33 +1,160 @@
-"""Reading a shard set's manifest: load (local or remote), verify, summarise."""
+"""Reading a shard set's manifest: load (local or remote), validate, verify, summarise.
+
+A manifest may come from a colleague or a URL: it is untrusted data. `parse_manifest` checks
+its whole structure before anything else reads it: every relative path stays inside the set,
+every patient id is a plain name, every count and size is a bounded integer, every reference
+(split -> patient, file -> patient) resolves. Readers then bound each read by what it promises.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from shards.atomic import sha256_file
+from shards.errors import BratsShardsError
+from shards.names import patient_id_problem, relpath_problem
+
+SPLITS = ("train", "val")
+LAYOUTS = ("zarr", "wds")
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_SLICES = 100_000  # slices of one patient (BraTS volumes have 155 axial slices)
+MAX_FILE_BYTES = 2**36  # one shard file (one patient): 64 GiB
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ManifestError(ValueError):
+class ManifestError(BratsShardsError, ValueError):
     pass
 
 
 def check_format(m: dict, where: str = "") -> dict:
-    fmt = m.get("format", {})
-    if fmt.get("name") != FORMAT_NAME:
+    fmt = m.get("format") if isinstance(m, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
         raise ManifestError(f"{where or 'manifest'} is not a {FORMAT_NAME} manifest")
     if fmt.get("version") != FORMAT_VERSION:
-        raise ManifestError(f"{where or 'manifest'} has format version {fmt.get('version')}; "
+        raise ManifestError(f"{where or 'manifest'} has format version {fmt.get('version')!r}; "
                             f"this version of brats-shards reads version {FORMAT_VERSION} only")
     return m
 
 
+def _count(v, limit: int) -> bool:
+    return type(v) is int and 0 <= v <= limit
+
+
+def _problems(m: dict):
+    """Yield what is wrong with a manifest that passed `check_format` (nothing: it is valid)."""
+    layouts = m["format"].get("layouts")
+    if not (isinstance(layouts, list) and layouts and set(layouts) <= set(LAYOUTS)):
+        yield f"format.layouts {layouts!r} is not a non-empty list of {LAYOUTS}"
+        return
+    cfg = m.get("config")
+    pre = cfg.get("preprocess") if isinstance(cfg, dict) else None
+    if not isinstance(pre, dict) or pre.get("mask") not in ("subregions", "regions") \
+            or not (type(pre.get("size")) is int and 8 <= pre["size"] <= 1024):
+        yield "config.preprocess is missing or has no valid mask/size"
+    patients, splits, files, failed = (m.get(k) for k in ("patients", "splits", "files", "failed"))
+    if not isinstance(patients, dict) or not isinstance(splits, dict) or not isinstance(files, list) \
+            or not isinstance(failed, list):
+        yield "patients, splits, files or failed is missing or of the wrong type"
+        return
+    for pid, p in patients.items():
+        if (why := patient_id_problem(pid)) is not None:
+            yield why
+            return
+        if not isinstance(p, dict) or p.get("split") not in SPLITS or not _count(p.get("n_slices"), MAX_SLICES) \
+                or not _count(p.get("pixels"), MAX_SLICES * 1024 * 1024):
+            yield f"patient {pid}: split, n_slices or pixels missing or out of range"
+            return
+        mp = p.get("mask_pixels")
+        if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
+            yield f"patient {pid}: mask_pixels is not a list of counts within its pixels"
+            return
+    for split, pids in splits.items():
+        if split not in SPLITS or not isinstance(pids, list) \
+                or any(not isinstance(q, str) or patients.get(q, {}).get("split") != split for q in pids):
+            yield f"split {split!r} lists patients that are not in `patients` under that split"
+            return
+    seen = set()
+    for f in files:
+        yield from _file_problems(f, patients, layouts, seen)
+    for f in failed:
+        if not (isinstance(f, dict) and isinstance(f.get("patient"), str) and isinstance(f.get("reason"), str)):
+            yield "failed holds an entry that is not {patient, reason}"
+            return
+
+
+def _file_problems(f, patients: dict, layouts: list, seen: set):
+    if not isinstance(f, dict):
+        yield f"files holds a non-object entry {str(f)[:40]!r}"
+        return
+    path = f.get("path")
+    if (why := relpath_problem(path)) is not None:
+        yield f"files: {why}"
+        return
+    if path in seen:
+        yield f"files lists {path} twice"
+    seen.add(path)
+    if f.get("format") not in layouts or not path.startswith(f"{f.get('format')}/"):
+        yield f"{path}: format {f.get('format')!r} is not one of the set's layouts, or the path is not under it"
+    if not _count(f.get("bytes"), MAX_FILE_BYTES) or not isinstance(f.get("sha256"), str) \
+            or not _SHA256.match(f["sha256"]):
+        yield f"{path}: bytes or sha256 missing or invalid"
+    pid = f.get("patient")
+    if pid is not None:
+        if pid not in patients:
+            yield f"{path}: patient {str(pid)[:40]!r} is not in `patients`"
+        elif f["format"] == "zarr" and not path.startswith(f"zarr/{patients[pid]['split']}/{pid}/"):
+            yield f"{path}: not under its patient's group zarr/{patients[pid]['split']}/{pid}/"
+        elif f["format"] == "wds" and (path.count("/") != 1 or not path.endswith(".tar")):
+            yield f"{path}: a WebDataset shard is a .tar file directly under wds/"
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """Bytes of a manifest.json -> the validated manifest dict; ManifestError naming `where`."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{where} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing it")
+    try:
+        m = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting or integers
+        raise ManifestError(f"{where} is not valid JSON: {str(e)[:120]}") from None
+    check_format(m, where)
+    for why in _problems(m):
+        raise ManifestError(f"{where}: {why}")
+    return m
+
+
+def read_local(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` of them (a FIFO, a device or /dev/zero is refused
+    before anything is read; a file that grows past `limit` is refused, not buffered)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ManifestError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ManifestError(f"{path} is larger than {limit} bytes; refusing it")
+    return data
+
+
 def load_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
-    if not path.exists():
-        raise ManifestError(f"{path} not found: not a shard set, or its build has not finished")
-    return check_format(json.loads(path.read_text()), str(path))
+    try:
+        raw = read_local(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise ManifestError(f"{path} not found: not a shard set, or its build has not finished") from None
+    return parse_manifest(raw, str(path))
 
 
 def verify(root: str | Path) -> list[str]:
