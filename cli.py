@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _refusals():
+    """Every deliberate refusal of the library (a BratsShardsError, whose message names the patient,
+    file or URL) and every OS error on a named file becomes one line on stderr and an exit code:
+    0 ok, 1 some patients failed, 2 bad usage or refused input (see shards/errors.py)."""
+    from shards.errors import BratsShardsError
+
+    try:
+        yield
+    except BratsShardsError as e:
+        _fail(str(e), e.exit_code)
+    except OSError as e:  # read-only or full disk, a folder where a file should be, ...
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}")
+
+
+def _config(cls, **kw):
+    """A config dataclass, its validation error (bad option values) as a usage error."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -46,7 +71,7 @@ def make_demo_data(
     try:
         ids = make(out, patients, shape=_shape(shape), release=release, seed=seed, orientation=orientation,
                    start=start, progress=True)
-    except ValueError as e:
+    except ValueError as e:  # an unknown release
         _fail(str(e))
     typer.echo(f"wrote {len(ids)} cases ({release} layout) to {out}")
 
@@ -70,18 +95,17 @@ def build_shards(
 ):
     """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
     from preprocess.pipeline import PreprocessConfig
-    from shards.build import BuildConfig, BuildError, build
+    from shards.build import BuildConfig, build
 
     formats = {"both": ("zarr", "wds"), "zarr": ("zarr",), "wds": ("wds",)}.get(format)
     if formats is None:
         _fail(f"--format must be zarr, wds or both, not {format!r}")
-    try:
-        pre = PreprocessConfig(size=size, normalize=normalize, crop=crop, mask=mask,
-                               tumour_free_fraction=tumour_free_fraction, seed=seed)
-        cfg = BuildConfig(preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats, codec=codec)
+    pre = _config(PreprocessConfig, size=size, normalize=normalize, crop=crop, mask=mask,
+                  tumour_free_fraction=tumour_free_fraction, seed=seed)
+    cfg = _config(BuildConfig, preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats,
+                  codec=codec)
+    with _refusals():
         m = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet)
-    except (BuildError, ValueError) as e:
-        _fail(str(e))
     run = m.pop("_run")
     n = {s: len(p) for s, p in m["splits"].items()}
     typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
@@ -95,12 +119,10 @@ def build_shards(
 @app.command()
 def verify(shards: Annotated[Path, typer.Argument(help="Shard set folder.")]):
     """Re-hash every file against the manifest and check slice counts."""
-    from shards.manifest import ManifestError, verify as run
+    from shards.manifest import verify as run
 
-    try:
+    with _refusals():
         problems = run(shards)
-    except ManifestError as e:
-        _fail(str(e))
     for p in problems:
         typer.echo(f"BAD {p}")
     if problems:
@@ -115,12 +137,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Patients and slices per split, class balance, bytes on disk, build config."""
-    from shards.manifest import ManifestError, format_summary, load_manifest, summary
+    from shards.manifest import format_summary, load_manifest, summary
 
-    try:
+    with _refusals():
         s = summary(load_manifest(shards))
-    except ManifestError as e:
-        _fail(str(e))
     typer.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_summary(s))
 
 
@@ -144,6 +164,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (CUDA: mixed precision, channels_last).")] = "auto",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (without it, an existing run is refused).")] = False,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache for remote shards (default ~/.cache/brats-shards).")] = None,
     cache_size_gb: Annotated[float, typer.Option(help="Remote-shard cache bound; least recently used files go first.")] = 20.0,
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'.")] = None,
@@ -152,22 +173,25 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
 ):
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
-    from shards.manifest import ManifestError
-    from train.loop import TrainConfig, TrainError, train as run
-    from train.source import ShardSetError
+    from train.loop import TrainConfig, train as run
 
     if format not in ("", "zarr", "wds"):
         _fail(f"--format must be zarr or wds, not {format!r}")
+    if resume and overwrite:
+        _fail("--resume continues the run in OUT, --overwrite replaces it: give one of them")
+    cfg = _config(TrainConfig, model=model, base_channels=base_channels, depth=depth, loss=loss,
+                  optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
+                  num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,
+                  compile=compile, log_samples=log_samples, max_batches=max_batches)
     try:
-        cfg = TrainConfig(model=model, base_channels=base_channels, depth=depth, loss=loss, optimizer=optimizer,
-                          lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
-                          num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,
-                          compile=compile, log_samples=log_samples, max_batches=max_batches)
         opts = json.loads(storage_options) if storage_options else None
-        history = run(shards, out, cfg, resume=resume, progress=not quiet, cache_dir=cache_dir, storage_options=opts,
-                      cache_bytes=int(cache_size_gb * 2**30))
-    except (TrainError, ShardSetError, ManifestError, ValueError) as e:
-        _fail(str(e))
+    except ValueError as e:
+        _fail(f"--storage-options is not JSON: {e}")
+    if opts is not None and not isinstance(opts, dict):
+        _fail("--storage-options must be a JSON object")
+    with _refusals():
+        history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
+                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30))
     if history and not quiet:
         typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
 
@@ -183,13 +207,10 @@ def predict(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Segment every patient and write label maps in the input's geometry and label convention."""
-    from preprocess.discover import DiscoveryError
     from train.predict import predict as run
 
-    try:
+    with _refusals():
         r = run(checkpoint, input, output, device=device, batch_size=batch_size, tta=tta, progress=not quiet)
-    except (DiscoveryError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
     typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
     for pid, reason in sorted(r["failed"].items()):
         typer.echo(f"  FAILED {pid}: {reason}")
@@ -205,20 +226,20 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Dice and HD95 of the BraTS regions WT/TC/ET (and sub-region Dice), per patient and summarised."""
-    from preprocess.discover import DiscoveryError
     from train.evaluate import evaluate as run, format_summary
 
     csv_path = csv_path or pred_dir / "metrics.csv"
-    try:
+    with _refusals():
         r = run(pred_dir, ref_dir, csv_path, progress=not quiet)
-    except (DiscoveryError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    if not r["rows"]:
-        _fail(f"no reference segmentations found in {ref_dir}")
-    typer.echo(format_summary(r["summary"], len(r["rows"])))
+    if r["rows"]:
+        typer.echo(format_summary(r["summary"], len(r["rows"])))
+        typer.echo(f"per-patient metrics: {csv_path}")
     if r["missing"]:
         typer.echo(f"no prediction for {len(r['missing'])} patient(s), scored as empty: {', '.join(r['missing'])}")
-    typer.echo(f"per-patient metrics: {csv_path}")
+    for pid, reason in sorted(r["failed"].items()):
+        typer.echo(f"  FAILED {pid}: {reason}")
+    if r["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -234,13 +255,11 @@ def show(
     if source is None and run is None:
         _fail("give a SOURCE folder, --run RUN_DIR, or both")
     paths = []
-    try:
+    with _refusals():
         if source is not None:
             paths += figures(source, out, patient)
         if run is not None:
             paths += run_figures(run, out)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
     for p in paths:
         typer.echo(str(p))
 
@@ -253,6 +272,11 @@ def demo(
     workers: Annotated[int, typer.Option(help="Dask workers for the build.")] = 2,
 ):
     """The whole pipeline on synthetic data, on CPU in a few minutes: data, shards, training, Dice."""
+    with _refusals():
+        _demo(out, patients, epochs, workers)
+
+
+def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     from preprocess.synthetic import make_demo_data as make
     from preprocess.pipeline import PreprocessConfig
     from shards.build import BuildConfig, build
@@ -269,7 +293,8 @@ def demo(
                f"{len(m['failed'])} failed")
     typer.echo(f"3/3 training a U-Net for {epochs} epochs into {run_dir}")
     cfg = TrainConfig(base_channels=16, depth=3, batch_size=16, num_workers=1, lr=3e-3, epochs=epochs)
-    history = run(str(shards), run_dir, cfg, resume=(run_dir / "checkpoints" / "last.pt").exists())
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    history = run(str(shards), run_dir, cfg, resume=resume, overwrite=not resume)  # a run stopped before its first checkpoint restarts
     last = history[-1]
     names = [k[5:] for k in last if k.startswith("dice_")]
     typer.echo("\nvalidation after epoch {}: mean Dice {:.3f}".format(last["epoch"], last["mean_dice"]))

@@ -96,7 +96,8 @@ class SliceStream(IterableDataset):
         buf = []
         for pid in pids:
             image, mask, keys = self.read_patient(pid)
-            items = list(zip(image, mask, keys))
+            # the id travels with each slice: keys rewrite '.' to '_', so they cannot give it back
+            items = [(img, m, key, pid) for img, m, key in zip(image, mask, keys)]
             if rng is None:
                 yield from items
                 continue
@@ -136,12 +137,12 @@ class SliceStream(IterableDataset):
         # gather and convert to float32 in one pass per sample (torch's vectorised half->float)
         image = torch.empty((len(batch),) + batch[0][0].shape, dtype=torch.float32)  # (B, 4, H, W)
         mask = torch.empty((len(batch),) + batch[0][1].shape, dtype=torch.float32)  # (B, 3, H, W)
-        for i, (img, m, _) in enumerate(batch):
+        for i, (img, m, _, _) in enumerate(batch):
             image[i].copy_(torch.from_numpy(img))
             mask[i].copy_(torch.from_numpy(m))
         if self.cfg.augment and self.cfg.train:
             image, mask = augment(image, mask, gen)
-        return {"image": image, "mask": mask, "keys": [b[2] for b in batch]}
+        return {"image": image, "mask": mask, "keys": [b[2] for b in batch], "patients": [b[3] for b in batch]}
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, max_deg: float = 15.0):

@@ -15,23 +15,44 @@ Empty-set conventions (those of the BraTS 2018-2021 evaluation):
   * HD95: both empty -> 0; exactly one empty -> 373.13 mm, the diagonal of the 240x240x155
     BraTS volume at 1 mm.
   * A reference patient with no prediction file is scored as an empty prediction and listed.
+
+Geometry: prediction and reference are both reoriented to RAS+ before comparing, so a file that
+stores the same voxels in another axis order (LPS vs RAS) scores the same. A prediction on
+another grid (shape, or an affine placing its voxels elsewhere) or one that cannot be read fails
+that patient, named with the reason, and the others are still scored.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from pathlib import Path
 
 import numpy as np
 
-from preprocess.discover import LABELS, discover
+from preprocess.discover import LABELS, DiscoveryError, discover
 from preprocess.nifti import load_volume
+from preprocess.steps import apply_ornt, canonical_ornt
+from shards.errors import BratsShardsError
 from train.metrics import dice
 
 EMPTY_HD95 = 373.12866  # sqrt(240**2 + 240**2 + 155**2)
 REGIONS = ("WT", "TC", "ET")
 SUBREGIONS = ("NCR", "ED", "ET")
+COLUMNS = (["patient"] + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
+           + [f"dice_sub_{r}" for r in SUBREGIONS])
+# Two grids are the same when every voxel centre of one lies within this fraction of a voxel of
+# the other's: header float32 rounding moves them by ~1e-5 mm, a real shift by a voxel or more.
+GRID_TOLERANCE = 0.01
+
+
+class EvaluateError(BratsShardsError, ValueError):
+    """The run as a whole cannot be scored (no references, no predictions); names the folder."""
+
+
+class PatientFailed(Exception):
+    """One patient cannot be scored; the one-line message names the file and why."""
 
 
 def regions(labels: np.ndarray, et_label: int) -> dict[str, np.ndarray]:
@@ -78,6 +99,8 @@ def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, et_label: int) -
 
 def _references(ref_dir: Path) -> dict[str, tuple[Path, int]]:
     """pid -> (segmentation path, enhancing label): a BraTS-layout folder or flat <pid>.nii.gz files."""
+    if not ref_dir.is_dir():
+        raise EvaluateError(f"reference folder {ref_dir} does not exist or is not a folder")
     flat = sorted(p for p in ref_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
     if flat:
         out = {}
@@ -85,35 +108,103 @@ def _references(ref_dir: Path) -> dict[str, tuple[Path, int]]:
             pid = re.sub(r"(_seg)?\.nii(\.gz)?$", "", p.name)
             out[pid] = (p, 0)  # label convention read from the data below
         return out
-    disc = discover(ref_dir, need_seg=True)
+    try:
+        disc = discover(ref_dir, need_seg=True)
+    except DiscoveryError as e:
+        raise EvaluateError(str(e)) from e
     return {p.pid: (p.files["seg"], LABELS[p.convention][-1]) for p in disc.patients if "seg" in p.files}
+
+
+def _predictions(pred_dir: Path, refs: dict, ref_dir: Path) -> dict[str, Path | None]:
+    """pid -> its prediction file (None: missing). A folder with none for any reference patient is
+    a mistyped path or a naming mismatch, not a run that scored 0 everywhere."""
+    if not pred_dir.is_dir():
+        raise EvaluateError(f"prediction folder {pred_dir} does not exist or is not a folder")
+    found = {pid: next((c for c in (pred_dir / f"{pid}.nii.gz", pred_dir / f"{pid}.nii") if c.exists()), None)
+             for pid in refs}
+    if not any(found.values()):
+        raise EvaluateError(f"prediction folder {pred_dir} holds no prediction for any of the {len(refs)} "
+                            f"reference patient(s) in {ref_dir} (expected e.g. {min(refs)}.nii.gz)")
+    return found
+
+
+def _load(path: Path, what: str):
+    try:
+        return load_volume(path)
+    except Exception as e:  # whatever is wrong with the file (not NIfTI, truncated), it is this patient's
+        raise PatientFailed(f"{what} {path} cannot be read: {type(e).__name__}: {e}") from e
+
+
+def _canonical(vol, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, affine) reoriented to RAS+: files storing the same voxels in another axis order
+    then compare voxel by voxel."""
+    from nibabel.orientations import inv_ornt_aff
+
+    data = np.asarray(vol.data)
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):  # (X, Y, Z, 1), as some tools write
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise PatientFailed(f"{path} holds an array of shape {data.shape}, not a 3-D label map")
+    ornt = canonical_ornt(vol.affine)
+    if np.isnan(ornt).any():
+        raise PatientFailed(f"{path} has a degenerate affine (no axis orientation can be read from it)")
+    return np.ascontiguousarray(apply_ornt(data, ornt)), vol.affine @ inv_ornt_aff(ornt, data.shape)
+
+
+def _check_grid(path: Path, pred_shape, pred_affine, ref_shape, ref_affine) -> None:
+    """Refuse to score a prediction whose voxels are not the reference's (both in RAS+ order)."""
+    if pred_shape != ref_shape:
+        raise PatientFailed(f"{path}: shape {pred_shape} differs from the reference's {ref_shape} "
+                            f"(both reoriented to RAS)")
+    # the affine maps are linear, so the largest gap between the grids is at a corner voxel
+    corners = np.array([[*c, 1.0] for c in itertools.product(*[(0, n - 1) for n in ref_shape])]).T
+    gap = float(np.abs((pred_affine - ref_affine) @ corners)[:3].max())
+    tol = GRID_TOLERANCE * float(np.sqrt((ref_affine[:3, :3] ** 2).sum(axis=0)).min())
+    if not gap <= tol:  # NaN affines fail too
+        raise PatientFailed(f"{path}: its affine places voxels up to {gap:.3g} mm from the reference's "
+                            f"(tolerance {tol:.3g} mm): not the reference's grid")
+
+
+def score_patient(pid: str, ref_path: Path, et_label: int, pred_path: Path | None) -> dict:
+    """One patient's metrics row; PatientFailed when a file cannot be read or the grids differ."""
+    ref, ref_affine = _canonical(_load(ref_path, "reference"), ref_path)
+    if pred_path is None:
+        pred = np.zeros(ref.shape, np.uint8)
+    else:
+        pred, pred_affine = _canonical(_load(pred_path, "prediction"), pred_path)
+        _check_grid(pred_path, pred.shape, pred_affine, ref.shape, ref_affine)
+    if et_label == 0:  # flat reference folder: 4 present -> 2020-style, 3 -> 2023-style
+        vals = set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
+        et_label = 3 if 3 in vals and 4 not in vals else 4
+    spacing = np.sqrt((ref_affine[:3, :3] ** 2).sum(axis=0))  # RAS axis order, as the arrays now are
+    return {"patient": pid, **patient_metrics(pred, ref, spacing, et_label)}
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | None = None,
              progress: bool = True) -> dict:
+    """Score every reference patient. Returns {"rows": [...], "summary": {...}, "missing": [pid]
+    (scored as empty), "failed": {pid: reason}}; EvaluateError when nothing can be scored."""
     from tqdm import tqdm
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     refs = _references(ref_dir)
-    rows, missing = [], []
+    if not refs:
+        raise EvaluateError(f"no reference segmentations found in {ref_dir}")
+    preds = _predictions(pred_dir, refs, ref_dir)
+    rows, missing, failed = [], [], {}
     for pid, (ref_path, et_label) in tqdm(sorted(refs.items()), desc="patients", unit="patient",
                                           disable=None if progress else True):
-        ref = load_volume(ref_path)
-        candidates = [pred_dir / f"{pid}.nii.gz", pred_dir / f"{pid}.nii"]
-        found = next((c for c in candidates if c.exists()), None)
-        pred = load_volume(found).data if found else np.zeros(ref.data.shape, np.uint8)
-        if not found:
+        try:
+            rows.append(score_patient(pid, ref_path, et_label, preds[pid]))
+        except PatientFailed as e:
+            failed[pid] = " ".join(str(e).split())
+            continue
+        if preds[pid] is None:
             missing.append(pid)
-        if et_label == 0:  # flat reference folder: 4 present -> 2020-style, 3 -> 2023-style
-            vals = set(np.unique(ref.data).tolist()) | set(np.unique(pred).tolist())
-            et_label = 3 if 3 in vals and 4 not in vals else 4
-        spacing = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
-        row = {"patient": pid, **patient_metrics(np.asarray(pred), np.asarray(ref.data), spacing, et_label)}
-        rows.append(row)
     summary = summarise(rows)
     if out_csv:
         write_csv(out_csv, rows)
-    return {"rows": rows, "summary": summary, "missing": missing}
+    return {"rows": rows, "summary": summary, "missing": missing, "failed": failed}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -128,7 +219,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else COLUMNS)  # header only if all failed
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

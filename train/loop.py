@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards import atomic
+from shards.errors import BratsShardsError
 from train import checkpoint, plots
 from train.data import SliceStream, StreamConfig, derive_seed
 from train.metrics import confusion, make_loss, scores, to_regions
@@ -73,8 +76,46 @@ class TrainConfig:
 _FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size")
 
 
-class TrainError(RuntimeError):
-    pass
+class TrainError(BratsShardsError, RuntimeError):
+    """A refused training run: the one-line message names the folder, file or option at fault."""
+
+
+# any of these in OUT means it already holds a run that a fresh start would clobber
+RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "config.json")
+# what a run writes into OUT (with the temporaries of its atomic writes): all --overwrite removes
+_RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", ".metrics.csv.tmp", "val_patients.csv",
+              ".val_patients.csv.tmp", "config.json", "plots/loss.png", "plots/dice.png", "plots/predictions.png",
+              "plots/.loss.tmp.png", "plots/.dice.tmp.png", "plots/.predictions.tmp.png")
+_RUN_FILE_PATTERNS = (r"samples_rank\d+\.jsonl", r"\.config\.json\.\d+\.tmp", r"checkpoints/\.(last|best)\.pt\.\d+\.tmp")
+
+
+def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """Starting afresh over a run would replace its checkpoints and metrics: ask which was meant."""
+    if resume and overwrite:
+        raise TrainError("--resume and --overwrite contradict each other: pass one of them")
+    if resume or overwrite:
+        return
+    found = [m for m in RUN_MARKERS if (out / m).exists()]
+    if found:
+        raise TrainError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                         f"or --overwrite to replace it")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files of OUT that a run wrote; the user's own files there are not among them."""
+    found = [out / name for name in _RUN_FILES if (out / name).is_file()]
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.is_file()
+                      and any(re.fullmatch(pat, p.relative_to(out).as_posix()) for pat in _RUN_FILE_PATTERNS)]
+    return found
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: an old run's val_patients.csv rows and sample logs would otherwise mix with
+    the new run's (both are appended to), so its files go before the new run writes any."""
+    for path in run_files(out):
+        path.unlink(missing_ok=True)
 
 
 def _dist():
@@ -87,6 +128,15 @@ def _dist():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), world, True
     return 0, 1, False
+
+
+def _barrier(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if device.type == "cuda" and device.index is not None:  # NCCL: name the rank's GPU, none is in use yet
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def _device(name: str) -> torch.device:
@@ -105,10 +155,14 @@ def channel_names(source: ShardSource) -> list[str]:
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           cache_dir: str | None = None, storage_options: dict | None = None,
-          cache_bytes: int = 20 * 2**30) -> list[dict]:
+          cache_bytes: int = 20 * 2**30, overwrite: bool = False) -> list[dict]:
+    """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it)."""
     rank, world, distributed = _dist()
     out = Path(out)
     device = _device(cfg.device)
+    refuse_existing_run(out, resume, overwrite)
+    if distributed:  # every rank has looked at OUT before rank 0 writes anything there
+        _barrier(device)
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes)
     fmt = cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds")
     cfg = TrainConfig.from_dict(dict(cfg.to_dict(), fmt=fmt))
@@ -163,9 +217,11 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         raise TrainError(f"too few training slices per worker for batch size {cfg.batch_size}: "
                          f"lower --batch-size or --num-workers")
     if rank == 0:
+        if overwrite:  # only now: a refusal above (bad shard set, options) leaves the old run intact
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "shards": str(shards),
-                                                     "manifest_sha256": source.manifest_sha256}, indent=1))
+        atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": str(shards),
+                                                "manifest_sha256": source.manifest_sha256})
     amp = dict(device_type="cuda", dtype=torch.float16, enabled=cuda)
 
     for epoch in range(start, cfg.epochs):
@@ -264,8 +320,7 @@ def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> d
         truth = batch["mask"].bool()
         conf += confusion(pred, truth)
         pr, tr = to_regions(pred.numpy(), mask_mode), to_regions(truth.numpy(), mask_mode)
-        for i, key in enumerate(batch["keys"]):
-            pid = key.rsplit("_s", 1)[0]
+        for i, pid in enumerate(batch["patients"]):  # not parsed from keys: those map '.' to '_'
             c = patients.setdefault(pid, np.zeros((3, 3), np.int64))
             p, t = pr[i].reshape(3, -1), tr[i].reshape(3, -1)
             c[:, 0] += (p & t).sum(1)
@@ -273,8 +328,7 @@ def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> d
             c[:, 2] += (~p & t).sum(1)
         if keep:  # the slice with the most tumour of each patient, for the overlay figure
             area = truth.flatten(1).sum(1)
-            for i, key in enumerate(batch["keys"]):
-                pid = key.rsplit("_s", 1)[0]
+            for i, (key, pid) in enumerate(zip(batch["keys"], batch["patients"])):
                 if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
                     samples[pid] = {"key": key, "image": batch["image"][i].numpy(), "mask": truth[i].numpy(),
                                     "pred": pred[i].numpy(), "area": int(area[i])}
