@@ -1,6 +1,7 @@
 """Reading shard sets over HTTP and S3, both served on loopback by the test itself."""
 
 import functools
+import hashlib
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -70,7 +71,10 @@ def test_corrupted_remote_shard_is_refused(shard_set, http_server, tmp_path):
     remote = ShardSource(http_server(served), cache_dir=tmp_path / "cache")
     with pytest.raises(ShardSetError, match=f"corrupted shard .*{victim}"):
         _all_keys(remote, "wds")
-    assert not (tmp_path / "cache" / victim).exists()  # never cached, never used
+    bad = hashlib.sha256(bytes(data)).hexdigest()
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert all(p.name == hashlib.sha256(p.read_bytes()).hexdigest() for p in cached)  # content-addressed
+    assert bad not in {p.name for p in cached}  # never cached, never used
 
 
 def test_cache_is_bounded(shard_set, http_server, tmp_path):
@@ -79,8 +83,11 @@ def test_cache_is_bounded(shard_set, http_server, tmp_path):
     remote = ShardSource(http_server(shard_set), cache_dir=tmp_path / "cache", cache_bytes=2 * biggest)
     for f in src.manifest["files"]:
         assert remote.read(f["path"]) == (shard_set / f["path"]).read_bytes()
-        size = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
-        assert size <= 2 * biggest
+        cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        assert sum(p.stat().st_size for p in cached) <= 2 * biggest
+        # content-addressed: cache/sha256/<2 hex>/<sha256>, no manifest path in it
+        assert all(p.relative_to(tmp_path / "cache").parts == ("sha256", p.name[:2], p.name) for p in cached)
+        assert remote.cache / f["sha256"][:2] / f["sha256"] in cached
     assert sum(f["bytes"] for f in src.manifest["files"]) > 2 * biggest  # eviction really happened
 
 

@@ -1,23 +1,41 @@
 """A shard set from a local folder or a URL (http(s)://, s3://, gs://, ... through fsspec).
 
-Everything is learnt from manifest.json. Remote files are fetched once into a local cache,
-bounded in size (least recently used files are evicted), and their sha256 is checked against
-the manifest before use: a corrupted or tampered shard is refused, never read.
+Everything is learnt from manifest.json, which is untrusted input: `parse_manifest` validates its
+whole structure (safe relative paths, plain patient ids, bounded sizes) before anything reads it.
+
+Remote files are fetched into a local cache that is content-addressed: a file lives at
+`cache_dir/sha256/<first 2 hex>/<sha256>`, so no text of a manifest ever becomes a cache path,
+and a set rebuilt at the same URL (other bytes) never meets its predecessor's files. Every
+download is bounded by what the manifest promises (`bytes`): it is streamed and refused as soon
+as more arrive, or when fewer do, and its sha256 must match before it is used or cached. A cached
+file is re-hashed the first time a process uses it (then remembered as verified) and discarded and
+fetched again if its hash is wrong. The cache is bounded in size: least recently used files go.
+
+Transient remote errors (HTTP 5xx/408/429, dropped connections, timeouts) are retried with
+exponential backoff; every remote failure ends as a one-line `ShardSetError` naming the URL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
+import mmap
 import os
+import re
+import stat
+import time
 from pathlib import Path
 
 from shards import MANIFEST
 from shards.atomic import write_bytes
-from shards.manifest import ManifestError, check_format
+from shards.errors import BratsShardsError
+from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local
+
+_CHUNK = 1 << 20  # one streamed read of a download
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ShardSetError(RuntimeError):
+class ShardSetError(BratsShardsError, RuntimeError):
     pass
 
 
@@ -29,73 +47,229 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BRATS_SHARDS_CACHE", Path.home() / ".cache" / "brats-shards"))
 
 
+def _transient(e: BaseException) -> bool:
+    """Worth another attempt: a server error, a dropped connection, a timeout; not 404/403."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - http(s) needs aiohttp; other protocols may not
+        aiohttp = None
+    if aiohttp is not None:
+        if isinstance(e, aiohttp.ClientResponseError):
+            return e.status >= 500 or e.status in (408, 429)
+        if isinstance(e, (aiohttp.ClientSSLError, aiohttp.InvalidURL)):  # retrying will not help
+            return False
+        if isinstance(e, aiohttp.ClientError):  # connection refused/reset, payload cut short
+            return True
+    return isinstance(e, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError))
+
+
+def _reason(e: BaseException, timeout: float) -> str:
+    try:
+        import aiohttp
+
+        if isinstance(e, aiohttp.ClientResponseError):
+            return f"HTTP {e.status} {e.message}".strip()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+        return f"no response within the {timeout:g} s timeout ({type(e).__name__})"
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 class ShardSource:
-    """Reads files of one shard set by relative path, checked against the manifest."""
+    """Reads files of one shard set by relative path, checked against the manifest.
+
+    cache_dir/cache_bytes: where remote files are kept (content-addressed) and how many bytes at
+    most; timeout: seconds a remote request may wait to connect or for its next data before it
+    counts as failed; retries/backoff: further attempts after a transient failure, sleeping
+    backoff, 2*backoff, 4*backoff, ... seconds before them.
+    """
 
     def __init__(self, location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 cache_bytes: int = 20 * 2**30, storage_options: dict | None = None):
+                 cache_bytes: int = 20 * 2**30, storage_options: dict | None = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5):
         self.location = str(location).rstrip("/")
         if self.location.startswith("file://"):
             self.location = self.location[7:]
         self.remote = is_url(self.location)
         self.storage_options = storage_options or {}
         self.cache_bytes = cache_bytes
+        self.timeout, self.retries, self.backoff = float(timeout), max(0, int(retries)), float(backoff)
         self._fs, self._fs_pid = None, None
-        raw = self._fetch_raw(MANIFEST)
+        self._verified: set[str] = set()  # sha256 of cached files this process has hashed
+        where = f"{self.location}/{MANIFEST}"
+        raw = self._download(MANIFEST, None, MAX_MANIFEST_BYTES) if self.remote else self._local_manifest()
         try:
-            self.manifest = check_format(json.loads(raw), f"{self.location}/{MANIFEST}")
-        except json.JSONDecodeError as e:
-            raise ShardSetError(f"{self.location}/{MANIFEST} is not valid JSON: {e}") from None
+            self.manifest = parse_manifest(raw, where)
         except ManifestError as e:
             raise ShardSetError(str(e)) from None
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.files = {f["path"]: f for f in self.manifest["files"]}
         self._wds = {f["patient"]: f["path"] for f in self.manifest["files"] if f["format"] == "wds"}
         if self.remote:
-            key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-            self.cache = Path(cache_dir or default_cache_dir()) / key
+            self.cache = Path(cache_dir or default_cache_dir()) / "sha256"
             self.cache.mkdir(parents=True, exist_ok=True)
 
     # -- raw access
+    def _local_manifest(self) -> bytes:
+        path = Path(self.location) / MANIFEST
+        try:
+            return read_local(path, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise ShardSetError(f"{path} not found: not a shard set, or its build has not finished") from None
+        except ManifestError as e:
+            raise ShardSetError(str(e)) from None
+
+    @property
+    def _protocol(self) -> str:
+        return self.location.split("://", 1)[0].lower()
+
     def _filesystem(self):
         # one fsspec instance per process: its event loop does not survive a fork (DataLoader)
         if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
-            protocol = self.location.split("://", 1)[0]
-            self._fs = fsspec.filesystem(protocol, skip_instance_cache=True, **self.storage_options)
+            opts = dict(self.storage_options)
+            if self._protocol in ("http", "https"):
+                import aiohttp
+
+                # no total limit (a big shard may take long); a silent server fails after `timeout`
+                client = dict(opts.get("client_kwargs") or {})
+                client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
+                                                                   sock_read=self.timeout))
+                opts["client_kwargs"] = client
+            elif self._protocol in ("s3", "s3a"):
+                config = dict(opts.get("config_kwargs") or {})
+                config.setdefault("connect_timeout", self.timeout)
+                config.setdefault("read_timeout", self.timeout)
+                opts["config_kwargs"] = config
+            self._fs = fsspec.filesystem(self._protocol, skip_instance_cache=True, **opts)
             self._fs_pid = os.getpid()
         return self._fs
 
-    def _fetch_raw(self, rel: str) -> bytes:
-        if not self.remote:
-            path = Path(self.location) / rel
-            if not path.exists():
-                raise ShardSetError(f"{path} not found" + (": not a shard set, or its build has not finished"
-                                                            if rel == MANIFEST else ""))
-            return path.read_bytes()
-        try:
-            return self._filesystem().cat_file(f"{self.location}/{rel}")
-        except FileNotFoundError:
-            raise ShardSetError(f"{self.location}/{rel} not found") from None
+    def _download(self, rel: str, expected: int | None, limit: int) -> bytes:
+        """Bytes of the remote file `rel`: exactly `expected` of them (None: any number up to
+        `limit`). Transient failures are retried; every failure is a ShardSetError naming the URL."""
+        url = f"{self.location}/{rel}"
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._download_once(url, expected, limit)
+            except ShardSetError:
+                raise
+            except FileNotFoundError:
+                raise ShardSetError(f"{url} not found" + (": not a shard set, or its build has not finished"
+                                                          if rel == MANIFEST else "")) from None
+            except Exception as e:  # noqa: BLE001 - every remote failure becomes one clean line
+                if not _transient(e):
+                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)} "
+                                        f"(attempt {attempt} of {attempts}; not retried)") from e
+                if attempt == attempts:
+                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)}; "
+                                        f"gave up after {attempts} attempts") from e
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _download_once(self, url: str, expected: int | None, limit: int) -> bytes:
+        fs = self._filesystem()
+        if expected is not None:
+            limit = expected
+        if self._protocol in ("http", "https"):
+            # block_size=0: one streaming GET; a size given up front skips fsspec's HEAD request
+            f = fs.open(url, "rb", block_size=0, size=max(limit, 1))
+        else:
+            f = fs.open(url, "rb", block_size=_CHUNK)
+        with f:
+            size = getattr(f, "size", None)  # what the store says (S3 and others), before any read
+            if type(size) is int:
+                if expected is not None and size != expected:
+                    raise ShardSetError(f"{url} is {size} bytes, the manifest says {expected}; refusing it")
+                if size > limit:
+                    raise ShardSetError(f"{url} is larger than {limit} bytes; refusing it")
+            chunks, got = [], 0
+            while chunk := f.read(min(_CHUNK, limit + 1 - got)):
+                got += len(chunk)
+                if got > limit:  # one byte more than promised is enough to refuse; stop reading
+                    raise ShardSetError(f"{url} sends more than " + (f"the manifest's {expected} bytes"
+                                        if expected is not None else f"{limit} bytes") + "; refusing it")
+                chunks.append(chunk)
+        if expected is not None and got != expected:
+            raise ShardSetError(f"{url} ended after {got} bytes, the manifest says {expected}; refusing it")
+        return b"".join(chunks)
 
     def __getstate__(self):  # DataLoader workers: drop the fsspec instance, reopen lazily
         d = dict(self.__dict__)
         d["_fs"] = None
         return d
 
+    # -- local files: a cheap check before the bytes are used (sha256 is `verify`'s job)
+    def _open_local(self, rel: str, entry: dict) -> int:
+        path = Path(self.location) / rel
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise ShardSetError(f"{path} not found (listed in the manifest)") from None
+        except OSError as e:
+            raise ShardSetError(f"cannot open {path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+            os.close(fd)
+            raise ShardSetError(f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode) else
+                                f"{path} is {st.st_size} bytes, the manifest says {entry['bytes']}; "
+                                f"the set changed after its manifest was written")
+        return fd
+
+    # -- remote files: the content-addressed cache
+    def _cache_path(self, entry: dict) -> Path:
+        digest = entry["sha256"]
+        if not isinstance(digest, str) or not _SHA256.match(digest):  # parse_manifest checked it too
+            raise ShardSetError(f"{self.location}/{entry.get('path')}: invalid sha256 in the manifest")
+        return self.cache / digest[:2] / digest
+
+    def _read_cached(self, path: Path, entry: dict) -> bytes | None:
+        """The cached file's bytes if it is there and right (hashed once per process), else None
+        (a wrong file is removed)."""
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read(entry["bytes"] + 1) if stat.S_ISREG(st.st_mode) else None
+        except FileNotFoundError:  # not cached, or evicted by another process meanwhile
+            return None
+        except OSError:
+            data = None
+        digest = entry["sha256"]
+        if data is not None and len(data) == entry["bytes"] and \
+                (digest in self._verified or hashlib.sha256(data).hexdigest() == digest):
+            self._verified.add(digest)
+            try:
+                os.utime(path)  # LRU bookkeeping
+            except OSError:
+                pass
+            return data
+        self._verified.discard(digest)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
     # -- checked access
     def read_buffer(self, rel: str):
         """Like `read`, but a local file comes back memory-mapped (no copy into a bytes object):
         the hot path of the loader, which copies each slice out exactly once."""
-        if self.remote or rel not in self.files:
+        entry = self.files.get(rel)
+        if self.remote or entry is None:
             return self.read(rel)
-        import mmap
-
-        with open(Path(self.location) / rel, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        fd = self._open_local(rel, entry)
+        try:
+            if entry["bytes"] == 0:
                 return b""
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+        finally:
+            os.close(fd)
 
     def read(self, rel: str) -> bytes | None:
         """Bytes of a manifest-listed file (None for a file the manifest does not list)."""
@@ -103,28 +277,40 @@ class ShardSource:
         if entry is None:
             return None
         if not self.remote:
-            return (Path(self.location) / rel).read_bytes()  # local sets are checked by `verify`
-        cached = self.cache / rel
-        if cached.exists() and cached.stat().st_size == entry["bytes"]:
-            os.utime(cached)  # LRU bookkeeping
-            return cached.read_bytes()
-        data = self._fetch_raw(rel)
+            fd = self._open_local(rel, entry)
+            with os.fdopen(fd, "rb") as f:
+                return f.read(entry["bytes"])
+        cached = self._cache_path(entry)
+        data = self._read_cached(cached, entry)
+        if data is not None:
+            return data
+        data = self._download(rel, entry["bytes"], entry["bytes"])
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
             raise ShardSetError(f"corrupted shard {self.location}/{rel}: sha256 {digest[:12]}... does not match "
                                 f"the manifest's {entry['sha256'][:12]}...; refusing to use it")
         self._evict(len(data))
         write_bytes(cached, data)
+        self._verified.add(digest)
         return data
 
     def _evict(self, incoming: int) -> None:
-        files = [p for p in self.cache.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        total = sum(p.stat().st_size for p in files) + incoming
-        for p in sorted(files, key=lambda p: p.stat().st_mtime):
+        files = []
+        for p in self.cache.glob("??/*"):
+            if _SHA256.match(p.name):
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files) + incoming
+        for _, size, p in sorted(files, key=lambda t: t[0]):
             if total <= self.cache_bytes:
                 break
-            total -= p.stat().st_size
+            total -= size
             p.unlink(missing_ok=True)
+            self._verified.discard(p.name)
 
     # -- manifest views
     def layouts(self) -> list[str]:
