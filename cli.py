@@ -167,6 +167,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (without it, an existing run is refused).")] = False,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache for remote shards (default ~/.cache/brats-shards).")] = None,
     cache_size_gb: Annotated[float, typer.Option(help="Remote-shard cache bound; least recently used files go first.")] = 20.0,
+    remote_timeout: Annotated[float, typer.Option(help="Seconds a remote request may wait to connect or for more data; transient failures are retried 3 times with backoff.")] = 60.0,
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'.")] = None,
     log_samples: Annotated[bool, typer.Option(help="Record the sample keys each rank trained on (OUT/samples_rank*.jsonl).")] = False,
     max_batches: Annotated[int, typer.Option(help="Cap batches per epoch (0: no cap).")] = 0,
@@ -191,7 +192,7 @@ def train(
         _fail("--storage-options must be a JSON object")
     with _refusals():
         history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
-                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30))
+                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout)
     if history and not quiet:
         typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
 

@@ -155,7 +155,7 @@ def channel_names(source: ShardSource) -> list[str]:
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           cache_dir: str | None = None, storage_options: dict | None = None,
-          cache_bytes: int = 20 * 2**30, overwrite: bool = False) -> list[dict]:
+          cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0) -> list[dict]:
     """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it)."""
     rank, world, distributed = _dist()
     out = Path(out)
@@ -163,7 +163,8 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     refuse_existing_run(out, resume, overwrite)
     if distributed:  # every rank has looked at OUT before rank 0 writes anything there
         _barrier(device)
-    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes)
+    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
+                         timeout=remote_timeout)
     fmt = cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds")
     cfg = TrainConfig.from_dict(dict(cfg.to_dict(), fmt=fmt))
     names = channel_names(source)
