@@ -5,6 +5,17 @@ Handles 2020 (`BraTS20_Training_001_t1ce.nii.gz`), 2021 (`BraTS2021_00000_t1ce.n
 depth. Files that are not NIfTI (csv tables, readme) are ignored. Known quirk: one BraTS 2020
 case ships its segmentation as `W39_1998.09.19_Segm.nii`; a folder whose only unclaimed NIfTI
 file has "seg" in its name uses that file as its segmentation, and says so.
+
+Folder and file names are untrusted:
+  * a patient id (its folder's name) must pass `shards.names.patient_id_problem` (plain
+    characters, at most 80 long, because it becomes file and tar member names); a folder that
+    fails is a failed patient (`problem`), the others build;
+  * two files for one modality (`P_t1.nii` next to a stale `P_t1.nii.gz`) fail that patient,
+    naming both: choosing one silently could mix two patients' scans;
+  * symlinked folders are followed, but a symlink that points back to one of its own
+    ancestors (a loop) refuses the whole input with a DiscoveryError naming the link; a
+    folder that cannot be listed (permissions) refuses it too, naming the folder: skipping
+    either would silently drop patients.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preprocess.synthetic import MODALITIES
+from shards.errors import BratsShardsError
+from shards.names import patient_id_problem
 
 # file suffix -> canonical modality, per naming convention
 SUFFIXES = {
@@ -26,7 +39,7 @@ LABELS = {"2020": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
 _NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(BratsShardsError, ValueError):
     """The input folder as a whole cannot be used (empty, mixed conventions)."""
 
 
@@ -70,22 +83,42 @@ def _split_name(stem: str, pid: str) -> str | None:
     return None
 
 
+def _problem(pid: str, files: dict, niftis: list[Path], unclaimed: list[Path], dupes: dict, extra: set,
+             need_seg: bool) -> str | None:
+    """Why this folder cannot be used as a patient (None: it can), naming the files at fault."""
+    if why := patient_id_problem(pid):
+        return why
+    if dupes:
+        m, ps = sorted(dupes.items())[0]
+        return f"two files for {m}: {' and '.join(p.name for p in ps)}; remove the one that does not belong"
+    need = list(MODALITIES) + (["seg"] if need_seg else [])
+    missing = [m for m in need if m not in files]
+    if missing:
+        names = ", ".join(sorted(p.name for p in niftis))
+        return (f"missing {', '.join(missing)} (found: {names or 'no NIfTI files'}"
+                + (f"; unrecognised: {', '.join(p.name for p in unclaimed)}" if unclaimed else "") + ")")
+    if extra:
+        return f"files of two naming conventions in one folder: {', '.join(sorted(extra))}"
+    return None
+
+
 def _resolve(folder: Path, niftis: list[Path], need_seg: bool) -> PatientFiles:
     pid = folder.name
-    found: dict[str, dict[str, Path]] = {"2020": {}, "2023": {}}
+    found: dict[str, dict[str, list[Path]]] = {"2020": {}, "2023": {}}  # conv -> modality -> its files
     unclaimed = []
     for path in niftis:
         suffix = _split_name(_NII.match(path.name)["stem"], pid)
         claimed = False
         for conv, table in SUFFIXES.items():
             if suffix in table:
-                found[conv][table[suffix]] = path
+                found[conv].setdefault(table[suffix], []).append(path)
                 claimed = True
         if not claimed:
             unclaimed.append(path)
     # "t1" and "seg" exist in both namings: choose the convention with the most matches
     conv = max(found, key=lambda c: (len(found[c]), c == "2020"))
-    files = dict(found[conv])
+    files = {m: ps[0] for m, ps in found[conv].items()}
+    dupes = {m: ps for m, ps in found[conv].items() if len(ps) > 1}  # `P_t1.nii` and `P_t1.nii.gz`
     other = "2023" if conv == "2020" else "2020"
     extra = set(found[other]) - set(files)  # modalities only the other naming matched
     notes = []
@@ -95,16 +128,27 @@ def _resolve(folder: Path, niftis: list[Path], need_seg: bool) -> PatientFiles:
             files["seg"] = segs[0]
             unclaimed.remove(segs[0])
             notes.append(f"segmentation taken from non-standard file name {segs[0].name}")
-    need = list(MODALITIES) + (["seg"] if need_seg else [])
-    missing = [m for m in need if m not in files]
-    problem = None
-    if missing:
-        names = ", ".join(sorted(p.name for p in niftis))
-        problem = (f"missing {', '.join(missing)} (found: {names or 'no NIfTI files'}"
-                   + (f"; unrecognised: {', '.join(p.name for p in unclaimed)}" if unclaimed else "") + ")")
-    elif extra:
-        problem = f"files of two naming conventions in one folder: {', '.join(sorted(extra))}"
+    problem = _problem(pid, files, niftis, unclaimed, dupes, extra, need_seg)
     return PatientFiles(pid=pid, convention=conv, files=files, notes=tuple(notes), problem=problem)
+
+
+def _walk(root: Path):
+    """os.walk following symlinked folders (patient folders may be links), yielding (folder,
+    file names). Refuses, naming the link, a symlink to one of its own ancestors: os.walk would
+    follow it until the path is too long. A folder it cannot list refuses the input, named."""
+    def refuse(e: OSError):
+        raise DiscoveryError(f"cannot list {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, names in os.walk(root, followlinks=True, onerror=refuse):
+        links = [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        if links:  # the real folders this path runs through, root included
+            rel = Path(dirpath).relative_to(root)
+            chain = {os.path.realpath(root / p) for p in (rel, *rel.parents)}
+            for link in links:
+                if (target := os.path.realpath(link)) in chain:
+                    raise DiscoveryError(f"symlink loop in the input: {link} points to {target}, "
+                                         f"a folder that contains it; remove the link")
+        yield dirpath, names
 
 
 def discover(root: str | Path, need_seg: bool = True) -> Discovery:
@@ -113,7 +157,7 @@ def discover(root: str | Path, need_seg: bool = True) -> Discovery:
     if not root.is_dir():
         raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
     by_folder: dict[Path, list[Path]] = {}
-    for dirpath, _, names in os.walk(root, followlinks=True):  # symlinked patient folders count
+    for dirpath, names in _walk(root):
         for name in names:
             if _NII.match(name) and not name.startswith("."):
                 by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)

@@ -5,19 +5,26 @@ Volumes become patients (`volume_{N}`), slices are reassembled in order of M alo
 mask channels become 2020-style labels (NCR/NET 1, ED 2, ET 4). The export carries no affine:
 an identity affine is assumed (the arrays' own axes), and the manifest says so.
 Needs the optional extra: pip install 'brats-shards[h5]'.
+
+Files are untrusted: only regular files of at most MAX_SLICE_FILE_BYTES are read (once, then
+parsed from memory), and the volume they assemble is bounded like a NIfTI header's promise
+(`preprocess.nifti.MAX_DIM` per axis, `MAX_VOXELS` in all) before anything is allocated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 
-from preprocess.nifti import RawVolume
+from preprocess.nifti import MAX_DIM, MAX_VOXELS, RawVolume, read_regular
+from preprocess.steps import InputError
 
 SLICE_FILE = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
+MAX_SLICE_FILE_BYTES = 2**28
 NOTE = "HDF5 slice export: no affine in the input; an identity affine (the arrays' own axes) is assumed"
 
 
@@ -43,20 +50,22 @@ def load_volumes(slices: list[tuple[int, Path]], root: Path | None = None) -> tu
     """(vols, sources) in the shape `pipeline.load_patient` returns for NIfTI input."""
     h5py = _h5py()
     depth = max(i for i, _ in slices) + 1
+    if depth > MAX_DIM:
+        raise InputError(f"{Path(slices[-1][1]).name}: slice index {depth - 1} is beyond the {MAX_DIM} supported")
     image = mask = None
     digest = hashlib.sha256()
     nbytes = 0
     for i, path in slices:
-        raw = Path(path).read_bytes()
+        raw = read_regular(path, MAX_SLICE_FILE_BYTES)
         digest.update(hashlib.sha256(raw).digest())
         nbytes += len(raw)
         try:
-            with h5py.File(path, "r") as f:
-                img, m = np.asarray(f["image"]), np.asarray(f["mask"])
+            with h5py.File(io.BytesIO(raw), "r") as f:  # the bytes just hashed, not a second open
+                img_ds, m_ds = f["image"], f["mask"]
+                _check_shapes(Path(path).name, img_ds.shape, m_ds.shape, depth)
+                img, m = np.asarray(img_ds), np.asarray(m_ds)
         except (OSError, KeyError) as e:
             raise ValueError(f"cannot read {Path(path).name}: {e}") from e
-        if img.ndim != 3 or img.shape[-1] != 4 or m.shape != img.shape[:2] + (3,):
-            raise ValueError(f"{Path(path).name}: image {img.shape} / mask {m.shape}; expected (H, W, 4) and (H, W, 3)")
         if image is None:
             image = np.zeros(img.shape[:2] + (depth, 4), np.float32)
             mask = np.zeros(img.shape[:2] + (depth, 3), bool)
@@ -78,6 +87,15 @@ def load_volumes(slices: list[tuple[int, Path]], root: Path | None = None) -> tu
     sources = {"h5_slices": {"path": rel, "files": len(slices), "sha256": sha, "bytes": nbytes,
                              "note": "sha256 over the files' own sha256 digests, in slice order"}}
     return vols, sources
+
+
+def _check_shapes(name: str, img: tuple, m: tuple, depth: int) -> None:
+    """Shapes as the export writes them, and a volume within bounds, before reading any data."""
+    if len(img) != 3 or img[-1] != 4 or tuple(m) != tuple(img[:2]) + (3,):
+        raise ValueError(f"{name}: image {img} / mask {m}; expected (H, W, 4) and (H, W, 3)")
+    if max(img[:2]) > MAX_DIM or img[0] * img[1] * depth > MAX_VOXELS:
+        raise InputError(f"{name}: slices of {img[0]}x{img[1]} over {depth} indices exceed the supported "
+                         f"{MAX_DIM} per axis / {MAX_VOXELS} voxels: refused")
 
 
 def write_export(root: Path, volume: int, images: np.ndarray, seg: np.ndarray, et_label: int = 4) -> list[Path]:

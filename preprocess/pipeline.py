@@ -1,8 +1,9 @@
 """One patient's recipe: volumes on disk -> normalised, resized 2D axial slices.
 
 Steps, in order (each a pure function from `preprocess.steps`):
-  1. load the four modalities and the segmentation; validate (present, 3D, same shape and
-     affine, labels within the release's set); NaN/Inf image voxels become 0 (counted)
+  1. load the four modalities and the segmentation (reads bounded: see `preprocess.nifti`);
+     validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
+     the release's set); NaN/Inf image voxels become 0 (counted)
   2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
   3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped)
   4. keep axial slices that contain brain; optionally keep only a fraction of tumour-free ones
@@ -11,6 +12,7 @@ Steps, in order (each a pure function from `preprocess.steps`):
   6. optionally crop in-plane to the brain's square bounding box (recorded for the way back)
   7. resize in-plane to size x size (antialiased linear for images, nearest for labels)
   8. encode the mask as [NCR/NET, ED, ET] sub-regions or [WT, TC, ET] regions
+No NaN/Inf is ever written: a normalised image with values beyond float16 fails the patient.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
 
         try:
             return load_volumes(list(pf.slices), root)
+        except steps.InputError:  # already names the file
+            raise
         except (OSError, ValueError, KeyError) as e:
             raise steps.InputError(f"{type(e).__name__}: {e}") from e
     vols, sources = {}, {}
@@ -83,6 +87,8 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
             continue
         try:
             vols[name] = load_volume(path)
+        except steps.InputError:  # already names the file and what is wrong
+            raise
         except Exception as e:  # nibabel raises many types for truncated / non-NIfTI files
             raise steps.InputError(f"cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
         rel = str(Path(path).relative_to(root)) if root else str(path)
@@ -94,11 +100,25 @@ def _name(pf: PatientFiles, modality: str) -> str:
     return Path(pf.files[modality]).name if modality in pf.files else f"{pf.pid} {modality}"
 
 
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What makes an affine unusable for reorientation (None: nothing). NaN compares unequal to
+    itself and a singular matrix has no orientation, so both are named before anything uses them."""
+    if not np.all(np.isfinite(affine)):
+        return "has a NaN/Inf value in its affine (qform/sform)"
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # relative test: voxel sizes range from microns to millimetres
+    if zooms.min() == 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(zooms)):
+        return "has a singular affine (a zero voxel size or parallel axes): its orientation is undefined"
+    return None
+
+
 def validate(pf: PatientFiles, vols: dict) -> None:
     ref_name = "t1"
     ref = vols[ref_name]
     for name, v in vols.items():
         fname = _name(pf, name)
+        if why := affine_problem(v.affine):
+            raise steps.InputError(f"{fname} {why}")
         if v.data.ndim != 3:
             raise steps.InputError(f"{fname} is {v.data.ndim}D with shape {v.data.shape}; expected 3D")
         if v.data.shape != ref.data.shape:
@@ -143,6 +163,14 @@ def select_slices(pid: str, brain: np.ndarray, seg: np.ndarray | None, cfg: Prep
     return z_all[tumour | _keep_tumour_free(pid, cfg.seed, len(z_all), cfg.tumour_free_fraction)]
 
 
+def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
+    """No NaN/Inf is ever written to a shard: z-scores beyond float16's range (65504) become Inf."""
+    bad = [m for c, m in enumerate(MODALITIES) if not np.isfinite(image[:, c]).all()]
+    if bad:
+        raise steps.InputError(f"{pf.pid}: normalised {', '.join(_name(pf, m) for m in bad)} has values beyond "
+                               f"the float16 range (+-65504) of the shards: refused")
+
+
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
     """Steps 2-8 on loaded, validated volumes."""
     ref = vols["t1"]
@@ -182,7 +210,9 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
             mean = np.array([m for m, _ in stats], np.float32)[:, None, None]
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
         chans.append((small(img) - mean * b_small) / std)
-    image = np.stack(chans, axis=1).astype(np.float16)  # (S, 4, H, W)
+    with np.errstate(over="ignore"):  # overflow to Inf is caught, named, right below
+        image = np.stack(chans, axis=1).astype(np.float16)  # (S, 4, H, W)
+    _check_finite(pf, image)
 
     if has_seg:
         seg_s = steps.resize_labels(np.moveaxis(seg[x0:x1, y0:y1, z_keep], 2, 0), cfg.size)  # (S, H, W)

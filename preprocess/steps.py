@@ -2,7 +2,8 @@
 
 Byte-for-byte determinism across machines is a contract of the shard set, so every
 floating-point step here avoids results that depend on the CPU's vector width: statistics
-of integer volumes are summed exactly in int64, and resampling is a fixed-order sum of
+of integer volumes are summed exactly (in int64, or in 16-bit limbs where squares would
+overflow int64), and resampling is a fixed-order sum of
 elementwise products (no BLAS, no SIMD reductions).
 """
 
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from shards.errors import EXIT_PATIENTS_FAILED, BratsShardsError
 
-class InputError(ValueError):
-    """A patient's data breaks the release's rules; the message names the file or rule."""
+
+class InputError(BratsShardsError, ValueError):
+    """A patient's data breaks the release's rules; the message names the file or rule. A build
+    records it in the manifest's `failed` and carries on (exit 1)."""
+
+    exit_code = EXIT_PATIENTS_FAILED
 
 
 # ---------------------------------------------------------------- orientation
@@ -67,7 +73,7 @@ def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:
     n = values.size
     if n == 0:
         return 0.0, 1.0
-    if values.dtype.kind not in "iu" and np.array_equal(values, np.rint(values)):
+    if values.dtype.kind not in "iu" and _int64_exact(values):
         values = values.astype(np.int64)
     if values.dtype.kind in "iu":
         return _integer_mean_std(values, n)
@@ -77,16 +83,72 @@ def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:
     return mean, float(np.sqrt(var))
 
 
+def _int64_exact(values: np.ndarray) -> bool:
+    """Float values that are all integers within int64 (so the integer path is exact)."""
+    if values.size == 0 or not np.array_equal(values, np.rint(values)):
+        return False
+    return bool(np.isfinite(values).all()) and max(-float(values.min()), float(values.max())) < 2.0**63
+
+
 def _integer_mean_std(values: np.ndarray, n: int) -> tuple[float, float]:
     """Exact integer sums (no rounding anywhere, so any summation order gives the same bits)."""
+    if values.dtype.itemsize > 2 and values.size and _squares_overflow(values):
+        return _wide_mean_std(values, n)
     sq_dtype = np.int32 if values.dtype.itemsize == 1 or values.dtype == np.int16 else np.int64
     s = int(values.sum(dtype=np.int64))
     s2 = int(np.square(values, dtype=sq_dtype).sum(dtype=np.int64))
-    if values.dtype.itemsize > 2 and np.abs(values).max() >= 2**31:  # int64 squares would overflow
-        s2 = sum(int(v) * int(v) for v in values.ravel())
     mean = s / n
     var = max((s2 - s * s / n) / n, 0.0)
     return mean, float(np.sqrt(var))
+
+
+def _squares_overflow(values: np.ndarray) -> bool:
+    """Could the int64 sum of squares overflow? (8- and 16-bit values never do, below 2**31 values.)"""
+    m = max(-int(values.min()), int(values.max()))
+    return values.size * m * m >= 2**63
+
+
+_LIMB = 16  # bits per limb: a product of two limbs is < 2**32, so a sum of < 2**31 of them fits int64
+_CHUNK = 2**22  # values per partial sum: bounds the limb arrays' memory (4 x 32 MiB)
+
+
+def _wide_mean_std(values: np.ndarray, n: int) -> tuple[float, float]:
+    """The exact sums for values whose squares overflow int64 (e.g. int32 or float intensities
+    near 3.4e7): |v| is cut into 16-bit limbs d_i, v**2 = sum_ij d_i d_j 2**(16(i+j)), and each
+    limb-product sum is exact in int64; Python ints combine them. The variance is then one
+    correctly rounded division of exact integers."""
+    s = s2 = 0
+    flat = values.ravel()
+    for start in range(0, flat.size, _CHUNK):
+        v = flat[start:start + _CHUNK]
+        s += _sum_exact(v)
+        s2 += _sum_squares_exact(v)
+    mean = s / n
+    var = max((n * s2 - s * s) / (n * n), 0.0)
+    return mean, float(np.sqrt(var))
+
+
+def _sum_exact(v: np.ndarray) -> int:
+    """Exact sum of up to 2**30 int values: high and low 32-bit halves summed separately."""
+    if v.dtype == np.uint64:  # beyond int64: the same split, unsigned
+        hi, lo = v >> np.uint64(32), v & np.uint64(2**32 - 1)
+        return int(hi.sum(dtype=np.uint64)) * 2**32 + int(lo.sum(dtype=np.uint64))
+    v = v.astype(np.int64, copy=False)
+    return int((v >> 32).sum(dtype=np.int64)) * 2**32 + int((v & (2**32 - 1)).sum(dtype=np.int64))
+
+
+def _sum_squares_exact(v: np.ndarray) -> int:
+    """Exact sum of squares of up to 2**30 int values, via 16-bit limbs of |v|."""
+    mag = v if v.dtype == np.uint64 else np.abs(v.astype(np.int64, copy=False)).view(np.uint64)  # |INT64_MIN| = 2**63
+    top = int(mag.max()).bit_length()
+    limbs = [((mag >> np.uint64(_LIMB * i)) & np.uint64(2**_LIMB - 1)).astype(np.int64)
+             for i in range(-(-top // _LIMB))]
+    total = 0
+    for i, a in enumerate(limbs):
+        for j in range(i, len(limbs)):
+            cross = int(np.multiply(a, limbs[j]).sum(dtype=np.int64))
+            total += (cross if i == j else 2 * cross) << (_LIMB * (i + j))  # d_i d_j appears twice if i != j
+    return total
 
 
 def brain_stats(vol: np.ndarray, brain: np.ndarray, n: int | None = None) -> tuple[float, float]:

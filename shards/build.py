@@ -6,15 +6,28 @@ Crash safety and resume:
     the task then writes OUTPUT/.build/done/{pid}.json (its small result dict);
   * a re-run with the same config skips patients whose done record and files are in place,
     so a killed build completes without redoing finished work, to the same bytes;
-  * manifest.json is written last and atomically; files no manifest references are removed.
+  * manifest.json is written last and atomically.
+
+What a build deletes: only what it (or an earlier run into the same folder) wrote: files that a
+previous manifest or `.build/done` record lists, or that this run wrote, and that the new manifest
+does not list; temporaries of exactly the names our writers use (`.{name}.{pid}.tmp`, see
+shards/atomic.py, wds_io.py, zarr_io.py); folders those deletions leave empty. Anything else in
+the output folder is left alone. A non-empty output folder that holds neither a shard set
+(manifest.json) nor an unfinished build (.build/config.json) is refused, so a typo in the output
+path never mixes a shard set into someone's files.
+
+Every failure to write (read-only folder, output path is a file, disk full) is a one-line
+BuildError naming the path; a patient's bad input is an InputError recorded in `failed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -24,14 +37,30 @@ from pathlib import Path
 from preprocess.discover import PatientFiles, discover
 from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.steps import InputError
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, wds_io, zarr_io
 from shards.atomic import sha256_file, write_json
+from shards.errors import BratsShardsError
+from shards.names import patient_id_problem, relpath_problem
 
 SPLITS = ("train", "val")
+_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # shards/atomic.py, wds_io.py, zarr_io.py: .{name}.{pid}.tmp
+_WDS_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")  # wds_io files, as plan_paths names them
 
 
-class BuildError(RuntimeError):
-    """The build cannot start (locked output, config mismatch, bad input folder)."""
+class BuildError(BratsShardsError, RuntimeError):
+    """The build cannot start or go on (locked or foreign output, config mismatch, bad input
+    folder, output not writable); nothing more is done (exit 2)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn an OSError while writing `path` into a one-line BuildError naming it: a full disk
+    or a read-only folder stops the whole build (every patient would fail the same way)."""
+    try:
+        yield
+    except OSError as e:
+        raise BuildError(f"cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)
@@ -59,7 +88,9 @@ def split_score(pid: str, seed: int) -> float:
 def assign_splits(pids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """Patient-level split. A patient's split depends only on (id, seed, fraction), so adding
     patients never moves existing ones. Exception, for tiny sets: if the rule gives no val
-    patient while val_fraction > 0 and there are >= 2 patients, the lowest-scoring one is val."""
+    patient while val_fraction > 0 and there are >= 2 patients, the lowest-scoring one is val.
+    `build` applies the same exception again after the run, to the patients that succeeded
+    (see `_val_fallback`)."""
     scores = {p: split_score(p, seed) for p in pids}
     split = {p: "val" if s < val_fraction else "train" for p, s in scores.items()}
     if val_fraction > 0 and len(pids) >= 2 and "val" not in split.values():
@@ -86,7 +117,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
     try:
         ps = process_patient(pf, cfg.preprocess, Path(in_root))
     except Exception as e:  # recorded in the manifest's `failed`, never swallowed
-        reason = str(e) if type(e).__name__ == "InputError" else f"{type(e).__name__}: {e}"
+        reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
         return {"pid": pf.pid, "error": reason}
     paths = plan_paths(pf.pid, split, wds_index)
     files = []
@@ -94,10 +125,13 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
              "modalities": ["t1", "t1gd", "t2", "flair"],
              "mask_channels": ["NCR/NET", "ED", "ET"] if cfg.preprocess.mask == "subregions" else ["WT", "TC", "ET"]}
     if "zarr" in cfg.formats:
-        for p in zarr_io.write_patient(out / paths["zarr"], ps.image, ps.mask, attrs, cfg.codec):
+        with _writing(out / paths["zarr"]):
+            written = zarr_io.write_patient(out / paths["zarr"], ps.image, ps.mask, attrs, cfg.codec)
+        for p in written:
             files.append(_file_entry(out, p, pf.pid, split, "zarr"))
     if "wds" in cfg.formats:
-        p, digest = wds_io.write_patient(out / paths["wds"], pf.pid, split, ps.image, ps.mask, ps.slice_index)
+        with _writing(out / paths["wds"]):
+            p, digest = wds_io.write_patient(out / paths["wds"], pf.pid, split, ps.image, ps.mask, ps.slice_index)
         files.append(_file_entry(out, p, pf.pid, split, "wds", digest))
     record = {
         "pid": pf.pid, "split": split, "n_slices": len(ps.slice_index), "slice_index": ps.slice_index,
@@ -107,7 +141,8 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
         "sources": ps.sources, "geometry": ps.geometry, "nonfinite_voxels": ps.nonfinite_voxels,
         "notes": list(pf.notes), "files": files,
     }
-    write_json(out / ".build" / "done" / f"{pf.pid}.json", record)
+    with _writing(out / ".build" / "done" / f"{pf.pid}.json"):
+        write_json(out / ".build" / "done" / f"{pf.pid}.json", record)
     # measurements, not part of the done record (they vary run to run)
     return dict(record, seconds=time.perf_counter() - t0,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -120,14 +155,20 @@ class OutputLock:
         self.path = out / ".lock"
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with _writing(self.path):  # a read-only output folder fails here, first
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise BuildError(f"another build is writing to {self.path.parent} (lock {self.path} is held)") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        try:
+            with _writing(self.path):
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, f"{os.getpid()}\n".encode())
+        except BuildError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -153,42 +194,109 @@ def _valid_done(out: Path, rec: dict, split: str, wds_index: int, cfg: BuildConf
     return {f["format"] for f in rec["files"]} == set(cfg.formats)
 
 
-def _previous_records(out: Path, config: dict) -> dict[str, dict]:
-    """Done records from an interrupted build or a finished manifest with the same config."""
-    records = {}
-    man = out / MANIFEST
-    if man.exists():
-        m = json.loads(man.read_text())
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise BuildError(f"cannot read {path}: {str(e)[:120]}; build into a new folder") from None
+
+
+def _previous_records(out: Path, config: dict) -> tuple[dict[str, dict], set[str]]:
+    """Done records from an interrupted build or a finished manifest with the same config, and
+    every file path those name (what earlier runs wrote, so what this run may delete)."""
+    from shards.manifest import ManifestError, load_manifest
+
+    records, owned = {}, set()
+    if (out / MANIFEST).exists():
+        try:
+            m = load_manifest(out)  # validated: paths stay inside the set, ids are plain names
+        except ManifestError as e:
+            raise BuildError(f"{e}; build into a new folder") from None
         if m.get("config") != config:
             raise BuildError(f"{out} holds a shard set built with another config; build into a new folder")
+        owned |= _file_paths(m)
         for pid, p in m["patients"].items():
             files = [f for f in m["files"] if f.get("patient") == pid]
             records[pid] = dict(p, pid=pid, files=files)
     build = out / ".build"
     if (build / "config.json").exists():
-        if json.loads((build / "config.json").read_text()) != config:
+        if _load_json(build / "config.json") != config:
             raise BuildError(f"{out} holds an unfinished build with another config; "
                              f"re-run with the same options or build into a new folder")
         for p in sorted((build / "done").glob("*.json")):
-            rec = json.loads(p.read_text())
+            rec = _load_json(p)
+            if not (isinstance(rec, dict) and patient_id_problem(rec.get("pid")) is None
+                    and isinstance(rec.get("files"), list)):
+                raise BuildError(f"{p} is not a done record of this build; build into a new folder")
             records[rec["pid"]] = rec
-    return records
+            owned |= _file_paths(rec)
+    return records, owned
 
 
-def _sweep(out: Path, keep: set[str]) -> None:
-    """Remove temporaries and files no manifest entry references (leftovers of a crash)."""
-    for p in out.glob(".*.tmp"):
-        p.unlink()
-    for sub in ("zarr", "wds"):
-        base = out / sub
-        if not base.exists():
-            continue
-        for p in sorted(base.rglob("*"), reverse=True):
-            rel = p.relative_to(out).as_posix()
-            if p.is_file() and rel not in keep:
+def _deletable(rel) -> bool:
+    """A relative path a build may delete (if it wrote it): safe, under zarr/ or wds/."""
+    return relpath_problem(rel) is None and rel.split("/")[0] in ("zarr", "wds")
+
+
+def _file_paths(rec: dict) -> set[str]:
+    """The paths a done record (or a manifest) lists that could be ours to delete."""
+    paths = {f.get("path") for f in rec.get("files", []) if isinstance(f, dict)}
+    return {p for p in paths if _deletable(p)}
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder that is neither a shard set nor an
+    unfinished build. `.lock` (and a `.build` holding only our temporary config) may be left by
+    a build killed at its start."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} exists and is not a folder")
+    if not out.is_dir() or (out / MANIFEST).is_file() or (out / ".build" / "config.json").is_file():
+        return
+    try:
+        names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        if names == [".build"] and all(_TMP.match(p.name) for p in (out / ".build").iterdir()):
+            names = []
+    except OSError as e:
+        raise BuildError(f"cannot list output folder {out}: {e.strerror or e}") from None
+    if names:
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        raise BuildError(f"output folder {out} is not empty ({shown}) and holds no shard set or unfinished "
+                         f"build; build into a new or empty folder")
+
+
+def _our_temporaries(out: Path, pids: set[str]):
+    """Leftovers of interrupted writes, by the exact names our writers give them (a patient's
+    zarr group: only for ids this build or an earlier one into the folder knows)."""
+    where = [(out, lambda n: n == MANIFEST), (out / "wds", _WDS_NAME.match)]
+    where += [(out / "zarr" / s, pids.__contains__) for s in SPLITS]
+    for folder, is_ours in where:
+        if folder.is_dir() and not folder.is_symlink():
+            for p in sorted(folder.iterdir()):
+                m = _TMP.match(p.name)
+                if m and is_ours(m["name"]):
+                    yield p
+
+
+def _sweep(out: Path, keep: set[str], owned: set[str], pids: set[str]) -> None:
+    """Remove temporaries and files we wrote that the new manifest does not list (leftovers of a
+    crash, of a patient that now fails or moved split), then folders that leaves empty."""
+    emptied = set()
+    for p in _our_temporaries(out, pids):
+        with _writing(p):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
                 p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
+    for rel in sorted(owned - keep):
+        p = out / rel
+        if _deletable(rel) and (p.is_file() or p.is_symlink()):
+            with _writing(p):
+                p.unlink()
+            emptied.add(p.parent)
+    for d in sorted(emptied, key=lambda d: len(d.parts), reverse=True):
+        while d != out and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
 
 
 def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
@@ -200,10 +308,12 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
         bar.close()
         return
     if workers == 0 and scheduler is None:
-        for pf, split, idx in todo:
-            yield build_patient(pf, *args[:2], split, idx, args[2])
-            bar.update()
-        bar.close()
+        try:
+            for pf, split, idx in todo:
+                yield build_patient(pf, *args[:2], split, idx, args[2])
+                bar.update()
+        finally:
+            bar.close()
         return
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -222,6 +332,8 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
         for fut in as_completed(futures):
             try:
                 yield fut.result()
+            except BuildError:  # the output cannot be written (disk full): stop the whole build
+                raise
             except Exception as e:  # a worker died (out of memory, killed): name the patient
                 yield {"pid": futures[fut], "error": f"worker failed: {type(e).__name__}: {e}"}
             bar.update()
@@ -232,9 +344,33 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
             cluster.close()
 
 
+def _plan(pids: list[str], cfg: BuildConfig) -> tuple[dict[str, str], dict[str, int]]:
+    """Each patient's split and its index among its split's patients (the tar's number)."""
+    splits = assign_splits(pids, cfg.val_fraction, cfg.split_seed)
+    index = {}
+    for s in SPLITS:
+        for i, pid in enumerate(p for p in pids if splits[p] == s):
+            index[pid] = i
+    return splits, index
+
+
+def _val_fallback(done: dict, cfg: BuildConfig) -> str | None:
+    """The patient to move to val when every val patient failed: `assign_splits`' tiny-set rule
+    applied to the patients that succeeded (val_fraction > 0, no successful val patient, at least
+    two successes: the lowest split score moves). Deterministic: it depends on which patients
+    succeeded only, so a resumed build ends where a fresh one does."""
+    if cfg.val_fraction <= 0 or len(done) < 2 or any(r["split"] == "val" for r in done.values()):
+        return None
+    return min(sorted(done), key=lambda p: split_score(p, cfg.split_seed))
+
+
 def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, workers: int | None = None,
           scheduler: str | None = None, progress: bool = True) -> dict:
-    """Build (or complete) a shard set; returns the manifest. Raises BuildError if it cannot start."""
+    """Build (or complete) a shard set; returns the manifest. Raises BuildError if it cannot start
+    or cannot write; a patient whose input is bad is recorded in `failed`.
+
+    When the val patients all fail, the val split would be empty: then (see `_val_fallback`) the
+    successful patient with the lowest split score is rebuilt into val (as `val-000000.tar`)."""
     from preprocess.discover import DiscoveryError
 
     in_root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
@@ -244,42 +380,56 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
         raise BuildError(str(e)) from None
     if not set(cfg.formats) <= {"zarr", "wds"} or not cfg.formats:
         raise BuildError(f"formats must be zarr, wds or both, not {cfg.formats}")
-    zarr_io.parse_codec(cfg.codec)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        zarr_io.parse_codec(cfg.codec)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    _check_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create output folder {out}: {e.strerror or e}") from None
     workers = os.cpu_count() if workers is None else workers
     config = dict(cfg.to_dict(), convention=disc.convention)
     with OutputLock(out):
-        previous = _previous_records(out, config)
-        write_json(out / ".build" / "config.json", config)
-        pids = [p.pid for p in disc.patients]
-        splits = assign_splits(pids, cfg.val_fraction, cfg.split_seed)
-        index = {}
-        for s in SPLITS:
-            for i, pid in enumerate(p for p in pids if splits[p] == s):
-                index[pid] = i
+        previous, owned = _previous_records(out, config)
+        with _writing(out / ".build" / "config.json"):
+            write_json(out / ".build" / "config.json", config)
+        splits, index = _plan([p.pid for p in disc.patients], cfg)
         done, todo = {}, []
         for pf in disc.patients:
             rec = previous.get(pf.pid)
-            if rec and _valid_done(out, rec, splits[pf.pid], index[pf.pid], cfg):
+            if rec and not pf.problem and _valid_done(out, rec, splits[pf.pid], index[pf.pid], cfg):
                 done[pf.pid] = rec
             else:
                 todo.append((pf, splits[pf.pid], index[pf.pid]))
         group_files = []
         if "zarr" in cfg.formats:
-            group_files = zarr_io.write_group_meta(out / "zarr", sorted(set(splits.values())))
-        failed = {}
-        timings = []
-        for res in _run_tasks(todo, (str(in_root), str(out), cfg), workers, scheduler, progress):
+            with _writing(out / "zarr"):
+                group_files = zarr_io.write_group_meta(out / "zarr", sorted(set(splits.values())))
+        failed, built, timings = {}, set(), []
+
+        def record(res):
             if "error" in res:
                 failed[res["pid"]] = res["error"]
-            else:
-                timings.append((res.pop("seconds"), res.pop("peak_rss_mb")))
-                done[res["pid"]] = res
+                done.pop(res["pid"], None)
+                return
+            timings.append((res.pop("seconds"), res.pop("peak_rss_mb")))
+            done[res["pid"]] = res
+            built.add(res["pid"])
+            owned.update(_file_paths(res))  # ours even if a later rebuild moves the patient
+
+        for res in _run_tasks(todo, (str(in_root), str(out), cfg), workers, scheduler, progress):
+            record(res)
+        if (pid := _val_fallback(done, cfg)) is not None:
+            pf = next(p for p in disc.patients if p.pid == pid)
+            record(build_patient(pf, str(in_root), str(out), "val", 0, cfg))
         manifest = _manifest(out, disc, config, done, failed, group_files)
-        _sweep(out, {f["path"] for f in manifest["files"]})
-        write_json(out / MANIFEST, manifest)
+        _sweep(out, {f["path"] for f in manifest["files"]}, owned, set(splits) | set(previous))
+        with _writing(out / MANIFEST):
+            write_json(out / MANIFEST, manifest)
         shutil.rmtree(out / ".build", ignore_errors=True)
-    manifest["_run"] = {"built": len(todo) - len(failed), "reused": len(done) - (len(todo) - len(failed)),
+    manifest["_run"] = {"built": len(built & set(done)), "reused": len(set(done) - built),
                         "task_seconds": [t for t, _ in timings], "peak_rss_mb": [m for _, m in timings]}
     return manifest
 
