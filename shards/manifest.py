@@ -48,7 +48,8 @@ def _count(v, limit: int) -> bool:
 def _problems(m: dict):
     """Yield what is wrong with a manifest that passed `check_format` (nothing: it is valid)."""
     layouts = m["format"].get("layouts")
-    if not (isinstance(layouts, list) and layouts and set(layouts) <= set(LAYOUTS)):
+    if not (isinstance(layouts, list) and layouts and all(isinstance(x, str) and x in LAYOUTS for x in layouts)
+            and len(set(layouts)) == len(layouts)):
         yield f"format.layouts {layouts!r} is not a non-empty list of {LAYOUTS}"
         return
     cfg = m.get("config")
@@ -73,14 +74,23 @@ def _problems(m: dict):
         if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
             yield f"patient {pid}: mask_pixels is not a list of counts within its pixels"
             return
+    listed = []
     for split, pids in splits.items():
         if split not in SPLITS or not isinstance(pids, list) \
                 or any(not isinstance(q, str) or patients.get(q, {}).get("split") != split for q in pids):
             yield f"split {split!r} lists patients that are not in `patients` under that split"
             return
+        listed += pids
+    if sorted(listed) != sorted(patients):
+        yield "splits do not list every patient exactly once"
+        return
     seen = set()
     for f in files:
         yield from _file_problems(f, patients, layouts, seen)
+    if "wds" in layouts:  # each patient is exactly one tar: the loader looks it up by patient
+        tars = [f.get("patient") for f in files if isinstance(f, dict) and f.get("format") == "wds"]
+        if sorted(map(str, tars)) != sorted(patients):
+            yield "the WebDataset files are not exactly one tar per patient"
     for f in failed:
         if not (isinstance(f, dict) and isinstance(f.get("patient"), str) and isinstance(f.get("reason"), str)):
             yield "failed holds an entry that is not {patient, reason}"
@@ -104,8 +114,10 @@ def _file_problems(f, patients: dict, layouts: list, seen: set):
             or not _SHA256.match(f["sha256"]):
         yield f"{path}: bytes or sha256 missing or invalid"
     pid = f.get("patient")
-    if pid is not None:
-        if pid not in patients:
+    if pid is None and f.get("format") == "wds":
+        yield f"{path}: a WebDataset shard names no patient"
+    elif pid is not None:
+        if not isinstance(pid, str) or pid not in patients:
             yield f"{path}: patient {str(pid)[:40]!r} is not in `patients`"
         elif f["format"] == "zarr" and not path.startswith(f"zarr/{patients[pid]['split']}/{pid}/"):
             yield f"{path}: not under its patient's group zarr/{patients[pid]['split']}/{pid}/"
@@ -158,75 +170,181 @@ def load_manifest(root: str | Path) -> dict:
 
 
 def verify(root: str | Path) -> list[str]:
-    """Re-hash every file against the manifest and check slice counts; returns the problems."""
+    """Check a local shard set against its manifest; returns the problems (one line each).
+
+    Every listed file: a regular file of the listed size and sha256. Nothing else under zarr/ or
+    wds/ (a file dropped into a patient group, a stray tar). Every patient: listed once in its
+    split, and its files hold exactly what the contract allows (`_check_counts`). Raises
+    ManifestError only when the manifest itself is unusable."""
     root = Path(root)
     m = load_manifest(root)
-    problems = []
+    problems, bad = [], set()
     for f in m["files"]:
-        p = root / f["path"]
-        if not p.is_file():
-            problems.append(f"{f['path']}: missing")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{f['path']}: {p.stat().st_size} bytes, manifest says {f['bytes']}")
-        elif sha256_file(p) != f["sha256"]:
-            problems.append(f"{f['path']}: sha256 differs from the manifest")
-    if problems:
-        return problems
-    problems += _check_counts(root, m)
+        why = _file_problem(root, f)
+        if why is not None:
+            problems.append(f"{f['path']}: {why}")
+            bad.add(f["path"])
+    problems += _unlisted(root, m)
+    problems += _check_counts(root, m, bad)
     return problems
 
 
-def _check_counts(root: Path, m: dict) -> list[str]:
-    """Slices in each file agree with the manifest's n_slices."""
-    from shards import wds_io
+def _file_problem(root: Path, f: dict) -> str | None:
+    p = root / f["path"]
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size != f["bytes"]:
+            return f"{st.st_size} bytes, manifest says {f['bytes']}"
+        if sha256_file(p) != f["sha256"]:
+            return "sha256 differs from the manifest"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    return None
+
+
+_MAX_LISTED = 100
+
+
+def _unlisted(root: Path, m: dict) -> list[str]:
+    """Entries under zarr/ and wds/ that the manifest does not list (readers never look at
+    them, but other tools would: a pickle dropped into a patient group, a stray tar)."""
+    listed = {f["path"] for f in m["files"]}
+    found = []
+    for top in LAYOUTS:
+        base = root / top
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            for d in list(dirnames):
+                if os.path.islink(os.path.join(dirpath, d)):  # never followed: report it
+                    found.append(f"{rel_dir}/{d}")
+                    dirnames.remove(d)
+            found += [f"{rel_dir}/{n}" for n in filenames if f"{rel_dir}/{n}" not in listed]
+    found.sort()
+    out = [f"{_plain(r)}: not listed in the manifest (a shard set holds only the files its manifest lists)"
+           for r in found[:_MAX_LISTED]]
+    if len(found) > _MAX_LISTED:
+        out.append(f"... and {len(found) - _MAX_LISTED} more files not listed in the manifest")
+    return out
+
+
+_ZARR_PATIENT_FILES = ("zarr.json", "image/zarr.json", "image/c/0/0/0/0", "mask/zarr.json", "mask/c/0/0/0/0")
+
+
+def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> list[str]:
+    """Each patient's files hold what the manifest promises and nothing the contract does not
+    allow: zarr metadata and chunks that decode to exactly `n_slices` contract slices (the
+    metadata is read as JSON and checked before anything is allocated), tars holding exactly the
+    contract's members in order. Patients with a file in `bad` (already reported) are skipped."""
+    from collections import Counter
+
+    from shards.readers import ShardFormatError, read_zarr_patient, scan_tar
 
     problems = []
     layouts = m["format"]["layouts"]
-    for pid, p in m["patients"].items():
-        if "zarr" in layouts:
-            import zarr
+    listed = {f["path"]: f for f in m["files"]}
 
-            g = zarr.open_group(str(root / "zarr" / p["split"] / pid), mode="r")
-            for name in ("image", "mask"):
-                if g[name].shape[0] != p["n_slices"]:
-                    problems.append(f"zarr/{p['split']}/{pid}/{name}: {g[name].shape[0]} slices, manifest says {p['n_slices']}")
-    if "wds" in layouts:
-        for f in m["files"]:
-            if f["format"] != "wds":
-                continue
-            with open(root / f["path"], "rb") as fh:
-                n = sum(1 for _ in wds_io.iter_tar(fh))
-            want = m["patients"][f["patient"]]["n_slices"]
-            if n != want:
-                problems.append(f"{f['path']}: {n} samples, manifest says {want}")
+    def read(rel):
+        f = listed.get(rel)
+        return None if f is None else read_local(root / rel, f["bytes"])
+
+    for split, pids in m["splits"].items():
+        for pid, k in sorted(Counter(pids).items()):
+            if k > 1:
+                problems.append(f"patient {pid} is listed {k} times in split {split}")
+    wds_files, zarr_files = {}, {}
+    for f in m["files"]:
+        if f["format"] == "wds" and f.get("patient") is not None:
+            wds_files.setdefault(f["patient"], []).append(f["path"])
+        elif f["format"] == "zarr":
+            pid = f.get("patient")
+            if pid is None:
+                ok = f["path"] == "zarr/zarr.json" or any(f["path"] == f"zarr/{s}/zarr.json" for s in SPLITS)
+            else:
+                sp = m["patients"][pid]["split"]
+                ok = f["path"] in {f"zarr/{sp}/{pid}/{n}" for n in _ZARR_PATIENT_FILES}
+                zarr_files.setdefault(pid, []).append(f["path"])
+            if not ok:
+                problems.append(f"{f['path']}: not a file of the zarr layout")
+        elif f["format"] == "wds":
+            problems.append(f"{f['path']}: a WebDataset shard that names no patient")
+    for pid, p in m["patients"].items():
+        split, n = p["split"], p["n_slices"]
+        if pid not in m["splits"].get(split, []):
+            problems.append(f"patient {pid} is not listed in split {split}")
+        try:
+            if "zarr" in layouts and not bad.intersection(zarr_files.get(pid, [])):
+                prefix = f"zarr/{split}/{pid}"
+                group = read(f"{prefix}/zarr.json")
+                if group is None:
+                    problems.append(f"{prefix}/zarr.json: missing from the manifest")
+                else:
+                    try:
+                        g = json.loads(bytes(group))
+                    except (ValueError, RecursionError):
+                        g = None
+                    if not (isinstance(g, dict) and g.get("zarr_format") == 3 and g.get("node_type") == "group"):
+                        problems.append(f"{prefix}/zarr.json: not the metadata of a zarr v3 group")
+                read_zarr_patient(read, prefix, n_slices=n)
+            if "wds" in layouts:
+                tars = wds_files.get(pid, [])
+                if len(tars) != 1:
+                    problems.append(f"patient {pid}: {len(tars)} WebDataset shards in the manifest; one per patient")
+                for rel in tars:
+                    if rel not in bad:
+                        scan_tar(read(rel), rel, n, pid, strict=True, copy=False)
+        except (ShardFormatError, ManifestError) as e:
+            problems.append(str(e))
+        except FileNotFoundError as e:
+            problems.append(f"{e.filename}: missing")
+        except OSError as e:
+            problems.append(f"{e.filename or pid}: cannot read: {e.strerror or e}")
     return problems
 
 
 def summary(m: dict) -> dict:
     """Patients and slices per split, class balance, bytes on disk, build config."""
+    n_chan = max((len(p["mask_pixels"]) for p in m["patients"].values()), default=3)
     splits = {}
     for s, pids in m["splits"].items():
         pix = sum(m["patients"][p]["pixels"] for p in pids)
-        chans = [sum(m["patients"][p]["mask_pixels"][c] for p in pids) for c in range(3)]
+        chans = [sum(m["patients"][p]["mask_pixels"][c] for p in pids if c < len(m["patients"][p]["mask_pixels"]))
+                 for c in range(n_chan)]
         splits[s] = {"patients": len(pids), "slices": sum(m["patients"][p]["n_slices"] for p in pids),
                      "mask_fraction": [c / pix if pix else 0.0 for c in chans]}
     by_format = {}
     for f in m["files"]:
         by_format[f["format"]] = by_format.get(f["format"], 0) + f["bytes"]
     channels = ["NCR/NET", "ED", "ET"] if m["config"]["preprocess"]["mask"] == "subregions" else ["WT", "TC", "ET"]
+    channels = (channels + [f"channel {c}" for c in range(3, n_chan)])[:n_chan]
     return {"format": m["format"], "splits": splits, "mask_channels": channels, "bytes": by_format,
             "failed": m["failed"], "config": m["config"]}
 
 
+def _plain(v, limit: int = 200) -> str:
+    """Text from a manifest, safe for a terminal line: control characters escaped, length bounded."""
+    text = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def format_summary(s: dict) -> str:
-    lines = [f"shard set format {s['format']['name']} v{s['format']['version']} ({', '.join(s['format']['layouts'])})"]
+    fmt = s["format"]
+    lines = [f"shard set format {_plain(fmt['name'])} v{_plain(fmt['version'])} "
+             f"({', '.join(_plain(x) for x in fmt['layouts'])})"]
     for split, d in s["splits"].items():
         frac = ", ".join(f"{c} {100 * v:.3f}%" for c, v in zip(s["mask_channels"], d["mask_fraction"]))
-        lines.append(f"  {split:5s}: {d['patients']:5d} patients {d['slices']:7d} slices   mask pixels: {frac}")
-    lines.append("  bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(s["bytes"].items())))
+        lines.append(f"  {_plain(split):5s}: {d['patients']:5d} patients {d['slices']:7d} slices   mask pixels: {frac}")
+    lines.append("  bytes: " + ", ".join(f"{_plain(k)} {v / 1e6:.1f} MB" for k, v in sorted(s["bytes"].items())))
     c = s["config"]
-    lines.append(f"  config: {json.dumps(c['preprocess'], sort_keys=True)} val_fraction={c['val_fraction']} "
-                 f"split_seed={c['split_seed']} codec={c['codec']} convention={c['convention']}")
+    lines.append(f"  config: {_plain(c.get('preprocess'), 400)} "
+                 + " ".join(f"{k}={_plain(c.get(k), 60)}" for k in ("val_fraction", "split_seed", "codec", "convention")))
     if s["failed"]:
-        lines.append(f"  failed: {len(s['failed'])} patient(s): " + "; ".join(f"{f['patient']}: {f['reason']}" for f in s["failed"]))
+        lines.append(f"  failed: {len(s['failed'])} patient(s): "
+                     + "; ".join(f"{_plain(f['patient'], 80)}: {_plain(f['reason'])}" for f in s["failed"]))
     return "\n".join(lines)

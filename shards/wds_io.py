@@ -57,27 +57,44 @@ def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.
     return path, hashlib.sha256(data).hexdigest()
 
 
-def read_npy(data: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+def read_npy(data: bytes, where: str = ".npy payload") -> np.ndarray:
+    """A .npy payload as an array that owns its memory. Nothing is unpickled, and a header
+    promising more (or less) data than the payload holds is refused, never allocated."""
+    from shards.readers import npy_view
+
+    return npy_view(memoryview(data), where).copy()
 
 
-def iter_tar(fileobj) -> Iterator[dict]:
-    """Plain-tar reader: yields {'__key__', 'image', 'mask', 'meta'} per sample, in file order."""
+def iter_tar(fileobj, where: str | None = None) -> Iterator[dict]:
+    """Plain-tar reader: yields {'__key__', 'image', 'mask', 'meta'} per sample, in file order.
+    Only `.npy` (never pickled) and `.json` members are decoded; other members are skipped. A tar,
+    npy or JSON that does not parse is a `ShardFormatError` naming the file."""
+    from shards.readers import ShardFormatError
+
+    where = where or str(getattr(fileobj, "name", "tar"))
     sample, key = {}, None
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, _, ext = m.name.partition(".")
-            if k != key and sample:
-                yield sample
-                sample = {}
-            key = k
-            data = tar.extractfile(m).read()
-            sample["__key__"] = k
-            if ext.endswith(".npy"):
-                sample[ext[:-4]] = read_npy(data)
-            elif ext.endswith(".json"):
-                sample[ext[:-5]] = json.loads(data)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, _, ext = m.name.partition(".")
+                if not (ext.endswith(".npy") or ext.endswith(".json")):
+                    continue
+                if k != key and sample:
+                    yield sample
+                    sample = {}
+                key = k
+                data = tar.extractfile(m).read()
+                sample["__key__"] = k
+                if ext.endswith(".npy"):
+                    sample[ext[:-4]] = read_npy(data, f"{where}: {m.name}")
+                else:
+                    try:
+                        sample[ext[:-5]] = json.loads(data)
+                    except (ValueError, RecursionError):
+                        raise ShardFormatError(f"{where}: {m.name} is not valid JSON") from None
+    except (tarfile.TarError, EOFError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{where}: not a readable tar ({type(e).__name__}: {str(e)[:100]})") from None
     if sample:
         yield sample

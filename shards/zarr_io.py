@@ -61,9 +61,26 @@ def write_patient(group_dir: Path, image: np.ndarray, mask: np.ndarray, attrs: d
     return sorted(p for p in group_dir.rglob("*") if p.is_file())
 
 
-def read_patient(group_dir: str, store=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Whole-patient read: one call per array (per-call overhead makes slice reads slow)."""
+def read_patient(group_dir: str, store=None, n_slices: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Whole-patient read: one call per array (per-call overhead makes slice reads slow).
+    zarr allocates what the metadata claims, so a local group's arrays are first checked
+    against the contract (and `n_slices`, when given) by the reader's checks."""
     import zarr
 
+    if store is None:
+        from shards.readers import MAX_META_BYTES, _json_file, zarr_array_spec
+
+        root = Path(group_dir)
+
+        def read(rel):
+            p = root / rel
+            if not p.is_file():
+                return None
+            with open(p, "rb") as f:
+                return f.read(MAX_META_BYTES + 1)
+
+        for name in ("image", "mask"):
+            where = f"{root}/{name}/zarr.json"
+            zarr_array_spec(_json_file(read, f"{name}/zarr.json", where), where, name, n_slices)
     g = zarr.open_group(store if store is not None else str(group_dir), mode="r")
     return g["image"][:], g["mask"][:], dict(g.attrs)

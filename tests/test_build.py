@@ -65,7 +65,7 @@ def test_round_trip_equals_direct_processing(release_2020, tmp_path):
 
 
 PLAIN_READER = r"""
-import json, sys, glob
+import io, json, sys, glob
 import numpy as np, zarr, webdataset as wds
 root = sys.argv[1]
 m = json.load(open(root + "/manifest.json"))
@@ -74,7 +74,11 @@ for pid, p in m["patients"].items():
     g = zarr.open_group(f"{root}/zarr/{p['split']}/{pid}", mode="r")
     out[pid] = [float(g["image"][:].astype(np.float64).sum()), int(g["mask"][:].sum()), g["image"].shape[0]]
 tars = sorted(root + "/" + f["path"] for f in m["files"] if f["format"] == "wds")
-ds = wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode()
+def npy_json_only(key, data):  # the README's safe decoding: no pickle, no torch.load
+    if key.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    return json.loads(data) if key.endswith(".json") else None
+ds = wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode(npy_json_only, pre=[], post=[])
 seen = {}
 for s in ds:
     pid = s["meta.json"]["patient"]

@@ -63,6 +63,11 @@ MUTATIONS = {
     "files duplicated": lambda m: m["files"].append(dict(m["files"][0])) or m,
     "patients is a list": lambda m: m.update(patients=[]) or m,
     "no files key": lambda m: m.pop("files") and m,
+    "unhashable patient of a file": lambda m: m["files"][0].update(patient=[1, 2]) or m,
+    "unhashable layout": lambda m: m["format"].update(layouts=["zarr", {}]) or m,
+    "tar naming no patient": lambda m: [f.pop("patient") for f in m["files"] if f["format"] == "wds"][:1] and m,
+    "patient listed in two splits": lambda m: m["splits"]["val"].append(m["splits"]["train"][0]) or m,
+    "patient in no split": lambda m: m["splits"]["train"].pop() and m,
     "mask_pixels beyond pixels": lambda m: m["patients"][_first(m)].update(mask_pixels=[10**12, 0, 0]) or m,
 }
 

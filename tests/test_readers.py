@@ -46,3 +46,89 @@ def test_npy_view_refuses_pickles():
     buf = io.BytesIO()
     np.save(buf, np.arange(6, dtype=np.int32).reshape(2, 3))
     assert readers.npy_view(memoryview(buf.getvalue())).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+# -- bounded by the manifest and the contract: malformed content is a one-line ShardFormatError -------------
+
+def _zarr_patient(tmp_path, codec="blosc-lz4:5", n=5):
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(n, 4, 16, 16)).astype(np.float16)
+    mask = (rng.random((n, 3, 16, 16)) > 0.5).astype(np.uint8)
+    zarr_io.write_patient(tmp_path / "p", image, mask, {}, codec)
+    return (lambda rel: (tmp_path / rel).read_bytes() if (tmp_path / rel).exists() else None), image, mask  # noqa: E731
+
+
+def test_zarr_reader_refuses_a_slice_count_other_than_the_manifests(tmp_path):
+    read, image, _ = _zarr_patient(tmp_path)
+    im, _ = readers.read_zarr_patient(read, "p", n_slices=5)
+    assert np.array_equal(im, image)
+    with pytest.raises(readers.ShardFormatError, match=r"p/image/zarr.json: claims 5 slices, the manifest says 6"):
+        readers.read_zarr_patient(read, "p", n_slices=6)
+
+
+def test_zarr_metadata_claiming_terabytes_is_refused_before_allocating(tmp_path):
+    import json
+
+    read, _, _ = _zarr_patient(tmp_path)
+    meta = json.loads(read("p/image/zarr.json"))
+    meta["shape"][0] = meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 10**9
+    (tmp_path / "p/image/zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(readers.ShardFormatError, match="claims 1000000000 slices"):
+        readers.read_zarr_patient(read, "p", per_slice=True, n_slices=5)
+    with pytest.raises(readers.ShardFormatError, match="MiB per array"):  # no manifest: the contract's bound
+        readers.read_zarr_patient(read, "p", per_slice=True)
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd:3", "zstd:3", "none"])
+def test_zarr_chunk_decoding_to_another_size_is_refused(tmp_path, codec):
+    """Each codec's frame is checked against the slice size before it is decoded into it."""
+    import struct
+
+    import google_crc32c
+
+    read, image, _ = _zarr_patient(tmp_path, codec)
+    rel = "p/image/c/0/0/0/0"
+    data = read(rel)
+    n = 5
+    index = np.frombuffer(data, "<u8", count=2 * n, offset=len(data) - 16 * n - 4).reshape(n, 2).copy()
+    half = np.zeros((4, 16, 8), np.float16)
+    from numcodecs import Blosc, Zstd
+
+    wrong = {"blosc-zstd:3": lambda a: Blosc(cname="zstd").encode(a), "zstd:3": lambda a: Zstd().encode(a),
+             "none": lambda a: a.tobytes()}[codec](half)
+    body = data[: len(data) - 16 * n - 4]
+    index[0] = (len(body), len(wrong))
+    idx = index.astype("<u8").tobytes()
+    (tmp_path / rel).write_bytes(body + bytes(wrong) + idx + struct.pack("<I", google_crc32c.value(idx)))
+    with pytest.raises(readers.ShardFormatError, match=r"p/image/c/0/0/0/0: chunk 0: .*a slice is 2048"):
+        readers.read_zarr_patient(read, "p", n_slices=5)
+
+
+def test_wds_reader_refuses_more_samples_than_promised_before_decoding_them(tmp_path):
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(4, 4, 8, 8)).astype(np.float16)
+    mask = np.zeros((4, 3, 8, 8), np.uint8)
+    p, _ = wds_io.write_patient(tmp_path / "x.tar", "BraTS20_Training_001", "train", image, mask, [0, 1, 2, 3])
+    data = p.read_bytes()
+    ims, _, keys = readers.read_wds_patient(data, n_slices=4, pid="BraTS20_Training_001", where="x.tar")
+    assert np.array_equal(np.stack(ims), image) and len(keys) == 4
+    with pytest.raises(readers.ShardFormatError, match="x.tar: holds more than the manifest's 3 samples"):
+        readers.read_wds_patient(data, n_slices=3, where="x.tar")
+    with pytest.raises(readers.ShardFormatError, match="x.tar: 4 samples, the manifest says 5"):
+        readers.read_wds_patient(data, n_slices=5, where="x.tar")
+    with pytest.raises(readers.ShardFormatError, match="where the contract has 'Other_s000.image.npy'"):
+        readers.read_wds_patient(data, n_slices=4, pid="Other", where="x.tar")
+
+
+def test_plain_tar_reader_refuses_bad_tars_and_npys_in_one_line(tmp_path):
+    p, _ = wds_io.write_patient(tmp_path / "x.tar", "P", "train", np.zeros((1, 4, 8, 8), np.float16),
+                                np.zeros((1, 3, 8, 8), np.uint8), [0])
+    data = p.read_bytes()
+    with pytest.raises(readers.ShardFormatError, match="x.tar"):
+        list(wds_io.iter_tar(io.BytesIO(data[:700]), where="x.tar"))
+    big = np.lib.format.header_data_from_array_1_0(np.zeros((4, 8, 8), np.float16))
+    big["shape"] = (4, 10**6, 10**6)  # 8 TB promised, 512 bytes present
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, big)
+    with pytest.raises(readers.ShardFormatError, match="npy data is 0 bytes"):
+        wds_io.read_npy(buf.getvalue())

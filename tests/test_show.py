@@ -47,3 +47,82 @@ def test_show_unknown_patient_is_a_clear_error(release_2020, tmp_path):
     r = subprocess.run([sys.executable, "cli.py", "show", str(release_2020), "--out", str(tmp_path),
                         "--patient", "nobody"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "patient nobody not found" in r.stderr
+
+
+# -- untrusted names and files: nothing is written outside --out, nothing read unbounded ------------------
+
+def _cli(*args, limit_as: int | None = None, timeout: float = 300):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=preexec if limit_as else None)
+
+
+def _one_line_refusal(r):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def _pngs(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.png"))
+
+
+def test_show_refuses_a_patient_option_that_is_not_a_plain_id(shard_set, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    r = _cli("show", shard_set, "--out", out, "--patient", "../../esc")
+    _one_line_refusal(r)
+    assert "--patient" in r.stderr
+    assert _pngs(tmp_path) == []
+
+
+def test_show_never_writes_outside_out_for_a_hostile_manifest(shard_set, tmp_path):
+    """A patient id `../../esc` would put its PNGs two folders above --out."""
+    import json
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    m = json.loads((root / "manifest.json").read_text())
+    victim = sorted(m["splits"]["val"])[0]
+    evil = "../../esc"
+    m["format"]["layouts"] = ["wds"]
+    m["files"] = [dict(f, patient=evil) if f["patient"] == victim else f for f in m["files"] if f["format"] == "wds"]
+    m["patients"][evil] = m["patients"].pop(victim)
+    m["splits"]["val"] = [evil if p == victim else p for p in m["splits"]["val"]]
+    (root / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "a" / "b" / "out"
+    r = _cli("show", root, "--out", out, "--patient", evil)
+    _one_line_refusal(r)
+    r = _cli("show", root, "--out", out)  # default patient: the first listed
+    _one_line_refusal(r)
+    assert "manifest.json" in r.stderr
+    assert [p for p in _pngs(tmp_path) if out not in p.parents] == []
+
+
+def test_show_refuses_a_png_path_resolving_outside_out(shard_set, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(b"precious")
+    pid = "BraTS20_Training_003"
+    (out / f"{pid}_modalities.png").symlink_to(target)
+    r = _cli("show", shard_set, "--out", out, "--patient", pid)
+    _one_line_refusal(r)
+    assert "outside" in r.stderr and target.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("config", ["/dev/zero", '{"shards": {"__class__": "os.system"}}', "[1]", "{bad json"])
+def test_show_run_config_is_read_bounded_and_shards_is_data(tmp_path, config):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if config.startswith("/dev/"):
+        os.symlink(config, run / "config.json")  # reading it to the end would never finish
+    else:
+        (run / "config.json").write_text(config)
+    r = _cli("show", "--run", run, "--out", tmp_path / "f", limit_as=3 << 30, timeout=120)
+    _one_line_refusal(r)
+    assert "config.json" in r.stderr

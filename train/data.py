@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.readers import read_wds_patient, read_zarr_patient
 from shards.wds_io import sample_key
+from train.source import ShardSetError
 
 
 def derive_seed(*parts) -> int:
@@ -45,7 +46,7 @@ class SliceStream(IterableDataset):
     def __init__(self, source, cfg: StreamConfig, rank: int = 0, world: int = 1, num_workers: int = 1):
         super().__init__()
         if cfg.fmt not in source.layouts():
-            raise ValueError(f"the shard set holds {source.layouts()}, not {cfg.fmt}")
+            raise ShardSetError(f"the shard set holds {source.layouts()}, not {cfg.fmt}")
         self.source, self.cfg = source, cfg
         self.rank, self.world, self.num_workers = rank, world, max(num_workers, 1)
         self.epoch = 0
@@ -82,12 +83,26 @@ class SliceStream(IterableDataset):
 
     # -- reading
     def read_patient(self, pid: str):
+        """(images, masks, keys) of one patient, read bounded by the manifest's n_slices: shard
+        content that does not match it or the contract is a ShardFormatError naming the file."""
+        from shards.readers import ShardFormatError
+
         split = self.source.manifest["patients"][pid]["split"]
+        n = self.source.n_slices(pid)
+        where = f"{getattr(self.source, 'location', '.')}/"  # messages name the file: set folder or URL
         if self.cfg.fmt == "zarr":
-            image, mask = read_zarr_patient(self.source.read_buffer, f"zarr/{split}/{pid}", per_slice=True)
+            image, mask = read_zarr_patient(self.source.read_buffer, f"zarr/{split}/{pid}", per_slice=True,
+                                            n_slices=n, where=f"{where}zarr/{split}/{pid}")
             keys = [sample_key(pid, i) for i in range(len(image))]
         else:
-            image, mask, keys = read_wds_patient(self.source.read_buffer(self.source.wds_file(pid)))
+            try:
+                rel = self.source.wds_file(pid)
+            except KeyError:
+                raise ShardFormatError(f"{where}manifest.json lists no WebDataset shard for patient {pid}") from None
+            data = self.source.read_buffer(rel)
+            if data is None:
+                raise ShardFormatError(f"{where}{rel}: not listed in the manifest")
+            image, mask, keys = read_wds_patient(data, n_slices=n, pid=pid, where=f"{where}{rel}")
         return image, mask, keys
 
     def samples(self, pids, rng):

@@ -1,5 +1,11 @@
 """`show`: the figures the seed notebook drew by hand, from a raw release or a shard set,
-and prediction-vs-truth overlays for a training run. Returns the PNG paths written."""
+and prediction-vs-truth overlays for a training run. Returns the PNG paths written.
+
+Patient ids become file names: every one (from --patient, a manifest or a release's folder
+names) must be a plain name (`shards.names.patient_id_problem`), and every PNG path must resolve
+inside `out`. Shards are read bounded by the manifest (`n_slices`); a run's config.json is read
+bounded, and its `shards` value is only ever a location string.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,32 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.errors import BratsShardsError
+from shards.names import patient_id_problem
 from train.plots import _plt, _save, overlay
 
 MODALITY_NAMES = ("T1", "T1Gd", "T2", "FLAIR")
+MAX_RUN_CONFIG_BYTES = 1 << 20
+MASK_CHANNELS = 3  # the overlays colour three channels
+
+
+class ShowError(BratsShardsError, ValueError):
+    """A refused `show` request or input; one line naming the patient or file."""
+
+
+def _check_pid(pid, what: str = "patient") -> str:
+    why = patient_id_problem(pid)
+    if why is not None:
+        raise ShowError(f"{what}: {why}")
+    return pid
+
+
+def _png(out: Path, name: str) -> Path:
+    """`out / name`, refused unless it resolves to a file directly inside `out`."""
+    path = out / name
+    if Path(name).name != name or path.resolve().parent != out.resolve():
+        raise ShowError(f"refusing to write {path}: it resolves outside {out}")
+    return path
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -29,13 +58,20 @@ def _volume_from_raw(src: Path, patient: str | None):
     from preprocess import steps
     from preprocess.discover import discover
     from preprocess.pipeline import load_patient, validate
+    from preprocess.steps import InputError
 
     disc = discover(src, need_seg=False)
+    if not disc.patients:
+        raise ShowError(f"no patients found in {src}")
     pf = next((p for p in disc.patients if p.pid == patient), None) if patient else disc.patients[0]
     if pf is None:
-        raise ValueError(f"patient {patient} not found in {src}")
-    vols, _ = load_patient(pf)
-    validate(pf, vols)
+        raise ShowError(f"patient {patient} not found in {src}")
+    _check_pid(pf.pid, f"{src}")
+    try:
+        vols, _ = load_patient(pf)
+        validate(pf, vols)
+    except InputError as e:
+        raise ShowError(f"{pf.pid}: {e}") from None
     ornt = steps.canonical_ornt(vols["t1"].affine)
     images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in ("t1", "t1gd", "t2", "flair")])
     seg = steps.apply_ornt(vols["seg"].data, ornt) if "seg" in vols else np.zeros(images.shape[1:], np.uint8)
@@ -43,20 +79,45 @@ def _volume_from_raw(src: Path, patient: str | None):
     return pf.pid, images.astype(np.float32), mask, disc
 
 
+def _read_patient(s, pid: str, location):
+    """(image (S, 4, H, W), mask (S, 3, H, W)) of one patient of ShardSource `s` (at `location`),
+    read bounded by the manifest's n_slices; refused if it has no slices or not the three mask
+    channels drawn."""
+    from shards.readers import ShardFormatError, read_wds_patient, read_zarr_patient
+
+    _check_pid(pid, f"{location}/manifest.json")
+    split, n = s.manifest["patients"][pid]["split"], s.n_slices(pid)
+    if n == 0:
+        raise ShowError(f"patient {pid} has no slices in the shard set {location}")
+    if "zarr" in s.layouts():
+        image, mask = read_zarr_patient(s.read_buffer, f"zarr/{split}/{pid}", n_slices=n,
+                                        where=f"{location}/zarr/{split}/{pid}")
+    else:
+        try:
+            rel = s.wds_file(pid)
+        except KeyError:
+            raise ShardFormatError(f"{location}/manifest.json lists no WebDataset shard for patient {pid}") from None
+        data = s.read_buffer(rel)
+        if data is None:
+            raise ShardFormatError(f"{location}/{rel}: not listed in the manifest")
+        ims, mks, _ = read_wds_patient(data, n_slices=n, pid=pid, where=f"{location}/{rel}")
+        image, mask = np.stack(ims), np.stack(mks)
+    if mask.shape[1] != MASK_CHANNELS:
+        raise ShowError(f"patient {pid}: {mask.shape[1]} mask channels; show draws {MASK_CHANNELS}")
+    return image, mask
+
+
 def _volume_from_shards(src: Path, patient: str | None):
-    from shards.readers import read_wds_patient, read_zarr_patient
     from train.source import ShardSource
 
     s = ShardSource(src)
-    pid = patient or (s.patients("train") + s.patients("val"))[0]
+    pids = s.patients("train") + s.patients("val")
+    if patient is None and not pids:
+        raise ShowError(f"the shard set {src} has no patients")
+    pid = patient or pids[0]
     if pid not in s.manifest["patients"]:
-        raise ValueError(f"patient {pid} not in the shard set {src}")
-    split = s.manifest["patients"][pid]["split"]
-    if "zarr" in s.layouts():
-        image, mask = read_zarr_patient(s.read, f"zarr/{split}/{pid}")
-    else:
-        ims, mks, _ = read_wds_patient(s.read(s.wds_file(pid)))
-        image, mask = np.stack(ims), np.stack(mks)
+        raise ShowError(f"patient {pid} not in the shard set {src}")
+    image, mask = _read_patient(s, pid, src)
     # (S, C, H, W) -> (C, H, W, S): slices stacked back along z
     return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), s
 
@@ -64,7 +125,9 @@ def _volume_from_shards(src: Path, patient: str | None):
 def figures(src: str | Path, out: str | Path, patient: str | None = None) -> list[Path]:
     """Modalities, planes, overlay, histograms and class balance for one patient of `src`."""
     src, out = Path(src), Path(out)
-    is_shards = (src / "manifest.json").exists()
+    if patient is not None:
+        _check_pid(patient, "--patient")
+    is_shards = (src / "manifest.json").exists() or (src / "manifest.json").is_symlink()
     pid, images, mask, ctx = (_volume_from_shards if is_shards else _volume_from_raw)(src, patient)
     tumour = mask.any(axis=0)  # (X, Y, Z)
     per_z = tumour.sum(axis=(0, 1))
@@ -81,7 +144,7 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None) -> lis
     for ax, img, name in zip(axes, images, MODALITY_NAMES):
         _imshow(ax, _grey(img[:, :, z]), name)
     fig.suptitle(f"{pid}, axial slice {z} — {kind}", fontsize=10)
-    paths.append(_save(fig, out / f"{pid}_modalities.png"))
+    paths.append(_save(fig, _png(out, f"{pid}_modalities.png")))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
@@ -94,7 +157,7 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None) -> lis
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{pid}: three planes through the tumour (FLAIR; NCR/NET red, ED green, ET yellow)", fontsize=9)
-    paths.append(_save(fig, out / f"{pid}_planes.png"))
+    paths.append(_save(fig, _png(out, f"{pid}_planes.png")))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
@@ -103,7 +166,7 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None) -> lis
     axes[1].set_title("mask overlay: NCR/NET red, ED green, ET yellow", fontsize=8)
     axes[1].set_xticks([])
     axes[1].set_yticks([])
-    paths.append(_save(fig, out / f"{pid}_overlay.png"))
+    paths.append(_save(fig, _png(out, f"{pid}_overlay.png")))
     plt.close(fig)
 
     paths.append(_histograms(images, pid, out, normalised_input=is_shards))
@@ -129,7 +192,7 @@ def _histograms(images: np.ndarray, pid: str, out: Path, normalised_input: bool)
             axes[r][c].tick_params(labelsize=7)
     fig.suptitle(f"{pid}: intensity histograms of brain voxels", fontsize=10)
     fig.tight_layout()
-    p = _save(fig, out / f"{pid}_histograms.png")
+    p = _save(fig, _png(out, f"{pid}_histograms.png"))
     plt.close(fig)
     return p
 
@@ -141,7 +204,7 @@ def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
     if is_shards:
         for pid, p in sorted(ctx.manifest["patients"].items()):
             names.append(pid)
-            fractions.append([c / max(p["pixels"], 1) for c in p["mask_pixels"]])
+            fractions.append([c / max(p["pixels"], 1) for c in (p["mask_pixels"] + [0, 0, 0])[:3]])
         what = "share of slice pixels (shards)"
     else:
         from tqdm import tqdm
@@ -174,7 +237,7 @@ def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
     ax.set_title(f"Class imbalance: tumour sub-regions as {what}; the rest is healthy tissue", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = _save(fig, out / "class_balance.png")
+    p = _save(fig, _png(out, "class_balance.png"))
     plt.close(fig)
     return p
 
@@ -183,25 +246,23 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
     import torch
 
-    from shards.readers import read_zarr_patient, read_wds_patient
     from train.loop import channel_names
     from train.plots import predictions
     from train.predict import load_model, predict_slices
     from train.source import ShardSource
 
     run, out = Path(run), Path(out)
-    conf = json.loads((run / "config.json").read_text())
+    shards = _run_shards(run)
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
     model, _, _ = load_model(ck, torch.device(device))
-    src = ShardSource(conf["shards"])
+    src = ShardSource(shards)
     names = channel_names(src)
     paths = []
     for pid in src.patients("val"):
-        if "zarr" in src.layouts():
-            image, mask = read_zarr_patient(src.read, f"zarr/val/{pid}")
-        else:
-            ims, mks, _ = read_wds_patient(src.read(src.wds_file(pid)))
-            image, mask = np.stack(ims), np.stack(mks)
+        if src.n_slices(pid) == 0:
+            continue
+        image, mask = _read_patient(src, pid, shards)
+        _png(out, f"run_{pid}.png")
         prob = predict_slices(model, image, torch.device(device))
         area = mask.reshape(len(mask), -1).sum(1, dtype=np.int64)
         order = np.argsort(-area, kind="stable")[:3]  # the most tumorous slices
@@ -209,3 +270,25 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
                     "pred": prob[i] > 0.5} for i in sorted(order)]
         paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})"))
     return paths
+
+
+def _run_shards(run: Path) -> str:
+    """The shard-set location a run was trained on, from RUN/config.json read bounded (a FIFO or
+    device is refused unread). The value is data: a location string, nothing else."""
+    from shards.manifest import ManifestError, read_local
+
+    path = run / "config.json"
+    try:
+        raw = read_local(path, MAX_RUN_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ShowError(f"{path} not found: not a training run folder") from None
+    except ManifestError as e:
+        raise ShowError(str(e)) from None
+    try:
+        conf = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ShowError(f"{path} is not valid JSON: {str(e)[:100]}") from None
+    shards = conf.get("shards") if isinstance(conf, dict) else None
+    if not (isinstance(shards, str) and shards and len(shards) <= 4096 and shards.isprintable()):
+        raise ShowError(f"{path}: 'shards' is not a shard-set location (a non-empty string)")
+    return shards
