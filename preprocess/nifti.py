@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.steps import InputError
+from shards.atomic import NotRegularFile, open_regular
 
 try:  # zlib-ng is a declared dependency; the fallback only keeps odd installs working
     from zlib_ng import zlib_ng as _zlib
@@ -56,18 +56,13 @@ def _describe(path: Path) -> str:
 
 
 def _open_regular(path: Path) -> tuple[int, int]:
-    """Open `path` for reading if it is a regular file: (fd, size). O_NONBLOCK so that opening
-    a FIFO returns at once (and is then refused) instead of waiting for a writer."""
+    """Open `path` if it is a regular file: (fd, size); InputError naming it otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, st = open_regular(path)
+    except NotRegularFile as e:
+        raise InputError(f"{_describe(path)} {e.strerror}") from None
     except OSError as e:
         raise InputError(f"cannot open {path.name}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a file")
-        raise InputError(f"{_describe(path)} is {kind}, not a regular file")
     return fd, st.st_size
 
 

@@ -1,11 +1,40 @@
-"""Atomic file writes and hashing: nothing half-written is ever under a final name."""
+"""Atomic file writes, hashing, and bounded reads of untrusted files: nothing half-written is
+ever under a final name, and nothing is read from a FIFO, a device or past a stated size."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}
+
+
+class NotRegularFile(OSError):
+    """The path is a FIFO, a device, a folder or a socket: never read (its .strerror says which)."""
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open `path` for reading if it is a regular file (after symlinks): (fd, its stat).
+    O_NONBLOCK so that opening a FIFO returns at once, to be refused, instead of waiting for a
+    writer. Raises FileNotFoundError, NotRegularFile or another OSError; the caller names it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+        raise NotRegularFile(0, f"is {kind}, not a regular file", str(path))
+    return fd, st
+
+
+def read_bounded(fd: int, limit: int) -> bytes | None:
+    """At most `limit` bytes from an open file, then closes it; None when it holds more."""
+    with open(fd, "rb") as f:
+        data = f.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 def tmp_name(path: Path) -> Path:

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST
-from shards.atomic import sha256_file
+from shards.atomic import NotRegularFile, open_regular, read_bounded, sha256_file
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
 
@@ -143,19 +143,14 @@ def read_local(path: Path, limit: int) -> bytes:
     """A regular file's bytes, at most `limit` of them (a FIFO, a device or /dev/zero is refused
     before anything is read; a file that grows past `limit` is refused, not buffered)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd, _ = open_regular(path)
     except FileNotFoundError:
         raise
-    except OSError as e:
-        raise ManifestError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ManifestError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
+    except OSError as e:  # NotRegularFile included
+        raise ManifestError(f"{path} {e.strerror}" if isinstance(e, NotRegularFile)
+                            else f"cannot open {path}: {e.strerror}") from None
+    data = read_bounded(fd, limit)
+    if data is None:
         raise ManifestError(f"{path} is larger than {limit} bytes; refusing it")
     return data
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from shards import MANIFEST
-from shards.atomic import write_bytes
+from shards.atomic import NotRegularFile, open_regular, write_bytes
 from shards.errors import BratsShardsError
 from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local
 
@@ -209,16 +209,15 @@ class ShardSource:
     def _open_local(self, rel: str, entry: dict) -> int:
         path = Path(self.location) / rel
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            fd, st = open_regular(path)
         except FileNotFoundError:
             raise ShardSetError(f"{path} not found (listed in the manifest)") from None
-        except OSError as e:
-            raise ShardSetError(f"cannot open {path}: {e.strerror}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+        except OSError as e:  # NotRegularFile included
+            raise ShardSetError(f"{path} {e.strerror}" if isinstance(e, NotRegularFile)
+                                else f"cannot open {path}: {e.strerror}") from None
+        if st.st_size != entry["bytes"]:
             os.close(fd)
-            raise ShardSetError(f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode) else
-                                f"{path} is {st.st_size} bytes, the manifest says {entry['bytes']}; "
+            raise ShardSetError(f"{path} is {st.st_size} bytes, the manifest says {entry['bytes']}; "
                                 f"the set changed after its manifest was written")
         return fd
 
