@@ -56,7 +56,6 @@ core, plus ~2 s once per process to import nilearn and load the template.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtr
 
-from preprocess.synthetic import LAYOUTS, Case, case_id, write_case
+from preprocess.synthetic import LAYOUTS, Case, case_id, write_release
 
 BRATS_SHAPE = (240, 240, 155)
 _FOV_MM = np.array([240.0, 240.0, 155.0])
@@ -294,26 +293,20 @@ def _thick_slices(img: np.ndarray, axis: int, k: float, phase: float) -> np.ndar
     pos = np.arange(phase, n - 1 + 1e-6, k)
     if pos.size < 2:
         return prof
-
-    def lerp(a, x):  # a sampled at fractional positions x along axis
-        i0 = np.clip(np.floor(x).astype(int), 0, n - 1)
-        i1 = np.minimum(i0 + 1, n - 1)
-        t = (x - i0).astype(np.float32)
-        sh = [1, 1, 1]
-        sh[axis] = -1
-        t = t.reshape(sh)
-        return np.take(a, i0, axis=axis) * (1 - t) + np.take(a, i1, axis=axis) * t
-
-    acquired = lerp(prof, pos)
+    acquired = _lerp_along(prof, pos, axis)
     j = np.clip((np.arange(n) - phase) / k, 0, pos.size - 1)
-    m = acquired.shape[axis]
-    j0 = np.clip(np.floor(j).astype(int), 0, m - 1)
-    j1 = np.minimum(j0 + 1, m - 1)
-    t = (j - j0).astype(np.float32)
+    return _lerp_along(acquired, j, axis)
+
+
+def _lerp_along(a: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """`a` linearly sampled at fractional positions `x` along `axis` (clamped at the ends)."""
+    n = a.shape[axis]
+    i0 = np.clip(np.floor(x).astype(int), 0, n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
     sh = [1, 1, 1]
     sh[axis] = -1
-    t = t.reshape(sh)
-    return np.take(acquired, j0, axis=axis) * (1 - t) + np.take(acquired, j1, axis=axis) * t
+    t = (x - i0).astype(np.float32).reshape(sh)
+    return np.take(a, i0, axis=axis) * (1 - t) + np.take(a, i1, axis=axis) * t
 
 
 def _bias_terms(rng, shape, n_terms: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -751,23 +744,10 @@ def _realistic_case_with_truth(index: int, shape=BRATS_SHAPE, release: str = "20
 def make_realistic_data(out: Path, patients: int, shape=BRATS_SHAPE, release: str = "2020",
                         seed: int = 0, orientation: str = "lps", start: int = 1,
                         progress: bool = False) -> list[str]:
-    """Write `patients` realistic cases plus a name-mapping table, like `make_demo_data`."""
-    if release not in LAYOUTS:
-        raise ValueError(f"unknown release {release!r}; choose one of {sorted(LAYOUTS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    it = range(start, start + patients)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="realistic cases", unit="patient")
-    for i in it:
+    """Write `patients` realistic cases plus a name-mapping table, like `make_demo_data`;
+    grade LGG when a case has no enhancing tumour."""
+    def make(i):
         case, _ = _generate(i, shape=shape, release=release, seed=seed)
-        write_case(case, out, release=release, orientation=orientation)
-        et_label = LAYOUTS[release][1]
-        rows.append(("HGG" if (case.seg == et_label).any() else "LGG", case.pid))
-    with open(out / "name_mapping.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Grade", "BraTS_ID"])
-        w.writerows(rows)
-    return [pid for _, pid in rows]
+        return case, ("HGG" if (case.seg == LAYOUTS[release][1]).any() else "LGG")
+
+    return write_release(out, make, patients, release, orientation, start, progress, "realistic cases")

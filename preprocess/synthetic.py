@@ -152,25 +152,32 @@ def write_case(case: Case, root: Path, release: str = "2020", orientation: str =
     return folder
 
 
-def make_demo_data(out: Path, patients: int, shape=(240, 240, 155), release: str = "2020",
-                   seed: int = 0, orientation: str = "lps", start: int = 1, progress: bool = False) -> list[str]:
-    """Write `patients` cases plus a name-mapping table in the root, as real releases ship."""
+def write_release(out: Path, make, patients: int, release: str, orientation: str, start: int,
+                  progress: bool, desc: str) -> list[str]:
+    """Write cases `make(i) -> (Case, grade)` for i in start.. plus the name-mapping table in the
+    root, as real releases ship; returns the patient ids."""
     if release not in LAYOUTS:
         raise ValueError(f"unknown release {release!r}; choose one of {sorted(LAYOUTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ids = []
+    rows = []
     it = range(start, start + patients)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="demo cases", unit="patient")
+        it = tqdm(it, desc=desc, unit="patient")
     for i in it:
-        case = make_case(i, shape=shape, release=release, seed=seed)
+        case, grade = make(i)
         write_case(case, out, release=release, orientation=orientation)
-        ids.append(case.pid)
+        rows.append((grade, case.pid))
     with open(out / "name_mapping.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Grade", "BraTS_ID"])
-        for pid in ids:
-            w.writerow(["HGG", pid])
-    return ids
+        w.writerows(rows)
+    return [pid for _, pid in rows]
+
+
+def make_demo_data(out: Path, patients: int, shape=(240, 240, 155), release: str = "2020",
+                   seed: int = 0, orientation: str = "lps", start: int = 1, progress: bool = False) -> list[str]:
+    """Write `patients` toy cases plus a name-mapping table in the root."""
+    return write_release(out, lambda i: (make_case(i, shape=shape, release=release, seed=seed), "HGG"),
+                         patients, release, orientation, start, progress, "demo cases")
