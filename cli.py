@@ -95,7 +95,7 @@ def build_shards(
 ):
     """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
     from preprocess.pipeline import PreprocessConfig
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
 
     formats = {"both": ("zarr", "wds"), "zarr": ("zarr",), "wds": ("wds",)}.get(format)
     if formats is None:
@@ -280,7 +280,7 @@ def demo(
 def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     from preprocess.synthetic import make_demo_data as make
     from preprocess.pipeline import PreprocessConfig
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
     from train.loop import REGION_NAMES, TrainConfig, train as run
 
     data, shards, run_dir = out / "data", out / "shards", out / "run"

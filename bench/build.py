@@ -24,7 +24,7 @@ from preprocess.discover import discover  # noqa: E402
 from preprocess.nifti import decode_only  # noqa: E402
 from preprocess.pipeline import PreprocessConfig  # noqa: E402
 from preprocess.synthetic import make_demo_data  # noqa: E402
-from shards.build import BuildConfig, build  # noqa: E402
+from preprocess.build import BuildConfig, build  # noqa: E402
 
 
 def _decode_patient(paths, stdlib=False):

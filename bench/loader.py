@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.data import SliceStream, StreamConfig  # noqa: E402
-from train.source import ShardSource  # noqa: E402
+from shards.source import ShardSource  # noqa: E402
 
 
 def time_stream(src, fmt, batch, max_slices):

@@ -59,7 +59,7 @@ def main():
         print(f"{name:15s} {r:8.1f} slices/s (CPU, {torch.get_num_threads()} threads)", flush=True)
     if args.shards:
         from bench.loader import time_stream  # noqa: E402
-        from train.source import ShardSource
+        from shards.source import ShardSource
 
         torch.set_num_threads(1)
         loader, _ = time_stream(ShardSource(args.shards), args.format, 32, 10000)

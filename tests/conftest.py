@@ -38,7 +38,7 @@ def release_copy(release_2020, tmp_path) -> Path:
 def shard_set(release_2020, tmp_path_factory) -> Path:
     """A small built shard set (both formats, 32x32 slices, 6 patients)."""
     from preprocess.pipeline import PreprocessConfig
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("shards") / "set"
     build(release_2020, out, BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.2), workers=0,

@@ -12,7 +12,7 @@ import pytest
 from preprocess.discover import discover
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.synthetic import make_demo_data
-from shards.build import BuildConfig, BuildError, OutputLock, assign_splits, build
+from preprocess.build import BuildConfig, BuildError, OutputLock, assign_splits, build
 from shards.manifest import load_manifest, verify
 
 REPO = Path(__file__).resolve().parents[1]

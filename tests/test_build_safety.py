@@ -17,7 +17,7 @@ from preprocess.discover import DiscoveryError, discover
 from preprocess.nifti import load_volume, save_volume
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
-from shards.build import BuildConfig, BuildError, assign_splits, build, split_score
+from preprocess.build import BuildConfig, BuildError, assign_splits, build, split_score
 from shards.errors import BratsShardsError
 from shards.manifest import load_manifest, verify
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from train.data import SliceStream, StreamConfig, augment
-from train.source import ShardSetError, ShardSource
+from shards.source import ShardSetError, ShardSource
 
 
 def _keys(ds, epoch=0):

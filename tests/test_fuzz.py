@@ -252,7 +252,7 @@ class CaseTimeout(BaseException):
 
 def _digest_stream(root, fmt):
     from train.data import SliceStream, StreamConfig
-    from train.source import ShardSource
+    from shards.source import ShardSource
 
     src = ShardSource(root)
     if fmt not in src.layouts():

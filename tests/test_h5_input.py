@@ -9,7 +9,7 @@ from preprocess.discover import discover  # noqa: E402
 from preprocess.h5slices import write_export  # noqa: E402
 from preprocess.pipeline import PreprocessConfig  # noqa: E402
 from preprocess.synthetic import make_case, write_case  # noqa: E402
-from shards.build import BuildConfig, build  # noqa: E402
+from preprocess.build import BuildConfig, build  # noqa: E402
 from shards.manifest import verify  # noqa: E402
 
 SHAPE = (48, 48, 24)

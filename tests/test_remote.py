@@ -10,7 +10,7 @@ import pytest
 
 from train.data import SliceStream, StreamConfig
 from train.loop import TrainConfig, train
-from train.source import ShardSetError, ShardSource
+from shards.source import ShardSetError, ShardSource
 
 
 class _Quiet(SimpleHTTPRequestHandler):

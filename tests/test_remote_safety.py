@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import train.source
+import shards.source
 from shards.errors import BratsShardsError
 from train.data import SliceStream, StreamConfig
-from train.source import ShardSetError, ShardSource
+from shards.source import ShardSetError, ShardSource
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -113,7 +113,7 @@ def test_manifest_path_cannot_write_outside_the_cache(shard_set, serve, tmp_path
 def test_cache_paths_never_come_from_manifest_text(shard_set, serve, tmp_path, monkeypatch):
     """Defence in depth: even with manifest validation bypassed, the cache writes only
     cache/sha256/<2 hex>/<sha256>, and refuses a sha256 that is not 64 hex digits."""
-    monkeypatch.setattr(train.source, "parse_manifest", lambda raw, where: json.loads(raw))
+    monkeypatch.setattr(shards.source, "parse_manifest", lambda raw, where: json.loads(raw))
     served = _copy(shard_set, tmp_path)
     cache = tmp_path / "a" / "cache"
     m = json.loads((served / "manifest.json").read_text())
@@ -144,7 +144,7 @@ def test_shard_set_error_is_a_brats_shards_error():
 def two_sets(release_2020, tmp_path_factory):
     """Set A and set B: same patients, same file sizes, other bytes (--normalize slice)."""
     from preprocess.pipeline import PreprocessConfig
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
 
     root = tmp_path_factory.mktemp("ab")
     for name, norm in (("a", "volume"), ("b", "slice")):
@@ -206,7 +206,7 @@ def test_cached_file_is_hashed_once_per_process(two_sets, serve, tmp_path, monke
         return hashlib.sha256(data)
 
     src = ShardSource(url, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(train.source, "hashlib", SimpleNamespace(sha256=counting))
+    monkeypatch.setattr(shards.source, "hashlib", SimpleNamespace(sha256=counting))
     for _ in range(3):
         assert src.read(rel) == (a / rel).read_bytes()
     assert len(calls) == 1 and requests[f"/{rel}"] == 1
@@ -251,7 +251,7 @@ def test_oversized_body_is_refused_without_buffering_it(shard_set, serve, tmp_pa
 
 
 def test_remote_manifest_download_is_bounded(shard_set, serve, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.source, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(shards.source, "MAX_MANIFEST_BYTES", 1000)
     assert (shard_set / "manifest.json").stat().st_size > 1000
     url, _ = serve(shard_set)
     with pytest.raises(ShardSetError, match=f"{url}/manifest.json sends more than 1000 bytes"):

@@ -285,7 +285,7 @@ resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
 from shards.errors import BratsShardsError
 from shards.manifest import load_manifest, summary, verify
 from train.data import SliceStream, StreamConfig
-from train.source import ShardSource
+from shards.source import ShardSource
 
 def outcome(fn):
     try:

@@ -56,7 +56,7 @@ def test_learns_on_small_data(tmp_path):
     """The whole chain learns: images and masks are paired right, the loss and metrics agree."""
     from preprocess.pipeline import PreprocessConfig
     from preprocess.synthetic import make_demo_data
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
 
     make_demo_data(tmp_path / "in", 8, shape=(64, 64, 32), seed=4)
     pre = PreprocessConfig(size=32, crop=True, tumour_free_fraction=0.3)

@@ -59,7 +59,7 @@ def test_overwrite_removes_only_what_a_run_writes(shard_set, tmp_path):
 
 
 def _case_in_val(pid: str) -> bool:
-    from shards.build import split_score
+    from preprocess.build import split_score
 
     return split_score(pid, 0) < 0.5
 
@@ -67,7 +67,7 @@ def _case_in_val(pid: str) -> bool:
 def test_val_patients_keeps_ids_differing_only_by_dot_and_underscore(tmp_path):
     from preprocess.pipeline import PreprocessConfig
     from preprocess.synthetic import make_case, write_case
-    from shards.build import BuildConfig, build
+    from preprocess.build import BuildConfig, build
 
     # a pair of ids that both fall in val, and two patients that train
     n = next(n for n in range(1000) if _case_in_val(f"Case{n}.A") and _case_in_val(f"Case{n}_A"))

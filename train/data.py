@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.readers import read_wds_patient, read_zarr_patient
 from shards.wds_io import sample_key
-from train.source import ShardSetError
+from shards.source import ShardSetError
 
 
 def derive_seed(*parts) -> int:

@@ -25,7 +25,7 @@ from train import checkpoint, plots
 from train.data import SliceStream, StreamConfig, derive_seed
 from train.metrics import confusion, make_loss, scores, to_regions
 from train.model import build_model
-from train.source import ShardSource
+from shards.source import ShardSource
 
 SUBREGION_NAMES = ["NEC/NET", "ED", "ET"]  # the seed notebook's column names
 REGION_NAMES = ["WT", "TC", "ET"]

@@ -108,7 +108,7 @@ def _read_patient(s, pid: str, location):
 
 
 def _volume_from_shards(src: Path, patient: str | None):
-    from train.source import ShardSource
+    from shards.source import ShardSource
 
     s = ShardSource(src)
     pids = s.patients("train") + s.patients("val")
@@ -249,7 +249,7 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     from train.loop import channel_names
     from train.plots import predictions
     from train.predict import load_model, predict_slices
-    from train.source import ShardSource
+    from shards.source import ShardSource
 
     run, out = Path(run), Path(out)
     shards = _run_shards(run)
