@@ -281,7 +281,8 @@ def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     from preprocess.synthetic import make_demo_data as make
     from preprocess.pipeline import PreprocessConfig
     from preprocess.build import BuildConfig, build
-    from train.loop import REGION_NAMES, TrainConfig, train as run
+    from shards.domain import REGIONS
+    from train.loop import TrainConfig, train as run
 
     data, shards, run_dir = out / "data", out / "shards", out / "run"
     if not (data / "name_mapping.csv").exists():
@@ -301,7 +302,7 @@ def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     typer.echo("\nvalidation after epoch {}: mean Dice {:.3f}".format(last["epoch"], last["mean_dice"]))
     typer.echo("  per class (2D, all slices): " + ", ".join(f"{n} {last['dice_' + n]:.3f}" for n in names))
     typer.echo("  BraTS regions (3D, mean over patients): "
-               + ", ".join(f"{r} {last['patient_dice_' + r]:.3f}" for r in REGION_NAMES))
+               + ", ".join(f"{r} {last['patient_dice_' + r]:.3f}" for r in REGIONS))
     typer.echo(f"  plots: {run_dir / 'plots'}  metrics: {run_dir / 'metrics.csv'}")
 
 
