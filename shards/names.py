@@ -14,6 +14,9 @@ import re
 MAX_PID_LEN = 80
 _PID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_RELPATH_LEN = 512
+# what the writers ever produce: no '%', '?', '#' (a URL would read them as escapes, a query or
+# a fragment and leave the set's prefix), no control characters, no spaces
+_RELPATH = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 def patient_id_problem(pid) -> str | None:
@@ -22,7 +25,7 @@ def patient_id_problem(pid) -> str | None:
         return f"patient id {pid!r} is not a non-empty string"
     if len(pid) > MAX_PID_LEN:
         return f"patient id {pid[:40]!r}... is {len(pid)} characters long; at most {MAX_PID_LEN} are supported"
-    if not _PID.match(pid) or ".." in pid:
+    if not _PID.fullmatch(pid) or ".." in pid:
         return (f"patient id {pid!r} has characters other than letters, digits, '.', '_' and '-' "
                 f"(or starts with one of '._-', or holds '..')")
     return None
@@ -35,8 +38,8 @@ def relpath_problem(path) -> str | None:
         return f"path {path!r} is not a non-empty string"
     if len(path) > MAX_RELPATH_LEN:
         return f"path {path[:40]!r}... is longer than {MAX_RELPATH_LEN} characters"
-    if path.startswith("/") or "\\" in path or "\0" in path or re.match(r"^[A-Za-z]:", path):
-        return f"path {path!r} is absolute or holds a backslash or NUL"
+    if path.startswith("/") or not _RELPATH.fullmatch(path):
+        return f"path {path!r} is absolute or holds characters other than letters, digits, '.', '_', '-', '/'"
     if any(part in ("", ".", "..") for part in path.split("/")):
         return f"path {path!r} has an empty, '.' or '..' component"
     return None
