@@ -105,11 +105,11 @@ def build_shards(
     cfg = _config(BuildConfig, preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats,
                   codec=codec)
     with _refusals():
-        m = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet)
-    run = m.pop("_run")
+        r = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet)
+    m = r.manifest
     n = {s: len(p) for s, p in m["splits"].items()}
     typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
-               f"({run['built']} built, {run['reused']} already done), {len(m['failed'])} failed")
+               f"({r.built} built, {r.reused} already done), {len(m['failed'])} failed")
     for f in m["failed"]:
         typer.echo(f"  FAILED {f['patient']}: {f['reason']}")
     if m["failed"]:
@@ -290,7 +290,7 @@ def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
         make(data, patients, shape=(160, 160, 96), seed=0, progress=True)
     typer.echo(f"2/3 building shards in {shards}")
     pre = PreprocessConfig(size=64, crop=True, tumour_free_fraction=0.25)
-    m = build(data, shards, BuildConfig(preprocess=pre, val_fraction=0.25), workers=workers)
+    m = build(data, shards, BuildConfig(preprocess=pre, val_fraction=0.25), workers=workers).manifest
     typer.echo(f"    {len(m['splits']['train'])} train / {len(m['splits']['val'])} val patients, "
                f"{len(m['failed'])} failed")
     typer.echo(f"3/3 training a U-Net for {epochs} epochs into {run_dir}")

@@ -13,18 +13,15 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from preprocess.discover import discover  # noqa: E402
-from preprocess.nifti import decode_only  # noqa: E402
-from preprocess.pipeline import PreprocessConfig  # noqa: E402
-from preprocess.synthetic import make_demo_data  # noqa: E402
-from preprocess.build import BuildConfig, build  # noqa: E402
+from preprocess.discover import discover
+from preprocess.nifti import decode_only
+from preprocess.pipeline import PreprocessConfig
+from preprocess.synthetic import make_demo_data
+from preprocess.build import BuildConfig, build
 
 
 def _decode_patient(paths, stdlib=False):
@@ -58,14 +55,14 @@ def time_build(data: Path, n: int, workers: int, cfg: BuildConfig) -> dict:
         floor = decode_floor(patients, workers)
         floor_zlib = decode_floor(patients, workers, stdlib=True)
         t0 = time.perf_counter()
-        m = build(subset, out, cfg, workers=workers, progress=False)
+        r = build(subset, out, cfg, workers=workers, progress=False)
         wall = time.perf_counter() - t0
-        run = m["_run"]
+        m = r.manifest
         return {"patients": n, "workers": workers, "build_s": round(wall, 3), "decode_floor_s": round(floor, 3),
                 "ratio": round(wall / floor, 2), "s_per_patient": round(wall / n, 3),
                 "decode_floor_stdlib_zlib_s": round(floor_zlib, 3), "ratio_vs_stdlib_zlib_floor": round(wall / floor_zlib, 2),
-                "task_s_mean": round(sum(run["task_seconds"]) / n, 3),
-                "peak_rss_mb_per_worker": round(max(run["peak_rss_mb"]), 1),
+                "task_s_mean": round(sum(r.task_seconds) / n, 3),
+                "peak_rss_mb_per_worker": round(max(r.peak_rss_mb), 1),
                 "bytes_out": sum(f["bytes"] for f in m["files"]), "failed": len(m["failed"])}
     finally:
         shutil.rmtree(subset, ignore_errors=True)

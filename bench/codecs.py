@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from preprocess.discover import discover  # noqa: E402
-from preprocess.pipeline import PreprocessConfig, process_patient  # noqa: E402
-from preprocess.synthetic import make_demo_data  # noqa: E402
-from shards import readers, zarr_io  # noqa: E402
+from preprocess.discover import discover
+from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.synthetic import make_demo_data
+from shards import readers, zarr_io
 
 CANDIDATES = ["none", "blosc-lz4:5", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "zstd:1", "zstd:3"]
 

@@ -3,8 +3,15 @@
     python bench/loader.py SHARDS --format zarr|wds [--batch 32] [--max-slices 20000]
 
 Measured in one process (a DataLoader worker does exactly this work), batch 32, no augmentation.
-In the same run: the seed-style baseline (one HDF5 file per slice, z-score normalised on read)
-and naive zarr reads of one slice per call. Last line: a JSON object.
+In the same run: the seed-style baseline and naive zarr reads of one slice per call. Last line:
+a JSON object.
+
+The seed-style baseline reads one file per slice, z-score normalised on read, as the seed's
+HDF5 slice export is read; the files are uncompressed `.npz` (the same two arrays, `image`
+(H, W, 4) float32 and `mask` (H, W, 3) uint8, one file per slice), so the benchmark needs
+nothing beyond the main install (no h5py). The `.npz` files read faster than the same arrays as
+HDF5 files (measured side by side in one process: ~480 vs ~425 slices/s at 128x128, about twice
+as fast at 48x48), so `speedup_vs_baseline` understates the speedup over the seed's HDF5 slices.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.data import SliceStream, StreamConfig  # noqa: E402
-from shards.source import ShardSource  # noqa: E402
+from shards import layout
+from shards.source import ShardSource
+from train.data import SliceStream, StreamConfig
 
 
 def time_stream(src, fmt, batch, max_slices):
@@ -43,18 +48,15 @@ def time_stream(src, fmt, batch, max_slices):
 
 
 def make_seed_files(src, root: Path, max_slices: int) -> list[Path]:
-    """One file per slice as the seed's HDF5 export: image (H, W, 4) float32, mask (H, W, 3)."""
-    import h5py
-
+    """One file per slice as the seed's export: image (H, W, 4) float32, mask (H, W, 3) uint8."""
     ds = SliceStream(src, StreamConfig(split="train", train=False, batch_size=64, fmt="zarr"
                                        if "zarr" in src.layouts() else "wds"))
     files = []
     for b in ds:
         for img, m in zip(b["image"].numpy(), b["mask"].numpy()):
-            p = root / f"volume_{len(files) // 155}_slice_{len(files) % 155}.h5"
-            with h5py.File(p, "w") as f:
-                f["image"] = np.moveaxis(img, 0, -1) * 300 + 500  # raw-like intensities
-                f["mask"] = np.moveaxis(m, 0, -1).astype(np.uint8)
+            p = root / f"volume_{len(files) // 155}_slice_{len(files) % 155}.npz"
+            np.savez(p, image=np.moveaxis(img, 0, -1) * 300 + 500,  # raw-like intensities
+                     mask=np.moveaxis(m, 0, -1).astype(np.uint8))
             files.append(p)
         if len(files) >= max_slices:
             break
@@ -62,14 +64,12 @@ def make_seed_files(src, root: Path, max_slices: int) -> list[Path]:
 
 
 def time_seed_baseline(files, batch):
-    import h5py
-
     n, t0 = 0, time.perf_counter()
     for i in range(0, len(files), batch):
         imgs, masks = [], []
         for p in files[i: i + batch]:
-            with h5py.File(p, "r") as f:
-                img, m = f["image"][()], f["mask"][()]
+            with np.load(p, allow_pickle=False) as f:
+                img, m = f["image"], f["mask"]
             img = np.moveaxis(img, -1, 0).astype(np.float32)
             mu = img.mean(axis=(1, 2), keepdims=True)
             sd = img.std(axis=(1, 2), keepdims=True) + 1e-8
@@ -86,7 +86,7 @@ def time_naive_zarr(root: Path, src, max_slices, batch):
     n, t0 = 0, time.perf_counter()
     imgs, masks = [], []
     for pid in src.patients("train"):
-        g = zarr.open_group(str(root / "zarr" / "train" / pid), mode="r")
+        g = zarr.open_group(str(root / layout.zarr_group("train", pid)), mode="r")
         for i in range(g["image"].shape[0]):
             imgs.append(torch.from_numpy(g["image"][i]).float())
             masks.append(torch.from_numpy(g["mask"][i]).float())

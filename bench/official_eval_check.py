@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from preprocess.nifti import save_volume  # noqa: E402
-from preprocess.synthetic import make_case  # noqa: E402
-from train.evaluate import patient_metrics  # noqa: E402
+from preprocess.nifti import save_volume
+from preprocess.synthetic import make_case
+from train.evaluate import patient_metrics
 
 
 def main():

@@ -11,8 +11,8 @@ Crash safety and resume:
 What a build deletes: only what it (or an earlier run into the same folder) wrote: files that a
 previous manifest or `.build/done` record lists, or that this run wrote, and that the new manifest
 does not list; temporaries of exactly the names our writers use (`.{name}.{pid}.tmp`, see
-shards/atomic.py, wds_io.py, zarr_io.py); folders those deletions leave empty. Anything else in
-the output folder is left alone. A non-empty output folder that holds neither a shard set
+shards/atomic.py); folders those deletions leave empty. Anything else in the output folder is
+left alone. A non-empty output folder that holds neither a shard set
 (manifest.json) nor an unfinished build (.build/config.json) is refused, so a typo in the output
 path never mixes a shard set into someone's files.
 
@@ -27,25 +27,24 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from preprocess.discover import PatientFiles, discover
 from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
-from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, wds_io, zarr_io
-from shards.atomic import sha256_file, write_json
+from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, wds_io, zarr_io
+from shards.atomic import TMP_NAME, sha256_file, write_json
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
 
-SPLITS = ("train", "val")
-_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # shards/atomic.py, wds_io.py, zarr_io.py: .{name}.{pid}.tmp
-_WDS_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")  # wds_io files, as plan_paths names them
+SPLITS = layout.SPLITS
+Format = Literal["zarr", "wds"]
 
 
 class BuildError(BratsShardsError, RuntimeError):
@@ -63,18 +62,64 @@ def _writing(path: Path):
         raise BuildError(f"cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
+def parse_formats(value) -> tuple[Format, ...]:
+    """A non-empty sequence of distinct layouts, in the given order (the manifest keeps it)."""
+    allowed = get_args(Format)
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value \
+            or any(v not in allowed for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"formats must be zarr, wds or both (each once), not {value!r}")
+    return tuple(value)
+
+
+def parse_val_fraction(value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1], not {value!r}")
+    return value
+
+
+def parse_seed(value) -> int:
+    if type(value) is not int:
+        raise ValueError(f"split_seed must be an integer, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class BuildConfig:
+    """What a shard set is built with; validated at construction, saved in the manifest."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     val_fraction: float = 0.2
     split_seed: int = 0
-    formats: tuple[str, ...] = ("zarr", "wds")
-    codec: str = "blosc-lz4:5"  # chosen by bench/codecs.py + bench/loader.py (BENCHMARKS.md)
+    formats: tuple[Format, ...] = ("zarr", "wds")
+    codec: str = "blosc-lz4:5"  # `zarr_io.CodecName[:level]`; chosen by bench/codecs.py + bench/loader.py
+
+    def __post_init__(self):
+        if not isinstance(self.preprocess, PreprocessConfig):
+            raise ValueError(f"preprocess must be a PreprocessConfig, not {type(self.preprocess).__name__}")
+        object.__setattr__(self, "formats", parse_formats(self.formats))
+        parse_val_fraction(self.val_fraction)
+        parse_seed(self.split_seed)
+        zarr_io.parse_codec_spec(self.codec)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["formats"] = list(self.formats)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildConfig":
+        """The inverse of `to_dict` (keys it does not write, e.g. a manifest's `convention`, are ignored)."""
+        return cls(preprocess=PreprocessConfig.from_dict(d["preprocess"]), val_fraction=d["val_fraction"],
+                   split_seed=d["split_seed"], formats=tuple(d["formats"]), codec=d["codec"])
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What `build` returns: the manifest it wrote, and measurements of this run (not in the manifest)."""
+    manifest: dict
+    built: int  # patients processed by this run
+    reused: int  # patients whose files an earlier run into the folder had finished
+    task_seconds: list[float] = field(default_factory=list)  # per patient built
+    peak_rss_mb: list[float] = field(default_factory=list)  # per patient built: its worker's peak RSS
 
 
 # ---------------------------------------------------------------- split
@@ -101,7 +146,7 @@ def assign_splits(pids: list[str], val_fraction: float, seed: int) -> dict[str, 
 # ---------------------------------------------------------------- per-patient task
 
 def plan_paths(pid: str, split: str, wds_index: int) -> dict[str, str]:
-    return {"zarr": f"zarr/{split}/{pid}", "wds": f"wds/{split}-{wds_index:06d}.tar"}
+    return {"zarr": layout.zarr_group(split, pid), "wds": layout.wds_tar(split, wds_index)}
 
 
 def _file_entry(out: Path, path: Path, pid: str, split: str, fmt: str, sha256: str | None = None) -> dict:
@@ -121,7 +166,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
         return {"pid": pf.pid, "error": reason}
     paths = plan_paths(pf.pid, split, wds_index)
     files = []
-    attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry,
+    attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
              "modalities": ["t1", "t1gd", "t2", "flair"],
              "mask_channels": ["NCR/NET", "ED", "ET"] if cfg.preprocess.mask == "subregions" else ["WT", "TC", "ET"]}
     if "zarr" in cfg.formats:
@@ -138,7 +183,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
         "label_voxels": ps.label_voxels,
         "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], 3, -1).sum(axis=(0, 2))],
         "pixels": int(ps.mask.shape[0] * ps.mask.shape[2] * ps.mask.shape[3]),
-        "sources": ps.sources, "geometry": ps.geometry, "nonfinite_voxels": ps.nonfinite_voxels,
+        "sources": ps.sources, "geometry": ps.geometry.to_dict(), "nonfinite_voxels": ps.nonfinite_voxels,
         "notes": list(pf.notes), "files": files,
     }
     with _writing(out / ".build" / "done" / f"{pf.pid}.json"):
@@ -235,7 +280,7 @@ def _previous_records(out: Path, config: dict) -> tuple[dict[str, dict], set[str
 
 def _deletable(rel) -> bool:
     """A relative path a build may delete (if it wrote it): safe, under zarr/ or wds/."""
-    return relpath_problem(rel) is None and rel.split("/")[0] in ("zarr", "wds")
+    return relpath_problem(rel) is None and rel.split("/")[0] in layout.LAYOUTS
 
 
 def _file_paths(rec: dict) -> set[str]:
@@ -254,7 +299,7 @@ def _check_output(out: Path) -> None:
         return
     try:
         names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-        if names == [".build"] and all(_TMP.match(p.name) for p in (out / ".build").iterdir()):
+        if names == [".build"] and all(TMP_NAME.match(p.name) for p in (out / ".build").iterdir()):
             names = []
     except OSError as e:
         raise BuildError(f"cannot list output folder {out}: {e.strerror or e}") from None
@@ -267,12 +312,12 @@ def _check_output(out: Path) -> None:
 def _our_temporaries(out: Path, pids: set[str]):
     """Leftovers of interrupted writes, by the exact names our writers give them (a patient's
     zarr group: only for ids this build or an earlier one into the folder knows)."""
-    where = [(out, lambda n: n == MANIFEST), (out / "wds", _WDS_NAME.match)]
-    where += [(out / "zarr" / s, pids.__contains__) for s in SPLITS]
+    where = [(out, lambda n: n == MANIFEST), (out / layout.WDS_ROOT, layout.WDS_NAME.match)]
+    where += [(out / layout.zarr_split(s), pids.__contains__) for s in SPLITS]
     for folder, is_ours in where:
         if folder.is_dir() and not folder.is_symlink():
             for p in sorted(folder.iterdir()):
-                m = _TMP.match(p.name)
+                m = TMP_NAME.match(p.name)
                 if m and is_ours(m["name"]):
                     yield p
 
@@ -365,9 +410,10 @@ def _val_fallback(done: dict, cfg: BuildConfig) -> str | None:
 
 
 def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, workers: int | None = None,
-          scheduler: str | None = None, progress: bool = True) -> dict:
-    """Build (or complete) a shard set; returns the manifest. Raises BuildError if it cannot start
-    or cannot write; a patient whose input is bad is recorded in `failed`.
+          scheduler: str | None = None, progress: bool = True) -> BuildResult:
+    """Build (or complete) a shard set; returns a BuildResult (the manifest and this run's figures).
+    Raises BuildError if it cannot start or cannot write; a patient whose input is bad is recorded
+    in `failed`.
 
     When the val patients all fail, the val split would be empty: then (see `_val_fallback`) the
     successful patient with the lowest split score is rebuilt into val (as `val-000000.tar`)."""
@@ -377,12 +423,6 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
     try:
         disc = discover(in_root)
     except DiscoveryError as e:
-        raise BuildError(str(e)) from None
-    if not set(cfg.formats) <= {"zarr", "wds"} or not cfg.formats:
-        raise BuildError(f"formats must be zarr, wds or both, not {cfg.formats}")
-    try:
-        zarr_io.parse_codec(cfg.codec)
-    except ValueError as e:
         raise BuildError(str(e)) from None
     _check_output(out)
     try:
@@ -405,8 +445,8 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
                 todo.append((pf, splits[pf.pid], index[pf.pid]))
         group_files = []
         if "zarr" in cfg.formats:
-            with _writing(out / "zarr"):
-                group_files = zarr_io.write_group_meta(out / "zarr", sorted(set(splits.values())))
+            with _writing(out / layout.ZARR_ROOT):
+                group_files = zarr_io.write_group_meta(out, sorted(set(splits.values())))
         failed, built, timings = {}, set(), []
 
         def record(res):
@@ -429,9 +469,8 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
         with _writing(out / MANIFEST):
             write_json(out / MANIFEST, manifest)
         shutil.rmtree(out / ".build", ignore_errors=True)
-    manifest["_run"] = {"built": len(built & set(done)), "reused": len(set(done) - built),
-                        "task_seconds": [t for t, _ in timings], "peak_rss_mb": [m for _, m in timings]}
-    return manifest
+    return BuildResult(manifest, built=len(built & set(done)), reused=len(set(done) - built),
+                       task_seconds=[t for t, _ in timings], peak_rss_mb=[m for _, m in timings])
 
 
 def _manifest(out: Path, disc, config: dict, done: dict, failed: dict, group_files) -> dict:

@@ -25,17 +25,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocess.synthetic import MODALITIES
+from shards.domain import MODALITIES, RELEASES, SEG, Release
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem
 
-# file suffix -> canonical modality, per naming convention
-SUFFIXES = {
-    "2020": {"t1": "t1", "t1ce": "t1gd", "t2": "t2", "flair": "flair", "seg": "seg"},
-    "2023": {"t1n": "t1", "t1c": "t1gd", "t2w": "t2", "t2f": "flair", "seg": "seg"},
-}
-# label convention of each naming: the enhancing tumour is 4 before 2023, 3 from 2023
-LABELS = {"2020": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
 _NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 
 
@@ -46,7 +39,7 @@ class DiscoveryError(BratsShardsError, ValueError):
 @dataclass(frozen=True)
 class PatientFiles:
     pid: str
-    convention: str  # "2020" (also 2021) or "2023"
+    convention: str  # the release's name in shards.domain.RELEASES ("2020" also covers 2021)
     files: dict[str, Path]  # canonical modality ("t1", "t1gd", "t2", "flair", "seg") -> path
     notes: tuple[str, ...] = ()
     problem: str | None = None  # why this patient cannot be used, naming the file(s)
@@ -57,8 +50,12 @@ class PatientFiles:
         return "h5-slices" if self.slices else "nifti"
 
     @property
+    def release(self) -> Release:
+        return RELEASES[self.convention]
+
+    @property
     def labels(self) -> tuple[int, ...]:
-        return LABELS[self.convention]
+        return self.release.label_values
 
 
 @dataclass
@@ -91,7 +88,7 @@ def _problem(pid: str, files: dict, niftis: list[Path], unclaimed: list[Path], d
     if dupes:
         m, ps = sorted(dupes.items())[0]
         return f"two files for {m}: {' and '.join(p.name for p in ps)}; remove the one that does not belong"
-    need = list(MODALITIES) + (["seg"] if need_seg else [])
+    need = list(MODALITIES) + ([SEG] if need_seg else [])
     missing = [m for m in need if m not in files]
     if missing:
         names = ", ".join(sorted(p.name for p in niftis))
@@ -104,28 +101,28 @@ def _problem(pid: str, files: dict, niftis: list[Path], unclaimed: list[Path], d
 
 def _resolve(folder: Path, niftis: list[Path], need_seg: bool) -> PatientFiles:
     pid = folder.name
-    found: dict[str, dict[str, list[Path]]] = {"2020": {}, "2023": {}}  # conv -> modality -> its files
+    found: dict[str, dict[str, list[Path]]] = {name: {} for name in RELEASES}  # release -> modality -> files
     unclaimed = []
     for path in niftis:
         suffix = _split_name(_NII.match(path.name)["stem"], pid)
         claimed = False
-        for conv, table in SUFFIXES.items():
-            if suffix in table:
-                found[conv].setdefault(table[suffix], []).append(path)
+        for name, rel in RELEASES.items():
+            if suffix in rel.suffixes:
+                found[name].setdefault(rel.suffixes[suffix], []).append(path)
                 claimed = True
         if not claimed:
             unclaimed.append(path)
-    # "t1" and "seg" exist in both namings: choose the convention with the most matches
-    conv = max(found, key=lambda c: (len(found[c]), c == "2020"))
+    # "t1" and "seg" exist in several namings: the one with the most matches wins, ties going to
+    # the earlier release of the table (max keeps the first of equals)
+    conv = max(found, key=lambda c: len(found[c]))
     files = {m: ps[0] for m, ps in found[conv].items()}
     dupes = {m: ps for m, ps in found[conv].items() if len(ps) > 1}  # `P_t1.nii` and `P_t1.nii.gz`
-    other = "2023" if conv == "2020" else "2020"
-    extra = set(found[other]) - set(files)  # modalities only the other naming matched
+    extra = set().union(*(found[c] for c in found if c != conv)) - set(files)  # only other namings matched
     notes = []
-    if "seg" not in files:
+    if SEG not in files:
         segs = [p for p in unclaimed if "seg" in p.name.lower()]
         if len(segs) == 1:
-            files["seg"] = segs[0]
+            files[SEG] = segs[0]
             unclaimed.remove(segs[0])
             notes.append(f"segmentation taken from non-standard file name {segs[0].name}")
     problem = _problem(pid, files, niftis, unclaimed, dupes, extra, need_seg)
@@ -162,12 +159,12 @@ def discover(root: str | Path, need_seg: bool = True) -> Discovery:
             if _NII.match(name) and not name.startswith("."):
                 by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
     if not by_folder:  # the seed's per-slice HDF5 export?
-        from preprocess.h5slices import find_volumes
+        from preprocess.h5slices import RELEASE, find_volumes
 
         volumes = find_volumes(root)
         if volumes:
             return Discovery(root=root, patients=[
-                PatientFiles(pid=v, convention="2020", files={}, slices=tuple(s)) for v, s in volumes.items()])
+                PatientFiles(pid=v, convention=RELEASE, files={}, slices=tuple(s)) for v, s in volumes.items()])
     if root in by_folder:
         loose = ", ".join(sorted(p.name for p in by_folder[root])[:3])
         raise DiscoveryError(f"NIfTI files directly in {root} ({loose}, ...): expected one folder per patient")
@@ -181,6 +178,6 @@ def discover(root: str | Path, need_seg: bool = True) -> Discovery:
         raise DiscoveryError(f"no patient folders with NIfTI files found under {root}")
     d = Discovery(root=root, patients=patients)
     if d.convention == "mixed":
-        counts = {c: sum(p.convention == c for p in patients) for c in LABELS}
-        raise DiscoveryError(f"input mixes 2020/2021-style and 2023-style names ({counts}); build them separately")
+        counts = {c: sum(p.convention == c for p in patients) for c in RELEASES}
+        raise DiscoveryError(f"input mixes the file names of several releases ({counts}); build them separately")
     return d

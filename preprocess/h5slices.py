@@ -22,7 +22,9 @@ import numpy as np
 
 from preprocess.nifti import MAX_DIM, MAX_VOXELS, RawVolume, read_regular
 from preprocess.steps import InputError
+from shards.domain import MODALITIES, RELEASES, SEG, encode_mask, to_labels
 
+RELEASE = "2020"  # the export is of BraTS 2020: its mask channels become that release's labels
 SLICE_FILE = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
 MAX_SLICE_FILE_BYTES = 2**28
 NOTE = "HDF5 slice export: no affine in the input; an identity affine (the arrays' own axes) is assumed"
@@ -73,15 +75,12 @@ def load_volumes(slices: list[tuple[int, Path]], root: Path | None = None) -> tu
             raise ValueError(f"{Path(path).name}: slice size {img.shape[:2]} differs from {image.shape[:2]}")
         image[:, :, i] = img
         mask[:, :, i] = m > 0.5
-    seg = np.zeros(image.shape[:3], np.uint8)
-    seg[mask[..., 1]] = 2
-    seg[mask[..., 0]] = 1
-    seg[mask[..., 2]] = 4
+    seg = to_labels(np.moveaxis(mask, -1, 0), "subregions", RELEASES[RELEASE])
     affine = np.eye(4)
     sha = digest.hexdigest()
     vols = {name: RawVolume(np.ascontiguousarray(image[..., c]), affine, sha, nbytes)
-            for c, name in enumerate(("t1", "t1gd", "t2", "flair"))}
-    vols["seg"] = RawVolume(seg, affine, sha, nbytes)
+            for c, name in enumerate(MODALITIES)}
+    vols[SEG] = RawVolume(seg, affine, sha, nbytes)
     folder = Path(slices[0][1]).parent
     rel = str(folder.relative_to(root)) if root else str(folder)
     sources = {"h5_slices": {"path": rel, "files": len(slices), "sha256": sha, "bytes": nbytes,
@@ -98,8 +97,9 @@ def _check_shapes(name: str, img: tuple, m: tuple, depth: int) -> None:
                          f"{MAX_DIM} per axis / {MAX_VOXELS} voxels: refused")
 
 
-def write_export(root: Path, volume: int, images: np.ndarray, seg: np.ndarray, et_label: int = 4) -> list[Path]:
-    """Write one volume as the seed's export (for tests and demos): images (4, X, Y, Z), seg (X, Y, Z)."""
+def write_export(root: Path, volume: int, images: np.ndarray, seg: np.ndarray, release: str = RELEASE) -> list[Path]:
+    """Write one volume as the seed's export (for tests and demos): images (4, X, Y, Z), seg (X, Y, Z)
+    in the labels of `release`."""
     h5py = _h5py()
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -107,6 +107,6 @@ def write_export(root: Path, volume: int, images: np.ndarray, seg: np.ndarray, e
         p = root / f"volume_{volume}_slice_{z}.h5"
         with h5py.File(p, "w") as f:
             f["image"] = np.moveaxis(images[:, :, :, z], 0, -1).astype(np.float64)
-            f["mask"] = np.stack([seg[:, :, z] == 1, seg[:, :, z] == 2, seg[:, :, z] == et_label], -1).astype(np.uint8)
+            f["mask"] = np.moveaxis(encode_mask(seg[:, :, z], RELEASES[release]), 0, -1)  # (X, Y, 3) uint8
         paths.append(p)
     return paths

@@ -199,11 +199,12 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -
     """Write a volume atomically (temporary name, then rename)."""
     import nibabel as nib
 
+    from shards.atomic import atomic_path
+
     path = Path(path)
     img = nib.Nifti1Image(data, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm", "sec")
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks the format by it
+    with atomic_path(path, suffix) as tmp:
+        nib.save(img, tmp)

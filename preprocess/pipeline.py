@@ -1,6 +1,7 @@
 """One patient's recipe: volumes on disk -> normalised, resized 2D axial slices.
 
-Steps, in order (each a pure function from `preprocess.steps`):
+Steps, in order (each a pure function from `preprocess.steps`; the index-space ones, 2, 6 and 7,
+through `preprocess.geometry.Geometry`, which holds their inverse beside them):
   1. load the four modalities and the segmentation (reads bounded: see `preprocess.nifti`);
      validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
      the release's set); NaN/Inf image voxels become 0 (counted)
@@ -25,8 +26,9 @@ import numpy as np
 
 from preprocess import steps
 from preprocess.discover import PatientFiles
+from preprocess.geometry import Geometry
 from preprocess.nifti import load_volume
-from preprocess.synthetic import MODALITIES
+from shards.domain import MASK_CHANNELS, MODALITIES, SEG, encode_mask
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.normalize not in ("volume", "slice"):
             raise ValueError(f"normalize must be 'volume' or 'slice', not {self.normalize!r}")
-        if self.mask not in ("subregions", "regions"):
-            raise ValueError(f"mask must be 'subregions' or 'regions', not {self.mask!r}")
+        if self.mask not in MASK_CHANNELS:
+            raise ValueError(f"mask must be {' or '.join(map(repr, MASK_CHANNELS))}, not {self.mask!r}")
         if not 0.0 <= self.tumour_free_fraction <= 1.0:
             raise ValueError("tumour_free_fraction must lie in [0, 1]")
         if not 8 <= self.size <= 1024:
@@ -63,7 +65,7 @@ class PatientSlices:
     image: np.ndarray  # (S, 4, H, W) float16
     mask: np.ndarray  # (S, 3, H, W) uint8
     slice_index: list[int]  # source axial index (canonical RAS z) of each slice
-    geometry: dict  # what it takes to map slices back onto the source volume
+    geometry: Geometry  # what it takes to map slices back onto the source volume (stored: .to_dict())
     label_voxels: dict  # source label -> voxel count (whole volume)
     sources: dict  # modality -> {path, sha256, bytes}
     nonfinite_voxels: int
@@ -81,7 +83,7 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
         except (OSError, ValueError, KeyError) as e:
             raise steps.InputError(f"{type(e).__name__}: {e}") from e
     vols, sources = {}, {}
-    for name in list(MODALITIES) + ["seg"]:
+    for name in list(MODALITIES) + [SEG]:
         path = pf.files.get(name)
         if path is None:
             continue
@@ -125,11 +127,11 @@ def validate(pf: PatientFiles, vols: dict) -> None:
             raise steps.InputError(f"{fname} has shape {v.data.shape}, {_name(pf, ref_name)} has {ref.data.shape}")
         if not np.allclose(v.affine, ref.affine, atol=1e-3):
             raise steps.InputError(f"{fname} has a different affine from {_name(pf, ref_name)}")
-    if "seg" in vols:
-        seg = vols["seg"].data
+    if SEG in vols:
+        seg = vols[SEG].data
         if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
             raise steps.InputError(f"{_name(pf, 'seg')} holds NaN/Inf values")
-        steps.label_counts(seg, pf.labels, _name(pf, "seg"))
+        steps.label_counts(seg, pf.labels, _name(pf, SEG))
 
 
 def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarray:
@@ -174,29 +176,25 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
     """Steps 2-8 on loaded, validated volumes."""
     ref = vols["t1"]
-    ornt = steps.canonical_ornt(ref.affine)
+    geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
     nonfinite = 0
     images = []
     for m in MODALITIES:
         v, n = steps.nonfinite_to_zero(vols[m].data)
         nonfinite += n
-        images.append(steps.apply_ornt(v, ornt))
-    has_seg = "seg" in vols
-    seg = steps.apply_ornt(np.asarray(vols["seg"].data).astype(np.uint8), ornt) if has_seg else None
-    canon_shape = images[0].shape  # (X, Y, Z) in RAS order
+        images.append(geo.to_canonical(v))  # (X, Y, Z) in RAS order
+    has_seg = SEG in vols
+    seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if has_seg else None
 
     brain = brain_mask(images)
     z_keep = select_slices(pf.pid, brain, seg, cfg)
-    box = steps.square_box(brain.any(axis=2)) if cfg.crop else (0, canon_shape[0], 0, canon_shape[1])
-    x0, x1, y0, y1 = box
+    if cfg.crop:
+        geo = geo.cropped(steps.square_box(brain.any(axis=2)))
     # Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the
     # brain mask, so resizing x and B and then combining equals normalising then resizing
     # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
     def small(vol):  # (X, Y, Z) -> (S, size, size) float32
-        stack = np.empty((len(z_keep), x1 - x0, y1 - y0), np.float32)
-        for i, z in enumerate(z_keep):  # gather the kept slices and cast in one pass
-            stack[i] = vol[x0:x1, y0:y1, z]
-        return steps.resize_image(stack, cfg.size)
+        return geo.to_slices(vol, z_keep, cfg.size)
 
     b_small = small(brain.view(np.uint8))
     n_brain = int(np.count_nonzero(brain))  # shared by the four modalities' statistics
@@ -215,26 +213,14 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     _check_finite(pf, image)
 
     if has_seg:
-        seg_s = steps.resize_labels(np.moveaxis(seg[x0:x1, y0:y1, z_keep], 2, 0), cfg.size)  # (S, H, W)
-        mask = np.moveaxis(steps.encode_mask(seg_s, pf.labels[-1], cfg.mask), 0, 1)  # (S, 3, H, W)
-        label_voxels = steps.label_counts(vols["seg"].data, pf.labels)
+        seg_s = geo.to_slices(seg, z_keep, cfg.size, labels=True)  # (S, H, W)
+        mask = np.moveaxis(encode_mask(seg_s, pf.release, cfg.mask), 0, 1)  # (S, 3, H, W)
+        label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
     else:
-        mask = np.zeros((len(z_keep), 3, cfg.size, cfg.size), np.uint8)
+        mask = np.zeros((len(z_keep), len(MASK_CHANNELS[cfg.mask]), cfg.size, cfg.size), np.uint8)
         label_voxels = {}
-    zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
-    geometry = {
-        "affine": ref.affine.tolist(),
-        "source_shape": list(ref.data.shape),
-        "ornt": ornt.astype(int).tolist(),
-        "canonical_shape": list(canon_shape),
-        "crop_box": [int(b) for b in box],
-        "spacing": [float(z) for z in zooms],
-        "labels": list(pf.labels),
-        "convention": pf.convention,
-        "affine_known": not pf.slices,
-    }
     return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
-                         slice_index=[int(z) for z in z_keep], geometry=geometry,
+                         slice_index=[int(z) for z in z_keep], geometry=geo,
                          label_voxels=label_voxels, sources=sources or {}, nonfinite_voxels=nonfinite)
 
 

@@ -65,7 +65,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtr
 
-from preprocess.synthetic import LAYOUTS, Case, case_id, write_release
+from preprocess.synthetic import Case, case_id, write_release
+from shards.domain import release as release_named
 
 BRATS_SHAPE = (240, 240, 155)
 _FOV_MM = np.array([240.0, 240.0, 155.0])
@@ -79,7 +80,6 @@ VOLUME_RANGES_CM3 = {
     "ED": (4.2, 238.0),
 }
 
-MODALITIES = ("t1", "t1gd", "t2", "flair")
 # Mean intensity per tissue and modality relative to white matter; drawn anew per case around these.
 _CONTRAST = {
     #          T1    T1Gd  T2    FLAIR
@@ -374,14 +374,13 @@ def _draw_contrast(rng) -> dict:
 
 def _generate(index: int, shape=BRATS_SHAPE, release: str = "2020", seed: int = 0,
               want_truth: bool = False):
-    if release not in LAYOUTS:
-        raise ValueError(f"unknown release {release!r}; choose one of {sorted(LAYOUTS)}")
+    rel = release_named(release)  # ValueError naming the known releases
     shape = tuple(int(n) for n in shape)
     rng = np.random.default_rng([seed, index, 0x5EA1])
     sp = spacing_mm(shape)
     tmpl = _template_1mm()
     t1_map, gm_map, wm_map = _template_maps(round(sp, 3))
-    et_label = LAYOUTS[release][1]
+    et_label = rel.et_label
 
     # -- anatomy: template -> case grid -------------------------------------------------------
     angles = np.clip(rng.normal(0, 3.0, 3), -7, 7)
@@ -748,6 +747,6 @@ def make_realistic_data(out: Path, patients: int, shape=BRATS_SHAPE, release: st
     grade LGG when a case has no enhancing tumour."""
     def make(i):
         case, _ = _generate(i, shape=shape, release=release, seed=seed)
-        return case, ("HGG" if (case.seg == LAYOUTS[release][1]).any() else "LGG")
+        return case, ("HGG" if (case.seg == release_named(release).et_label).any() else "LGG")
 
     return write_release(out, make, patients, release, orientation, start, progress, "realistic cases")

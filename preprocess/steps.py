@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from shards.domain import RELEASES
+from shards.domain import encode_mask as domain_encode_mask
 from shards.errors import EXIT_PATIENTS_FAILED, BratsShardsError
 
 
@@ -234,20 +236,11 @@ def resize_labels(arr: np.ndarray, size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- masks
 
-SUBREGIONS = ("NCR/NET", "ED", "ET")
-REGIONS = ("WT", "TC", "ET")
-
-
 def encode_mask(seg: np.ndarray, et_label: int, mode: str = "subregions") -> np.ndarray:
-    """Label map (...) -> uint8 channels (3, ...): [NCR/NET, ED, ET] or regions [WT, TC, ET]."""
-    ncr, ed, et = seg == 1, seg == 2, seg == et_label
-    if mode == "subregions":
-        chans = (ncr, ed, et)
-    elif mode == "regions":
-        chans = (ncr | ed | et, ncr | et, et)
-    else:
-        raise ValueError(f"unknown mask mode {mode!r}")
-    return np.stack(chans).astype(np.uint8)
+    """Old spelling of `shards.domain.encode_mask`, kept for train/show.py until it passes the
+    patient's release (`encode_mask(seg, pf.release, mode)`)."""
+    (rel,) = [r for r in RELEASES.values() if r.et_label == et_label]
+    return domain_encode_mask(seg, rel, mode)
 
 
 def label_counts(seg: np.ndarray, allowed: tuple[int, ...], name: str = "segmentation") -> dict[str, int]:

@@ -18,13 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.nifti import save_volume
+from shards.domain import MODALITIES, RELEASES, SEG, release as _release
 
-MODALITIES = ("t1", "t1gd", "t2", "flair")
-# release -> (file suffix per modality in MODALITIES order, enhancing-tumour label)
-LAYOUTS = {
-    "2020": (("t1", "t1ce", "t2", "flair"), 4),
-    "2023": (("t1n", "t1c", "t2w", "t2f"), 3),
-}
 # tissue -> mean intensity per modality (T1, T1Gd, T2, FLAIR), relative units
 CONTRAST = {
     "wm": (0.80, 0.75, 0.35, 0.45),
@@ -44,7 +39,7 @@ class Case:
 
 
 def case_id(release: str, index: int) -> str:
-    return f"BraTS20_Training_{index:03d}" if release == "2020" else f"BraTS-GLI-{index:05d}-000"
+    return RELEASES[release].case_id.format(index=index)
 
 
 def _smooth_field(rng, grids, n_waves: int, scale: float) -> np.ndarray:
@@ -91,7 +86,7 @@ def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: in
     edema_extent = rng.uniform(1.4, 2.1)
     has_ncr = rng.random() < 0.8
     has_et = rng.random() < 0.85
-    et_label = LAYOUTS[release][1]
+    et_label = RELEASES[release].et_label
     seg = np.zeros(shape, np.uint8)
     seg[d < edema_extent] = 2
     core = d < 1.0
@@ -136,8 +131,7 @@ def ras_affine(shape) -> np.ndarray:
 def write_case(case: Case, root: Path, release: str = "2020", orientation: str = "lps",
                ext: str = ".nii.gz") -> Path:
     """Write a case in the release's folder layout; LPS storage flips x and y of the RAS array."""
-    suffixes, _ = LAYOUTS[release]
-    sep = "_" if release == "2020" else "-"
+    rel = RELEASES[release]
     folder = root / case.pid
     folder.mkdir(parents=True, exist_ok=True)
     shape = case.seg.shape
@@ -146,9 +140,9 @@ def write_case(case: Case, root: Path, release: str = "2020", orientation: str =
     def stored(a):
         return np.ascontiguousarray(a[::-1, ::-1, :]) if orientation == "lps" else a
 
-    for suffix, img in zip(suffixes, case.images):
-        save_volume(folder / f"{case.pid}{sep}{suffix}{ext}", stored(img), affine)
-    save_volume(folder / f"{case.pid}{sep}seg{ext}", stored(case.seg), affine)
+    for modality, img in zip(MODALITIES, case.images):
+        save_volume(folder / rel.file_name(case.pid, modality, ext), stored(img), affine)
+    save_volume(folder / rel.file_name(case.pid, SEG, ext), stored(case.seg), affine)
     return folder
 
 
@@ -156,8 +150,7 @@ def write_release(out: Path, make, patients: int, release: str, orientation: str
                   progress: bool, desc: str) -> list[str]:
     """Write cases `make(i) -> (Case, grade)` for i in start.. plus the name-mapping table in the
     root, as real releases ship; returns the patient ids."""
-    if release not in LAYOUTS:
-        raise ValueError(f"unknown release {release!r}; choose one of {sorted(LAYOUTS)}")
+    _release(release)  # ValueError naming the known releases
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

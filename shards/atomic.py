@@ -1,12 +1,21 @@
 """Atomic file writes, hashing, and bounded reads of untrusted files: nothing half-written is
-ever under a final name, and nothing is read from a FIFO, a device or past a stated size."""
+ever under a final name, and nothing is read from a FIFO, a device or past a stated size.
+
+Every atomic write of the project goes through `atomic_path`: the content is written under
+`tmp_name(path)` (`.{name}.{pid}.tmp`, in the same folder, so the rename never crosses a file
+system), flushed to disk, then renamed over `path`. `TMP_NAME` matches those names, so a build
+can sweep exactly the leftovers of its own interrupted writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -37,18 +46,45 @@ def read_bounded(fd: int, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # what tmp_name gives (no suffix)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def tmp_name(path: Path, suffix: str = "") -> Path:
+    """The temporary name of `path` while this process writes it: `.{name}.{pid}.tmp{suffix}`
+    (`suffix` for writers that pick the format by extension, e.g. `.nii.gz`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield the temporary file path to write `path`'s content to; when the block ends normally
+    it is flushed to disk and renamed over `path` (its folder is created first). If the block
+    raises, the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
+    tmp = tmp_name(path, suffix)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data) -> None:
+    """`data` (bytes or any buffer) as the whole content of `path`, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dumps(obj) -> bytes:
@@ -56,7 +92,7 @@ def dumps(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: str | os.PathLike, obj) -> None:
     write_bytes(path, dumps(obj))
 
 

@@ -33,6 +33,8 @@ class Release:
     description: str
     suffixes: MappingProxyType  # file-name suffix after the patient id -> modality key (or SEG)
     labels: MappingProxyType  # label value -> sub-region it marks (0, background, is implicit)
+    case_id: str  # format of the i-th patient id, as the release names its cases: .format(index=i)
+    separator: str  # between the patient id and the file suffix ("PID_t1.nii.gz", "PID-t1n.nii.gz")
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -51,20 +53,24 @@ class Release:
         (suffix,) = [s for s, m in self.suffixes.items() if m == modality]
         return suffix
 
+    def file_name(self, pid: str, modality: str, ext: str = ".nii.gz") -> str:
+        """The release's name of one patient's file: `file_name("P", "t1gd")` -> "P_t1ce.nii.gz"."""
+        return f"{pid}{self.separator}{self.file_suffix(modality)}{ext}"
 
-def _release(name: str, description: str, suffixes: dict, labels: dict) -> Release:
-    return Release(name, description, MappingProxyType(suffixes), MappingProxyType(labels))
+
+def _release(name: str, description: str, suffixes: dict, labels: dict, case_id: str, separator: str) -> Release:
+    return Release(name, description, MappingProxyType(suffixes), MappingProxyType(labels), case_id, separator)
 
 
 RELEASES = MappingProxyType({
     "2020": _release(
         "2020", "BraTS 2018-2021 (BraTS20_Training_001_t1ce.nii.gz, BraTS2021_00000_t1ce.nii.gz)",
         {"t1": "t1", "t1ce": "t1gd", "t2": "t2", "flair": "flair", "seg": SEG},
-        {1: "NCR/NET", 2: "ED", 4: "ET"}),
+        {1: "NCR/NET", 2: "ED", 4: "ET"}, "BraTS20_Training_{index:03d}", "_"),
     "2023": _release(
         "2023", "BraTS 2023 adult glioma (BraTS-GLI-00000-000-t1c.nii.gz)",
         {"t1n": "t1", "t1c": "t1gd", "t2w": "t2", "t2f": "flair", "seg": SEG},
-        {1: "NCR/NET", 2: "ED", 3: "ET"}),
+        {1: "NCR/NET", 2: "ED", 3: "ET"}, "BraTS-GLI-{index:05d}-000", "-"),
 })
 
 
@@ -73,6 +79,15 @@ def release(name: str) -> Release:
         return RELEASES[name]
     except KeyError:
         raise ValueError(f"unknown release {name!r}; known: {', '.join(RELEASES)}") from None
+
+
+def release_of_values(values) -> Release:
+    """The release of a label map that comes without file names to tell it: the one release whose
+    enhancing-tumour label is among `values` (e.g. 3 present, 4 absent -> 2023); otherwise the
+    first release of the table."""
+    present = set(values)
+    hits = [r for r in RELEASES.values() if r.et_label in present]
+    return hits[0] if len(hits) == 1 else next(iter(RELEASES.values()))
 
 
 # ---------------------------------------------------------------- the label algebra

@@ -14,13 +14,12 @@ import re
 import stat
 from pathlib import Path
 
-from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout
 from shards.atomic import NotRegularFile, open_regular, read_bounded, sha256_file
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
 
-SPLITS = ("train", "val")
-LAYOUTS = ("zarr", "wds")
+SPLITS, LAYOUTS = layout.SPLITS, layout.LAYOUTS
 MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_SLICES = 100_000  # slices of one patient (BraTS volumes have 155 axial slices)
 MAX_FILE_BYTES = 2**36  # one shard file (one patient): 64 GiB
@@ -119,8 +118,8 @@ def _file_problems(f, patients: dict, layouts: list, seen: set):
     elif pid is not None:
         if not isinstance(pid, str) or pid not in patients:
             yield f"{path}: patient {str(pid)[:40]!r} is not in `patients`"
-        elif f["format"] == "zarr" and not path.startswith(f"zarr/{patients[pid]['split']}/{pid}/"):
-            yield f"{path}: not under its patient's group zarr/{patients[pid]['split']}/{pid}/"
+        elif f["format"] == "zarr" and not path.startswith(layout.zarr_group(patients[pid]["split"], pid) + "/"):
+            yield f"{path}: not under its patient's group {layout.zarr_group(patients[pid]['split'], pid)}/"
         elif f["format"] == "wds" and (path.count("/") != 1 or not path.endswith(".tar")):
             yield f"{path}: a WebDataset shard is a .tar file directly under wds/"
 
@@ -228,9 +227,6 @@ def _unlisted(root: Path, m: dict) -> list[str]:
     return out
 
 
-_ZARR_PATIENT_FILES = ("zarr.json", "image/zarr.json", "image/c/0/0/0/0", "mask/zarr.json", "mask/c/0/0/0/0")
-
-
 def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> list[str]:
     """Each patient's files hold what the manifest promises and nothing the contract does not
     allow: zarr metadata and chunks that decode to exactly `n_slices` contract slices (the
@@ -259,10 +255,9 @@ def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> li
         elif f["format"] == "zarr":
             pid = f.get("patient")
             if pid is None:
-                ok = f["path"] == "zarr/zarr.json" or any(f["path"] == f"zarr/{s}/zarr.json" for s in SPLITS)
+                ok = f["path"] in layout.zarr_group_meta()
             else:
-                sp = m["patients"][pid]["split"]
-                ok = f["path"] in {f"zarr/{sp}/{pid}/{n}" for n in _ZARR_PATIENT_FILES}
+                ok = f["path"] in layout.zarr_patient_files(m["patients"][pid]["split"], pid)
                 zarr_files.setdefault(pid, []).append(f["path"])
             if not ok:
                 problems.append(f"{f['path']}: not a file of the zarr layout")
@@ -274,17 +269,18 @@ def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> li
             problems.append(f"patient {pid} is not listed in split {split}")
         try:
             if "zarr" in layouts and not bad.intersection(zarr_files.get(pid, [])):
-                prefix = f"zarr/{split}/{pid}"
-                group = read(f"{prefix}/zarr.json")
+                prefix = layout.zarr_group(split, pid)
+                group_meta = f"{prefix}/{layout.ZARR_META}"
+                group = read(group_meta)
                 if group is None:
-                    problems.append(f"{prefix}/zarr.json: missing from the manifest")
+                    problems.append(f"{group_meta}: missing from the manifest")
                 else:
                     try:
                         g = json.loads(bytes(group))
                     except (ValueError, RecursionError):
                         g = None
                     if not (isinstance(g, dict) and g.get("zarr_format") == 3 and g.get("node_type") == "group"):
-                        problems.append(f"{prefix}/zarr.json: not the metadata of a zarr v3 group")
+                        problems.append(f"{group_meta}: not the metadata of a zarr v3 group")
                 read_zarr_patient(read, prefix, n_slices=n)
             if "wds" in layouts:
                 tars = wds_files.get(pid, [])

@@ -23,6 +23,7 @@ import struct
 
 import numpy as np
 
+from shards import layout
 from shards.errors import BratsShardsError
 
 _EMPTY = 2**64 - 1
@@ -176,11 +177,12 @@ def decode_zarr_array(meta: dict, shard: bytes | None, per_slice: bool = False, 
     per_slice=True returns a list of independent (C, H, W) arrays instead of one (S, C, H, W)
     array, so a slice kept in a shuffle buffer does not pin its whole patient in memory.
     `name` ('image'/'mask', default: from the data type) selects the contract's checks; `where`
-    names the array in messages (its shard file is `{where}/c/0/0/0/0`)."""
+    names the array's folder in messages (its files: `{where}/zarr.json`, `{where}/c/0/0/0/0`)."""
     if name is None:
         name = "mask" if isinstance(meta, dict) and meta.get("data_type") == "uint8" else "image"
-    shape, decode, has_crc = zarr_array_spec(meta, f"{where}/zarr.json", name, n_slices)
-    return _decode_shard(shape, np.dtype(ZARR_DTYPES[name]), decode, has_crc, shard, f"{where}/c/0/0/0/0", per_slice)
+    shape, decode, has_crc = zarr_array_spec(meta, f"{where}/{layout.ZARR_META}", name, n_slices)
+    return _decode_shard(shape, np.dtype(ZARR_DTYPES[name]), decode, has_crc, shard, f"{where}/{layout.ZARR_SHARD}",
+                         per_slice)
 
 
 def _decode_shard(shape, dtype, decode, has_crc, shard, where, per_slice):
@@ -242,22 +244,22 @@ def _json_file(read, rel: str, where: str):
 
 def read_zarr_patient(read, prefix: str, per_slice: bool = False, n_slices: int | None = None, *,
                       where: str | None = None):
-    """`read(relpath) -> bytes | None`; prefix `zarr/{split}/{pid}`. Returns (image, mask).
+    """`read(relpath) -> bytes | None`; prefix: the patient's group (`layout.zarr_group`). Returns (image, mask).
     n_slices: what the manifest promises; metadata claiming another count is refused before
     anything is allocated. `where`: how messages name the group (default `prefix`)."""
     where = prefix if where is None else where
     specs = []
-    for name in ("image", "mask"):
-        meta = _json_file(read, f"{prefix}/{name}/zarr.json", f"{where}/{name}/zarr.json")
-        specs.append(zarr_array_spec(meta, f"{where}/{name}/zarr.json", name, n_slices))
+    for name in layout.ARRAYS:
+        meta = _json_file(read, layout.zarr_array_meta(prefix, name), layout.zarr_array_meta(where, name))
+        specs.append(zarr_array_spec(meta, layout.zarr_array_meta(where, name), name, n_slices))
     (ishape, _, _), (mshape, _, _) = specs
     if ishape[0] != mshape[0] or ishape[2:] != mshape[2:]:
         raise ShardFormatError(f"{where}: image {list(ishape)} and mask {list(mshape)} differ in slices or H x W")
     arrays = []
-    for name, (shape, decode, has_crc) in zip(("image", "mask"), specs):
-        shard = read(f"{prefix}/{name}/c/0/0/0/0") if shape[0] else None
+    for name, (shape, decode, has_crc) in zip(layout.ARRAYS, specs):
+        shard = read(layout.zarr_array_shard(prefix, name)) if shape[0] else None
         arrays.append(_decode_shard(shape, np.dtype(ZARR_DTYPES[name]), decode, has_crc, shard,
-                                    f"{where}/{name}/c/0/0/0/0", per_slice))
+                                    layout.zarr_array_shard(where, name), per_slice))
     return arrays[0], arrays[1]
 
 

@@ -26,7 +26,9 @@ import stat
 import time
 from pathlib import Path
 
-from shards import MANIFEST
+import numpy as np
+
+from shards import MANIFEST, layout
 from shards.atomic import NotRegularFile, open_regular, write_bytes
 from shards.errors import BratsShardsError
 from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local
@@ -323,3 +325,38 @@ class ShardSource:
 
     def wds_file(self, pid: str) -> str:
         return self._wds[pid]
+
+    # -- the one way to read a patient
+    def read_patient(self, pid: str, fmt: str, per_slice: bool = False):
+        """(image, mask, keys) of patient `pid` from the set's `fmt` files ('zarr' or 'wds'): image
+        (S, 4, H, W) float16, mask (S, K, H, W) uint8, keys `sample_key(pid, i)`; per_slice=True
+        gives lists of (C, H, W) arrays that each own their memory (a slice kept in a shuffle
+        buffer does not pin its patient). Read bounded by the manifest's n_slices: content that
+        does not match it or the contract is a ShardFormatError naming the file."""
+        from shards.readers import ShardFormatError, read_wds_patient, read_zarr_patient
+        from shards.wds_io import sample_key
+
+        if fmt not in self.layouts():
+            raise ShardSetError(f"the shard set {self.location} holds {self.layouts()}, not {fmt}")
+        p = self.manifest["patients"].get(pid)
+        if p is None:
+            raise ShardSetError(f"patient {pid} is not in the shard set {self.location}")
+        n = p["n_slices"]
+        if fmt == "zarr":
+            group = layout.zarr_group(p["split"], pid)
+            image, mask = read_zarr_patient(self.read_buffer, group, per_slice=per_slice, n_slices=n,
+                                            where=f"{self.location}/{group}")
+            return image, mask, [sample_key(pid, i) for i in range(n)]
+        rel = self._wds.get(pid)
+        if rel is None:
+            raise ShardFormatError(f"{self.location}/{MANIFEST} lists no WebDataset shard for patient {pid}")
+        data = self.read_buffer(rel)
+        if data is None:
+            raise ShardFormatError(f"{self.location}/{rel}: not listed in the manifest")
+        images, masks, keys = read_wds_patient(data, n_slices=n, pid=pid, where=f"{self.location}/{rel}")
+        if per_slice:
+            return images, masks, keys
+        if not images:  # no slices: the shapes come from the manifest
+            size, k = self.manifest["config"]["preprocess"]["size"], len(p["mask_pixels"])
+            return np.zeros((0, 4, size, size), np.float16), np.zeros((0, k, size, size), np.uint8), keys
+        return np.stack(images), np.stack(masks), keys

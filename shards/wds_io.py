@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from shards.atomic import write_bytes
 
 
 def sample_key(pid: str, i: int) -> str:
@@ -49,11 +50,7 @@ def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.
             _add(tar, f"{key}.mask.npy", npy_bytes(mask[i]))
             _add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
     data = buf.getbuffer()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
     return path, hashlib.sha256(data).hexdigest()
 
 

@@ -34,13 +34,46 @@ def release_copy(release_2020, tmp_path) -> Path:
     return dst
 
 
+# patient ids with a dot, one per split at val_fraction 0.2 (split scores 0.16 and 0.27): sample
+# keys write '.' as '_', so a reader that parses ids back from keys gets these wrong
+DOTTED = {"BraTS20_Training_004": "BraTS20_Training.004",  # val
+          "BraTS20_Training_005": "BraTS20_Training.005"}  # train
+
+
 @pytest.fixture(scope="session")
-def shard_set(release_2020, tmp_path_factory) -> Path:
-    """A small built shard set (both formats, 32x32 slices, 6 patients)."""
+def release_dotted(release_2020, tmp_path_factory) -> Path:
+    """release_2020 with the cases of DOTTED renamed (folder, files, name_mapping.csv): discovery
+    takes a patient's id from its folder name and its files' names from that id."""
+    root = tmp_path_factory.mktemp("dotted") / "input"
+    shutil.copytree(release_2020, root)
+    for old, new in DOTTED.items():
+        for path in (root / old).iterdir():
+            path.rename(path.with_name(new + path.name.removeprefix(old)))
+        (root / old).rename(root / new)
+    mapping = root / "name_mapping.csv"
+    text = mapping.read_text()
+    for old, new in DOTTED.items():
+        text = text.replace(f",{old}\n", f",{new}\n")
+    mapping.write_text(text)
+    return root
+
+
+def _build_set(release: Path, out: Path) -> Path:
     from preprocess.pipeline import PreprocessConfig
     from preprocess.build import BuildConfig, build
 
-    out = tmp_path_factory.mktemp("shards") / "set"
-    build(release_2020, out, BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.2), workers=0,
+    build(release, out, BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.2), workers=0,
           progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def shard_set(release_2020, tmp_path_factory) -> Path:
+    """A small built shard set (both formats, 32x32 slices, 6 patients)."""
+    return _build_set(release_2020, tmp_path_factory.mktemp("shards") / "set")
+
+
+@pytest.fixture(scope="session")
+def shard_set_dotted(release_dotted, tmp_path_factory) -> Path:
+    """shard_set's patients, two of them (one train, one val) with the dotted ids of DOTTED."""
+    return _build_set(release_dotted, tmp_path_factory.mktemp("shards_dotted") / "set")

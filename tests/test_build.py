@@ -20,6 +20,11 @@ CFG = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.34)
 
 
 def _build(inp, out, cfg=CFG, workers=0, **kw):
+    """The manifest a build returns (`_run`: the whole BuildResult)."""
+    return _run(inp, out, cfg, workers, **kw).manifest
+
+
+def _run(inp, out, cfg=CFG, workers=0, **kw):
     return build(inp, out, cfg, workers=workers, progress=False, **kw)
 
 
@@ -106,11 +111,38 @@ def test_plain_zarr_and_webdataset_read_the_set(release_2020, tmp_path):
 
 
 def test_same_bytes_whatever_the_worker_count(release_2020, tmp_path):
-    a = _build(release_2020, tmp_path / "a", workers=0)
-    b = _build(release_2020, tmp_path / "b", workers=2)
-    a.pop("_run"), b.pop("_run")
-    assert a == b
+    ra = _run(release_2020, tmp_path / "a", workers=0)
+    rb = _run(release_2020, tmp_path / "b", workers=2)
+    a, b = ra.manifest, rb.manifest
+    assert (ra.built, ra.reused, rb.built, rb.reused) == (6, 0, 6, 0)
+    assert len(ra.task_seconds) == len(rb.peak_rss_mb) == 6 and min(ra.task_seconds) > 0
+    assert a == b and "_run" not in a
+    assert json.loads((tmp_path / "a" / "manifest.json").read_bytes()) == a  # what was written is what came back
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(formats=("zarr", "parquet")), "formats must be"), (dict(formats=()), "formats must be"),
+    (dict(formats=("wds", "wds")), "formats must be"), (dict(formats="zarr"), "formats must be"),
+    (dict(val_fraction=1.5), "val_fraction"), (dict(val_fraction=float("nan")), "val_fraction"),
+    (dict(val_fraction=True), "val_fraction"), (dict(split_seed="0"), "split_seed"),
+    (dict(codec="lz4"), "unknown codec"), (dict(codec="blosc-lz4:10"), "from 0 to 9"),
+    (dict(codec="zstd:fast"), "zstd takes"), (dict(codec="none:3"), "none takes no level"),
+    (dict(preprocess={"size": 32}), "PreprocessConfig"),
+])
+def test_build_config_is_validated_at_construction(kw, why):
+    with pytest.raises(ValueError, match=why):
+        BuildConfig(**kw)
+
+
+def test_build_config_round_trips_and_the_cli_refuses_bad_values(tmp_path):
+    cfg = BuildConfig(preprocess=PreprocessConfig(size=64, mask="regions"), val_fraction=0.0, split_seed=3,
+                      formats=["wds", "zarr"], codec="zstd:-5")
+    assert cfg.formats == ("wds", "zarr")  # order kept: it is the manifest's layouts order
+    assert BuildConfig.from_dict(dict(cfg.to_dict(), convention="2020")) == cfg
+    r = _cli("build-shards", tmp_path / "in", tmp_path / "out", "--codec", "blosc-lz4:12")
+    assert r.returncode == 2 and r.stderr == "error: codec 'blosc-lz4:12': blosc-lz4 takes from 0 to 9\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_is_by_patient_and_stable_when_patients_are_added():
@@ -146,12 +178,14 @@ def test_failed_patient_retried_after_fix(release_2020, release_copy, tmp_path):
     flair.rename(tmp_path / "flair.bak")
     assert _build(release_copy, tmp_path / "s")["failed"][0]["patient"] == pid
     (tmp_path / "flair.bak").rename(flair)
-    m = _build(release_copy, tmp_path / "s")
-    assert m["failed"] == [] and m["_run"]["built"] == 1
+    r = _run(release_copy, tmp_path / "s")
+    m = r.manifest
+    assert m["failed"] == [] and (r.built, r.reused) == (1, 5)
     ref = _build(release_2020, tmp_path / "ref")
-    assert (tmp_path / "s" / "manifest.json").read_bytes() != b""
-    m.pop("_run"), ref.pop("_run")
-    assert m["files"] == ref["files"]
+    written = json.loads((tmp_path / "s" / "manifest.json").read_bytes())
+    assert written == m and pid in written["patients"] and written["failed"] == []
+    assert m["files"] == ref["files"] and m["patients"] == ref["patients"]
+    assert verify(tmp_path / "s") == []
 
 
 def test_second_build_into_locked_output_is_refused(release_2020, tmp_path):
@@ -179,8 +213,32 @@ def test_verify_names_the_corrupted_file(release_2020, tmp_path):
     r = _cli("verify", tmp_path / "s")
     assert r.returncode == 1 and f"BAD {victim}: sha256 differs" in r.stdout
     info = _cli("info", tmp_path / "s", "--json")
+    assert info.returncode == 0, info.stderr
     s = json.loads(info.stdout)
-    assert s["splits"]["train"]["patients"] + s["splits"]["val"]["patients"] == 6
+    _check_info(s, tmp_path / "s", m)
+    text = _cli("info", tmp_path / "s")
+    for split in ("train", "val"):
+        d = s["splits"][split]
+        assert f"{split:5s}: {d['patients']:5d} patients {d['slices']:7d} slices" in text.stdout
+
+
+def _check_info(s: dict, root: Path, m: dict) -> None:
+    """`info --json` against what the set holds: slices and mask fractions from the arrays on disk,
+    bytes from the files' sizes (the corrupted tar keeps its size)."""
+    from shards.source import ShardSource
+
+    src = ShardSource(root)
+    assert s["mask_channels"] == ["NCR/NET", "ED", "ET"] and s["failed"] == []
+    assert set(s["splits"]) == {"train", "val"}
+    for split, d in s["splits"].items():
+        masks = [src.read_patient(pid, "zarr")[1] for pid in m["splits"][split]]  # (S, 3, H, W) each
+        assert d["patients"] == len(masks) > 0
+        assert d["slices"] == sum(len(k) for k in masks) > 0
+        pixels = sum(k.shape[0] * k.shape[2] * k.shape[3] for k in masks)
+        expected = [sum(int(k[:, c].sum()) for k in masks) / pixels for c in range(3)]
+        assert d["mask_fraction"] == pytest.approx(expected, rel=1e-12) and 0 < min(expected) < max(expected) < 0.5
+    on_disk = {fmt: sum(p.stat().st_size for p in (root / fmt).rglob("*") if p.is_file()) for fmt in ("zarr", "wds")}
+    assert s["bytes"] == on_disk and min(on_disk.values()) > 0
 
 
 @pytest.mark.slow
@@ -235,7 +293,6 @@ def test_build_on_a_separately_started_dask_cluster(release_2020, tmp_path):
             c.wait_for_workers(2, timeout=60)
         m = _build(release_2020, tmp_path / "d", scheduler=addr)
         ref = _build(release_2020, tmp_path / "ref")
-        m.pop("_run"), ref.pop("_run")
         assert m == ref and m["failed"] == []
     finally:
         for p in (worker, sched):

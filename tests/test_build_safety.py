@@ -25,7 +25,7 @@ CFG = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.34)
 
 
 def _build(inp, out, cfg=CFG, **kw):
-    return build(inp, out, cfg, workers=0, progress=False, **kw)
+    return build(inp, out, cfg, workers=0, progress=False, **kw).manifest
 
 
 def _pids(root) -> list[str]:
@@ -369,3 +369,21 @@ def test_gzip_stream_cut_in_its_trailer_is_refused(tmp_path):
     cut.write_bytes(p.read_bytes()[:-4])
     with pytest.raises(InputError, match="cut.nii.gz is a truncated gzip stream"):
         load_volume(cut)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    """shards.atomic.atomic_path: a failed write removes its temporary and leaves the old file."""
+    from shards.atomic import TMP_NAME, atomic_path, tmp_name, write_bytes
+
+    target = tmp_path / "sub" / "f.bin"
+    write_bytes(target, b"old")  # the folder is created
+    assert TMP_NAME.match(tmp_name(target).name)["name"] == "f.bin"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk on fire")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+    with atomic_path(target, ".nii.gz") as tmp:
+        assert tmp.name.endswith(".tmp.nii.gz") and tmp.parent == target.parent
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from preprocess.nifti import save_volume
+from shards.domain import RELEASES
 from train.evaluate import EMPTY_HD95, evaluate, hd95, patient_metrics
+
+R2020, R2023 = RELEASES["2020"], RELEASES["2023"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,10 +19,10 @@ def test_identical_gives_dice_1_hd95_0():
     ref[5:12, 5:12, 3:7] = 2
     ref[7:10, 7:10, 4:6] = 4
     ref[8, 8, 5] = 1
-    m = patient_metrics(ref, ref, (1, 1, 1), 4)
+    m = patient_metrics(ref, ref, (1, 1, 1), R2020)
     assert all(m[f"dice_{r}"] == 1.0 for r in ("WT", "TC", "ET"))
     assert all(m[f"hd95_{r}"] == 0.0 for r in ("WT", "TC", "ET"))
-    assert m["dice_sub_NCR"] == m["dice_sub_ED"] == m["dice_sub_ET"] == 1.0
+    assert m["dice_sub_NCR/NET"] == m["dice_sub_ED"] == m["dice_sub_ET"] == 1.0
 
 
 def test_hand_computed_values():
@@ -33,7 +36,7 @@ def test_hand_computed_values():
     pred2 = np.zeros_like(ref2)
     ref2[0:2, 0:2, 0:2] = 2
     pred2[1:3, 0:2, 0:2] = 2
-    m = patient_metrics(pred2, ref2, (1, 1, 1), 4)
+    m = patient_metrics(pred2, ref2, (1, 1, 1), R2020)
     assert m["dice_WT"] == pytest.approx(0.5) and m["dice_sub_ED"] == pytest.approx(0.5)
     assert m["hd95_WT"] == pytest.approx(1.0)  # every surface voxel is within 1 mm of the other surface
     # region composition: NCR counts in WT and TC, ED only in WT
@@ -41,10 +44,10 @@ def test_hand_computed_values():
     ref3[1, 1, 1], ref3[2, 2, 2], ref3[3, 3, 3] = 1, 2, 4
     pred3 = np.zeros_like(ref3)
     pred3[1, 1, 1] = 4  # NCR voxel called enhancing: right for WT and TC, wrong for ET
-    m = patient_metrics(pred3, ref3, (1, 1, 1), 4)
+    m = patient_metrics(pred3, ref3, (1, 1, 1), R2020)
     assert m["dice_WT"] == pytest.approx(2 * 1 / (1 + 3))
     assert m["dice_TC"] == pytest.approx(2 * 1 / (1 + 2))
-    assert m["dice_ET"] == 0.0 and m["dice_sub_NCR"] == 0.0
+    assert m["dice_ET"] == 0.0 and m["dice_sub_NCR/NET"] == 0.0
 
 
 def test_hd95_pools_both_directions():
@@ -62,13 +65,13 @@ def test_empty_conventions():
     empty = np.zeros((8, 8, 8), np.uint8)
     some = empty.copy()
     some[3, 3, 3] = 4
-    both = patient_metrics(empty, empty, (1, 1, 1), 4)
+    both = patient_metrics(empty, empty, (1, 1, 1), R2020)
     assert both["dice_ET"] == 1.0 and both["hd95_ET"] == 0.0
-    missed = patient_metrics(empty, some, (1, 1, 1), 4)
+    missed = patient_metrics(empty, some, (1, 1, 1), R2020)
     assert missed["dice_ET"] == 0.0 and missed["hd95_ET"] == EMPTY_HD95
-    false_alarm = patient_metrics(some, empty, (1, 1, 1), 4)
+    false_alarm = patient_metrics(some, empty, (1, 1, 1), R2020)
     assert false_alarm["dice_ET"] == 0.0 and false_alarm["hd95_ET"] == EMPTY_HD95
-    assert patient_metrics(some == 4, (some == 4).astype(np.uint8) * 3, (1, 1, 1), 3)["dice_ET"] == 0.0
+    assert patient_metrics(some == 4, (some == 4).astype(np.uint8) * 3, (1, 1, 1), R2023)["dice_ET"] == 0.0
 
 
 def test_folders_missing_prediction_and_2023_labels(tmp_path):

@@ -37,7 +37,7 @@ def test_prediction_stored_in_another_orientation_scores_as_identical(tmp_path):
     r = evaluate(tmp_path / "pred", tmp_path / "ref", progress=False)
     assert r["failed"] == {} and r["missing"] == [] and len(r["rows"]) == 2
     for row in r["rows"]:
-        assert all(row[f"dice_{k}"] == 1.0 for k in ("WT", "TC", "ET", "sub_NCR", "sub_ED", "sub_ET")), row
+        assert all(row[f"dice_{k}"] == 1.0 for k in ("WT", "TC", "ET", "sub_NCR/NET", "sub_ED", "sub_ET")), row
         assert all(row[f"hd95_{k}"] == 0.0 for k in ("WT", "TC", "ET")), row
 
 

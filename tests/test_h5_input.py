@@ -11,6 +11,7 @@ from preprocess.pipeline import PreprocessConfig  # noqa: E402
 from preprocess.synthetic import make_case, write_case  # noqa: E402
 from preprocess.build import BuildConfig, build  # noqa: E402
 from shards.manifest import verify  # noqa: E402
+from test_show import check_png  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
 
 SHAPE = (48, 48, 24)
 
@@ -35,8 +36,8 @@ def test_discovery_finds_volumes_in_slice_order(twin_inputs):
 
 def test_h5_export_builds_the_same_contract_as_nifti(twin_inputs, tmp_path):
     cfg = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.0)
-    mh = build(twin_inputs / "h5", tmp_path / "h5", cfg, workers=0, progress=False)
-    mn = build(twin_inputs / "nifti", tmp_path / "nifti", cfg, workers=0, progress=False)
+    mh = build(twin_inputs / "h5", tmp_path / "h5", cfg, workers=0, progress=False).manifest
+    mn = build(twin_inputs / "nifti", tmp_path / "nifti", cfg, workers=0, progress=False).manifest
     assert mh["failed"] == [] and verify(tmp_path / "h5") == []
     assert mh["source"]["kind"] == "h5-slices" and "no affine" in mh["source"]["note"]
     import zarr
@@ -60,7 +61,8 @@ def test_bad_slice_file_fails_that_volume_only(twin_inputs, tmp_path):
     src = tmp_path / "h5"
     shutil.copytree(twin_inputs / "h5", src)
     (src / "volume_2_slice_5.h5").write_bytes(b"not hdf5")
-    m = build(src, tmp_path / "out", BuildConfig(preprocess=PreprocessConfig(size=32)), workers=0, progress=False)
+    m = build(src, tmp_path / "out", BuildConfig(preprocess=PreprocessConfig(size=32)), workers=0,
+              progress=False).manifest
     assert [f["patient"] for f in m["failed"]] == ["volume_2"]
     assert "volume_2_slice_5.h5" in m["failed"][0]["reason"]
     assert set(m["patients"]) == {"volume_1", "volume_3"}
@@ -72,4 +74,5 @@ def test_show_reads_the_h5_export(twin_inputs, tmp_path):
     paths = figures(twin_inputs / "h5", tmp_path, "volume_2")
     assert [p.name for p in paths] == [f"volume_2_{k}.png" for k in ("modalities", "planes", "overlay", "histograms")] \
         + ["class_balance.png"]
-    assert all(p.stat().st_size > 5000 for p in paths)
+    for p in paths:
+        check_png(p)

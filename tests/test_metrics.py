@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.metrics import confusion, dice, make_loss, scores, soft_dice_loss, to_regions
+from shards.domain import to_regions
+from train.metrics import confusion, dice, make_loss, scores, soft_dice_loss
 
 
 def test_scores_by_hand():

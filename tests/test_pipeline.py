@@ -53,7 +53,7 @@ def test_regions_crop_and_tumour_free_fraction(release_2020):
     reg = process_patient(pf, PreprocessConfig(size=32, mask="regions"))
     assert np.array_equal(reg.mask[:, 0], full.mask.max(axis=1))  # WT = union of sub-regions
     crop = process_patient(pf, PreprocessConfig(size=32, crop=True))
-    x0, x1, y0, y1 = crop.geometry["crop_box"]
+    x0, x1, y0, y1 = crop.geometry.crop_box
     assert x1 - x0 == y1 - y0 < 48
     assert crop.mask.sum() > full.mask.sum()  # the tumour covers more pixels after cropping
     few = process_patient(pf, PreprocessConfig(size=32, tumour_free_fraction=0.0))

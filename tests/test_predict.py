@@ -9,12 +9,18 @@ from preprocess.discover import discover
 from preprocess.nifti import load_volume
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.synthetic import make_case, write_case
+from shards.domain import RELEASES, to_labels
 from train.evaluate import patient_metrics
 from train.loop import TrainConfig, train
-from train.predict import predict, to_labels, to_source_space
+from train.predict import THRESHOLD, predict
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (96, 80, 32)  # not square: catches swapped axes
+
+
+def back_to_labels(ps, prob, mode, rel):
+    """Slice probabilities -> a label map on the source volume, as `predict` does."""
+    return to_labels(ps.geometry.inverse(prob, ps.slice_index) > THRESHOLD, mode, rel)
 
 
 @pytest.mark.parametrize("orientation", ["lps", "ras"])
@@ -29,10 +35,10 @@ def test_truth_mapped_back_equals_the_source(tmp_path, orientation, release, et)
     for cfg in (PreprocessConfig(size=64), PreprocessConfig(size=48, crop=True)):
         ps = process_patient(pf, cfg)
         prob = ps.mask.astype(np.float32)
-        back = to_labels(to_source_space(prob, ps.geometry, ps.slice_index), "subregions", et)
+        back = back_to_labels(ps, prob, "subregions", RELEASES[release])
         assert back.shape == stored.data.shape and back.dtype == np.uint8
         assert set(np.unique(back)) == {0, 1, 2, et}
-        m = patient_metrics(back, stored.data, (1, 1, 1), et)
+        m = patient_metrics(back, stored.data, (1, 1, 1), RELEASES[release])
         # only the resize loses detail (measured: Dice 0.88-0.97)
         assert m["dice_WT"] > 0.93 and m["dice_TC"] > 0.85 and m["dice_ET"] > 0.83, m
 
@@ -43,10 +49,10 @@ def test_exact_inverse_at_native_size(tmp_path):
     pf = discover(tmp_path).patients[0]
     stored = load_volume(pf.files["seg"]).data
     ps = process_patient(pf, PreprocessConfig(size=40))
-    back = to_labels(to_source_space(ps.mask.astype(np.float32), ps.geometry, ps.slice_index), "subregions", 4)
+    back = back_to_labels(ps, ps.mask.astype(np.float32), "subregions", RELEASES["2020"])
     assert np.array_equal(back, stored)
     reg = process_patient(pf, PreprocessConfig(size=40, mask="regions"))
-    back = to_labels(to_source_space(reg.mask.astype(np.float32), reg.geometry, reg.slice_index), "regions", 4)
+    back = back_to_labels(reg, reg.mask.astype(np.float32), "regions", RELEASES["2020"])
     assert np.array_equal(back, stored)
 
 
@@ -55,12 +61,12 @@ def test_label_rule():
     p[:, 0] = [0.9, 0.9, 0.9]  # all channels: ET wins
     p[:, 1] = [0.9, 0.9, 0.1]  # NCR and ED: NCR wins
     p[:, 2] = [0.1, 0.9, 0.1]  # ED only
-    assert to_labels(p, "subregions", 4).tolist() == [4, 1, 2, 0]
+    assert to_labels(p > THRESHOLD, "subregions", RELEASES["2020"]).tolist() == [4, 1, 2, 0]
     r = np.zeros((3, 4))
     r[:, 0] = [0.9, 0.9, 0.9]  # WT, TC, ET: enhancing
     r[:, 1] = [0.9, 0.9, 0.1]  # core, not enhancing: NCR/NET
     r[:, 2] = [0.9, 0.1, 0.1]  # whole tumour only: oedema
-    assert to_labels(r, "regions", 3).tolist() == [3, 1, 2, 0]
+    assert to_labels(r > THRESHOLD, "regions", RELEASES["2023"]).tolist() == [3, 1, 2, 0]
 
 
 @pytest.fixture(scope="module")

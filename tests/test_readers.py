@@ -132,3 +132,29 @@ def test_plain_tar_reader_refuses_bad_tars_and_npys_in_one_line(tmp_path):
     np.lib.format.write_array_header_1_0(buf, big)
     with pytest.raises(readers.ShardFormatError, match="npy data is 0 bytes"):
         wds_io.read_npy(buf.getvalue())
+
+
+def test_one_read_api_gives_the_same_patient_from_both_formats(shard_set):
+    """ShardSource.read_patient: zarr and wds give the same slices and keys, whole or per slice,
+    each at the paths `shards.layout` names; an unknown patient or format is refused."""
+    from shards import layout
+    from shards.source import ShardSetError, ShardSource
+
+    src = ShardSource(shard_set)
+    for pid in src.patients("train") + src.patients("val"):
+        n, split = src.n_slices(pid), src.manifest["patients"][pid]["split"]
+        zi, zm, zk = src.read_patient(pid, "zarr")
+        wi, wm, wk = src.read_patient(pid, "wds")
+        assert zi.shape == (n, 4, 32, 32) and zi.dtype == np.float16 and zm.shape == (n, 3, 32, 32)
+        assert np.array_equal(zi, wi) and np.array_equal(zm, wm) and zk == wk
+        assert zk == [wds_io.sample_key(pid, i) for i in range(n)]
+        assert int(zm.sum()) == sum(src.manifest["patients"][pid]["mask_pixels"])
+        si, sm, _ = src.read_patient(pid, "zarr", per_slice=True)
+        assert len(si) == n and all(np.array_equal(a, b) for a, b in zip(si, zi))
+        assert all(np.array_equal(a, b) for a, b in zip(sm, zm))
+        assert set(layout.zarr_patient_files(split, pid)) <= set(src.files)
+        assert src.wds_file(pid).startswith(f"wds/{split}-") and src.wds_file(pid) in src.files
+    with pytest.raises(ShardSetError, match="patient nobody is not in"):
+        src.read_patient("nobody", "zarr")
+    with pytest.raises(ShardSetError, match="not parquet"):
+        src.read_patient(src.patients("val")[0], "parquet")

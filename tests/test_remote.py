@@ -1,16 +1,22 @@
 """Reading shard sets over HTTP and S3, both served on loopback by the test itself."""
 
+import csv
 import functools
 import hashlib
+import json
+import math
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import torch
 
+from shards.source import ShardSetError, ShardSource
+from train import checkpoint
 from train.data import SliceStream, StreamConfig
 from train.loop import TrainConfig, train
-from shards.source import ShardSetError, ShardSource
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -53,11 +59,41 @@ def test_http_reads_both_formats_like_local(shard_set, http_server, tmp_path):
     assert _all_keys(again, "wds") == _all_keys(local, "wds")
 
 
-def test_train_from_http(shard_set, http_server, tmp_path):
+TIMING = ("seconds", "slices_per_s")  # the only figures of a run allowed to differ between two runs
+
+
+def _metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def assert_same_run(remote: Path, hist_remote: list[dict], local: Path, hist_local: list[dict]) -> None:
+    """Training from a remote copy gave what training from the local set gives with the same seed:
+    the same history and metrics.csv (timings aside) and bit-identical weights and optimiser state."""
+    def plain(hist):  # NaN-safe comparison (a patient Dice of an empty region may be NaN)
+        return [json.dumps({k: v for k, v in row.items() if k not in TIMING}, sort_keys=True) for row in hist]
+
+    assert len(hist_local) >= 1 and all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in hist_local)
+    assert plain(hist_remote) == plain(hist_local)
+    assert _metrics(remote) == _metrics(local) and len(_metrics(local)) == len(hist_local)
+    a, b = checkpoint.load(remote / "checkpoints" / "last.pt"), checkpoint.load(local / "checkpoints" / "last.pt")
+    assert a["manifest_sha256"] == b["manifest_sha256"] and a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+WDS_RUN = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=1, epochs=2, fmt="wds")
+ZARR_RUN = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1)
+
+
+def test_train_from_http_equals_training_from_the_local_copy(shard_set, http_server, tmp_path):
     url = http_server(shard_set)
-    hist = train(url, tmp_path / "run", TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=1, epochs=1,
-                                                    fmt="wds"), progress=False, cache_dir=str(tmp_path / "cache"))
-    assert len(hist) == 1 and (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    hist = train(url, tmp_path / "run", WDS_RUN, progress=False, cache_dir=str(tmp_path / "cache"))
+    ref = train(str(shard_set), tmp_path / "local", WDS_RUN, progress=False)
+    assert len(hist) == 2
+    assert_same_run(tmp_path / "run", hist, tmp_path / "local", ref)
 
 
 def test_corrupted_remote_shard_is_refused(shard_set, http_server, tmp_path):
@@ -111,9 +147,10 @@ def test_s3_compatible_server(shard_set, tmp_path, monkeypatch):
                              storage_options={"endpoint_url": endpoint})
         local = ShardSource(shard_set)
         assert _all_keys(remote, "zarr") == _all_keys(local, "zarr")
-        hist = train("s3://brats/sets/demo", tmp_path / "run",
-                     TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1),
-                     progress=False, cache_dir=str(tmp_path / "cache2"), storage_options={"endpoint_url": endpoint})
+        hist = train("s3://brats/sets/demo", tmp_path / "run", ZARR_RUN, progress=False,
+                     cache_dir=str(tmp_path / "cache2"), storage_options={"endpoint_url": endpoint})
+        ref = train(str(shard_set), tmp_path / "local", ZARR_RUN, progress=False)
         assert len(hist) == 1
+        assert_same_run(tmp_path / "run", hist, tmp_path / "local", ref)
     finally:
         server.stop()

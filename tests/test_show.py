@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,60 @@ from train.loop import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _check_pngs(stdout: str, expected: list[str]):
-    import matplotlib.image as mpimg
+# what each figure must show, as pixel counts of colours in the decoded PNG
+OVERLAY = ("NCR/NET", "ED", "ET")  # train.plots.COLOURS blended with grey: red, green, yellow
+TAB = {"C0": "#1f77b4", "C1": "#ff7f0e", "C2": "#2ca02c", "C3": "#d62728"}  # matplotlib's default cycle
 
+
+def png_colours(path: Path) -> dict:
+    """Decode a PNG: its size, distinct colours, whether it is grey only, and how many pixels show
+    each overlay colour (a mask channel over grey) and each of matplotlib's first colours."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    img = mpimg.imread(path)[..., :3]  # (H, W, 3) in [0, 1]
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    far, near = 0.3, 0.05  # overlay: the mask colour's channels differ from the others by 0.36
+    counts = {"NCR/NET": (r - g > far) & (r - b > far) & (abs(g - b) < near),
+              "ED": (g - r > far) & (g - b > far) & (abs(r - b) < near),
+              "ET": (r - b > far) & (g - b > far) & (abs(r - g) < near)}
+    for name, hexc in TAB.items():
+        rgb = np.array([int(hexc[i: i + 2], 16) for i in (1, 3, 5)]) / 255
+        counts[name] = np.abs(img - rgb).max(axis=-1) < 0.02
+    return {"shape": img.shape[:2], "std": float(img.std()),
+            "colours": len(np.unique((img * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)),
+            "grey": bool(np.abs(r - g).max() < 0.02 and np.abs(g - b).max() < 0.02),
+            **{k: int(v.sum()) for k, v in counts.items()}}
+
+
+def check_png(path: Path, overlay: set[str] | None = None) -> dict:
+    """Not blank, and the content its kind (from the file name) must have. `overlay`: the mask
+    channels the drawn slices hold (then exactly their colours show); None: at least one."""
+    c = png_colours(path)
+    assert min(c["shape"]) > 100 and c["std"] > 0.05 and c["colours"] >= 50, (path.name, c)
+    name = path.name
+    if name.endswith("_modalities.png"):  # four MRI slices in grey, many levels
+        assert c["grey"] and c["colours"] >= 100, (name, c)
+    elif name.endswith(("_planes.png", "_overlay.png")):  # tumour sub-regions over FLAIR
+        shown = {k for k in OVERLAY if c[k] >= 20}
+        assert shown == overlay if overlay is not None else shown, (name, c)
+        assert overlay is None or all(c[k] == 0 for k in set(OVERLAY) - overlay), (name, c)
+    elif name.startswith("run_"):  # truth and prediction overlays of the most tumorous slices
+        assert any(c[k] >= 20 for k in OVERLAY), (name, c)
+    elif name.endswith("_histograms.png"):
+        assert c["C0"] >= 1000, (name, c)
+    elif name == "class_balance.png":  # stacked bars: NCR/NET C3, ED C2, ET C1
+        assert min(c["C3"], c["C2"], c["C1"]) >= 100, (name, c)
+    else:
+        raise AssertionError(f"unexpected figure {name}")
+    return c
+
+
+def _check_pngs(stdout: str, expected: list[str], overlay: set[str] | None = None):
     paths = [Path(line) for line in stdout.split()]
     assert sorted(p.name for p in paths) == sorted(expected)
     for p in paths:
-        img = mpimg.imread(p)
-        assert img.shape[0] > 100 and img.shape[1] > 100
-        assert img[..., :3].std() > 0.05, f"{p.name} looks blank"
+        check_png(p, overlay)
 
 
 @pytest.mark.parametrize("which", ["raw", "shards"])
@@ -27,8 +73,12 @@ def test_show_figures(release_2020, shard_set, tmp_path, which):
     r = subprocess.run([sys.executable, "cli.py", "show", str(src), "--out", str(tmp_path), "--patient", pid],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # the sub-regions this patient has (its source labels: 1 NCR/NET, 2 ED, 4 ET)
+    labels = json.loads((shard_set / "manifest.json").read_text())["patients"][pid]["label_voxels"]
+    present = {name for name, label in zip(OVERLAY, ("1", "2", "4")) if labels.get(label, 0) > 0}
+    assert present and present != set(OVERLAY)  # both: shown colours and a colour that must not show
     _check_pngs(r.stdout, [f"{pid}_{k}.png" for k in ("modalities", "planes", "overlay", "histograms")]
-                + ["class_balance.png"])
+                + ["class_balance.png"], present)
 
 
 def test_show_run_predictions(shard_set, tmp_path):
@@ -37,8 +87,6 @@ def test_show_run_predictions(shard_set, tmp_path):
     r = subprocess.run([sys.executable, "cli.py", "show", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "f")],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    import json
-
     val = json.loads((shard_set / "manifest.json").read_text())["splits"]["val"]
     _check_pngs(r.stdout, [f"run_{pid}.png" for pid in val])
 

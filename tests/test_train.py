@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from train.loop import TrainConfig, TrainError, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=2, lr=3e-3)
-SEED_COLUMNS = ["epoch", "train_loss", "val_loss", "mean_dice", "dice_NEC/NET", "dice_ED", "dice_ET",
-                "prec_NEC/NET", "prec_ED", "prec_ET", "recall_NEC/NET", "recall_ED", "recall_ET"]
+SEED_COLUMNS = ["epoch", "train_loss", "val_loss", "mean_dice", "dice_NCR/NET", "dice_ED", "dice_ET",
+                "prec_NCR/NET", "prec_ED", "prec_ET", "recall_NCR/NET", "recall_ED", "recall_ET"]
 
 
 def _rows(run):
@@ -29,7 +28,8 @@ def _stable(rows):
     return [{k: v for k, v in r.items() if k not in ("seconds", "slices_per_s")} for r in rows]
 
 
-def test_cli_end_to_end(shard_set, tmp_path):
+def test_cli_end_to_end(shard_set_dotted, tmp_path):
+    shard_set = shard_set_dotted  # one val patient is BraTS20_Training.004: its id, not its keys' '_', is reported
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "cli.py", "train", str(shard_set), "--out", str(run), "--epochs", "2",
                         "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "1",
@@ -44,6 +44,7 @@ def test_cli_end_to_end(shard_set, tmp_path):
         per = list(csv.DictReader(f))
     val = json.loads((shard_set / "manifest.json").read_text())["splits"]["val"]
     assert sorted({p["patient"] for p in per}) == sorted(val) and len(per) == 2 * len(val)
+    assert "BraTS20_Training.004" in val
     for name in ("loss.png", "dice.png", "predictions.png"):
         assert (run / "plots" / name).stat().st_size > 5000
     ck = checkpoint.load(run / "checkpoints" / "last.pt")  # weights_only=True
@@ -100,24 +101,56 @@ def test_resume_refuses_other_model_or_shards(shard_set, tmp_path):
         train(str(shard_set), tmp_path / "fresh", TINY, resume=True, progress=False)
 
 
+# Runs the CLI (argv after the kill step) and SIGKILLs the process, as a crash would (no cleanup,
+# no atexit), right after optimizer step number argv[1]: a kill at a known batch, not a guess.
+KILL_AFTER_STEP = """
+import os, signal, sys
+import torch
+kill_at, argv, adam_step = int(sys.argv[1]), sys.argv[2:], torch.optim.Adam.step
+def step(self, *args, **kwargs):
+    out = adam_step(self, *args, **kwargs)
+    step.n += 1
+    if step.n == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+step.n = 0
+torch.optim.Adam.step = step
+from cli import app
+app(argv, prog_name="cli.py")
+"""
+
+
+def _samples_log(run):
+    with open(run / "samples_rank0.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_straight_result(shard_set, tmp_path):
-    args = [sys.executable, "cli.py", "train", str(shard_set), "--base-channels", "4", "--depth", "2",
-            "--batch-size", "8", "--num-workers", "0", "--epochs", "4", "--lr", "0.003", "--quiet"]
-    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], cwd=REPO, capture_output=True, text=True)
+    from shards.source import ShardSource
+    from train.data import SliceStream, StreamConfig
+
+    cli = ["train", str(shard_set), "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "0",
+           "--epochs", "4", "--lr", "0.003", "--log-samples", "--quiet"]
+    ref = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(tmp_path / "ref")], cwd=REPO,
+                         capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
+    stream = SliceStream(ShardSource(shard_set), StreamConfig(batch_size=8))
+    first, second = stream.batches_per_epoch(0), stream.batches_per_epoch(1)
+    assert second >= 3
     run = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(run)], cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "metrics.csv").exists():
-        time.sleep(0.01)
-    time.sleep(0.3)  # somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_rows(run)) < 4
-    again = subprocess.run(args + ["--out", str(run), "--resume"], cwd=REPO, capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP, str(first + 2)] + cli + ["--out", str(run)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # the kill landed: epoch 2 had begun
+    # ... and epoch 2 had not ended: 2 of its batches trained, nothing of it recorded
+    assert [r["epoch"] for r in _rows(run)] == ["1"]
+    assert [e["epoch"] for e in _samples_log(run)] == [1]
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 0
+    again = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(run), "--resume"], cwd=REPO,
+                           capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert _stable(_rows(run)) == _stable(_rows(tmp_path / "ref"))
+    assert _samples_log(run) == _samples_log(tmp_path / "ref")  # epoch 2 redone on the same slices
     a = checkpoint.load(run / "checkpoints" / "last.pt")["model"]
     b = checkpoint.load(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -3,10 +3,12 @@
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 
 from shards.errors import BratsShardsError
+from train.data import StreamConfig
 from train.loop import TrainConfig, TrainError, train
 
 TINY = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1, max_batches=2)
@@ -18,6 +20,33 @@ def _cfg(**kw) -> TrainConfig:
 
 def test_train_error_is_a_clean_refusal():
     assert issubclass(TrainError, BratsShardsError) and issubclass(TrainError, RuntimeError)
+
+
+_RANGES = "epochs, batch size, depth and base channels must be >= 1, workers >= 0"
+
+
+@pytest.mark.parametrize("cls,kw,message", [
+    (TrainConfig, dict(model="resnet"), "model must be one of unet, attention-unet, not 'resnet'"),
+    (TrainConfig, dict(loss="ce"), "loss must be one of dice, dice-bce, not 'ce'"),
+    (TrainConfig, dict(optimizer="sgd"), "optimizer must be one of adam, adamw, not 'sgd'"),
+    (TrainConfig, dict(fmt="tar"), "fmt must be one of zarr, wds, not 'tar'"),
+    (TrainConfig, dict(device="tpu"), "device must be one of auto, cpu, cuda, not 'tpu'"),
+    (TrainConfig, dict(epochs=0), _RANGES),
+    (TrainConfig, dict(num_workers=-1), _RANGES),
+    (StreamConfig, dict(split="test"), "split must be one of train, val, not 'test'"),
+    (StreamConfig, dict(fmt="parquet"), "fmt must be one of zarr, wds, not 'parquet'"),
+    (StreamConfig, dict(fmt=""), "fmt must be one of zarr, wds, not ''"),
+    (StreamConfig, dict(batch_size=0), "batch_size must be >= 1, not 0"),
+    (StreamConfig, dict(buffer_size=-1), "buffer_size must be >= 0, not -1"),
+])
+def test_configs_refuse_unknown_choices_and_ranges_at_construction(cls, kw, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw)
+
+
+def test_valid_configs_round_trip():
+    assert TrainConfig.from_dict(_cfg(fmt="", model="attention-unet").to_dict()) == _cfg(model="attention-unet")
+    assert StreamConfig(split="val", fmt="wds", batch_size=1, buffer_size=0).fmt == "wds"
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(shard_set, tmp_path):
@@ -76,8 +105,9 @@ def test_val_patients_keeps_ids_differing_only_by_dot_and_underscore(tmp_path):
     for i, pid in enumerate(val_ids + train_ids):
         case = dataclasses.replace(make_case(i + 1, (32, 32, 12), seed=7), pid=pid)
         write_case(case, tmp_path / "in")
-    m = build(tmp_path / "in", tmp_path / "s", BuildConfig(preprocess=PreprocessConfig(size=16), val_fraction=0.5),
-              workers=0, progress=False)
+    build(tmp_path / "in", tmp_path / "s", BuildConfig(preprocess=PreprocessConfig(size=16), val_fraction=0.5),
+          workers=0, progress=False)
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert sorted(m["splits"]["val"]) == sorted(val_ids)
     run = tmp_path / "run"
     train(str(tmp_path / "s"), run, _cfg(max_batches=1), progress=False)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shards.readers import read_wds_patient, read_zarr_patient
-from shards.wds_io import sample_key
 from shards.source import ShardSetError
 
 
@@ -27,15 +26,32 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(h[:8], "little")
 
 
+def check_choices(config) -> None:
+    """Every field of a config dataclass typed `Literal[...]` holds one of its values, else a
+    ValueError naming the field, the choices and the value."""
+    for name, hint in get_type_hints(type(config)).items():
+        allowed = get_args(hint) if get_origin(hint) is Literal else ()
+        if allowed and getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, "
+                             f"not {getattr(config, name)!r}")
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    split: str = "train"
-    fmt: str = "zarr"
+    split: Literal["train", "val"] = "train"
+    fmt: Literal["zarr", "wds"] = "zarr"
     batch_size: int = 32
     seed: int = 0
     train: bool = True  # shuffle, equal quotas, augmentation allowed; False: in order, everything
-    buffer_size: int = 1024
+    buffer_size: int = 1024  # slices the shuffle buffer keeps, besides the patient being read
     augment: bool = False
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0, not {self.buffer_size}")
 
 
 def deal(items: list, rank: int, world: int, worker: int, workers: int) -> list:
@@ -83,27 +99,9 @@ class SliceStream(IterableDataset):
 
     # -- reading
     def read_patient(self, pid: str):
-        """(images, masks, keys) of one patient, read bounded by the manifest's n_slices: shard
-        content that does not match it or the contract is a ShardFormatError naming the file."""
-        from shards.readers import ShardFormatError
-
-        split = self.source.manifest["patients"][pid]["split"]
-        n = self.source.n_slices(pid)
-        where = f"{getattr(self.source, 'location', '.')}/"  # messages name the file: set folder or URL
-        if self.cfg.fmt == "zarr":
-            image, mask = read_zarr_patient(self.source.read_buffer, f"zarr/{split}/{pid}", per_slice=True,
-                                            n_slices=n, where=f"{where}zarr/{split}/{pid}")
-            keys = [sample_key(pid, i) for i in range(len(image))]
-        else:
-            try:
-                rel = self.source.wds_file(pid)
-            except KeyError:
-                raise ShardFormatError(f"{where}manifest.json lists no WebDataset shard for patient {pid}") from None
-            data = self.source.read_buffer(rel)
-            if data is None:
-                raise ShardFormatError(f"{where}{rel}: not listed in the manifest")
-            image, mask, keys = read_wds_patient(data, n_slices=n, pid=pid, where=f"{where}{rel}")
-        return image, mask, keys
+        """(images, masks, keys) of one patient, one array per slice (`ShardSource.read_patient`:
+        read bounded by the manifest, a mismatch is a ShardFormatError naming the file)."""
+        return self.source.read_patient(pid, self.cfg.fmt, per_slice=True)
 
     def samples(self, pids, rng):
         """Slices of `pids`, through the shuffle buffer when training. Every slice owns its

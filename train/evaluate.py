@@ -1,7 +1,9 @@
 """`evaluate`: BraTS region metrics of predicted label maps against reference segmentations.
 
 Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (labels 1, 2, ET),
-TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET.
+TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET (columns `dice_sub_NCR/NET`,
+...). Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
+names; for a flat folder of <pid>.nii.gz files, from the label values (`release_of_values`).
 
 Definitions follow the official BraTS evaluation package (brats-evaluation, built on panoptica):
 Dice and HD95 of each region as a whole ("global" metrics). HD95 is the 95th percentile of the
@@ -31,15 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.discover import LABELS, DiscoveryError, discover
+from preprocess.discover import DiscoveryError, discover
+from preprocess.geometry import spacing_of
 from preprocess.nifti import load_volume
 from preprocess.steps import apply_ornt, canonical_ornt
+from shards.domain import REGIONS, SEG, SUBREGIONS, Release, release_of_values, subregion_channels, to_regions
 from shards.errors import BratsShardsError
 from train.metrics import dice
 
 EMPTY_HD95 = 373.12866  # sqrt(240**2 + 240**2 + 155**2)
-REGIONS = ("WT", "TC", "ET")
-SUBREGIONS = ("NCR", "ED", "ET")
 COLUMNS = (["patient"] + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
            + [f"dice_sub_{r}" for r in SUBREGIONS])
 # Two grids are the same when every voxel centre of one lies within this fraction of a voxel of
@@ -53,11 +55,6 @@ class EvaluateError(BratsShardsError, ValueError):
 
 class PatientFailed(Exception):
     """One patient cannot be scored; the one-line message names the file and why."""
-
-
-def regions(labels: np.ndarray, et_label: int) -> dict[str, np.ndarray]:
-    ncr, ed, et = labels == 1, labels == 2, labels == et_label
-    return {"WT": ncr | ed | et, "TC": ncr | et, "ET": et}
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -83,22 +80,25 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
     return float(np.percentile(np.hstack((d_to_ref[sp], d_to_pred[sr])), 95))
 
 
-def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, et_label: int) -> dict:
+def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) -> dict:
+    """Label maps in the labels of `rel` -> one row of the columns in COLUMNS (less `patient`)."""
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from the reference's {ref.shape}")
-    rp, rr = regions(pred, et_label), regions(ref, et_label)
+    sp, sr = subregion_channels(pred, rel), subregion_channels(ref, rel)  # (3, X, Y, Z) [NCR/NET, ED, ET]
+    rp, rr = to_regions(sp, "subregions"), to_regions(sr, "subregions")  # (3, X, Y, Z) [WT, TC, ET]
     row = {}
-    for r in REGIONS:
-        row[f"dice_{r}"] = dice(rp[r], rr[r])
-    for r in REGIONS:
-        row[f"hd95_{r}"] = hd95(rp[r], rr[r], spacing)
-    for name, lab in zip(SUBREGIONS, (1, 2, et_label)):
-        row[f"dice_sub_{name}"] = dice(pred == lab, ref == lab)
+    for i, r in enumerate(REGIONS):
+        row[f"dice_{r}"] = dice(rp[i], rr[i])
+    for i, r in enumerate(REGIONS):
+        row[f"hd95_{r}"] = hd95(rp[i], rr[i], spacing)
+    for i, name in enumerate(SUBREGIONS):
+        row[f"dice_sub_{name}"] = dice(sp[i], sr[i])
     return row
 
 
-def _references(ref_dir: Path) -> dict[str, tuple[Path, int]]:
-    """pid -> (segmentation path, enhancing label): a BraTS-layout folder or flat <pid>.nii.gz files."""
+def _references(ref_dir: Path) -> dict[str, tuple[Path, Release | None]]:
+    """pid -> (segmentation path, release; None: read from the label values): a BraTS-layout
+    folder or flat <pid>.nii.gz files."""
     if not ref_dir.is_dir():
         raise EvaluateError(f"reference folder {ref_dir} does not exist or is not a folder")
     flat = sorted(p for p in ref_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
@@ -106,13 +106,13 @@ def _references(ref_dir: Path) -> dict[str, tuple[Path, int]]:
         out = {}
         for p in flat:
             pid = re.sub(r"(_seg)?\.nii(\.gz)?$", "", p.name)
-            out[pid] = (p, 0)  # label convention read from the data below
+            out[pid] = (p, None)  # release read from the label values, in score_patient
         return out
     try:
         disc = discover(ref_dir, need_seg=True)
     except DiscoveryError as e:
         raise EvaluateError(str(e)) from e
-    return {p.pid: (p.files["seg"], LABELS[p.convention][-1]) for p in disc.patients if "seg" in p.files}
+    return {p.pid: (p.files[SEG], p.release) for p in disc.patients if SEG in p.files}
 
 
 def _predictions(pred_dir: Path, refs: dict, ref_dir: Path) -> dict[str, Path | None]:
@@ -165,7 +165,7 @@ def _check_grid(path: Path, pred_shape, pred_affine, ref_shape, ref_affine) -> N
                             f"(tolerance {tol:.3g} mm): not the reference's grid")
 
 
-def score_patient(pid: str, ref_path: Path, et_label: int, pred_path: Path | None) -> dict:
+def score_patient(pid: str, ref_path: Path, rel: Release | None, pred_path: Path | None) -> dict:
     """One patient's metrics row; PatientFailed when a file cannot be read or the grids differ."""
     ref, ref_affine = _canonical(_load(ref_path, "reference"), ref_path)
     if pred_path is None:
@@ -173,11 +173,10 @@ def score_patient(pid: str, ref_path: Path, et_label: int, pred_path: Path | Non
     else:
         pred, pred_affine = _canonical(_load(pred_path, "prediction"), pred_path)
         _check_grid(pred_path, pred.shape, pred_affine, ref.shape, ref_affine)
-    if et_label == 0:  # flat reference folder: 4 present -> 2020-style, 3 -> 2023-style
-        vals = set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
-        et_label = 3 if 3 in vals and 4 not in vals else 4
-    spacing = np.sqrt((ref_affine[:3, :3] ** 2).sum(axis=0))  # RAS axis order, as the arrays now are
-    return {"patient": pid, **patient_metrics(pred, ref, spacing, et_label)}
+    if rel is None:  # flat reference folder: the release whose enhancing label alone is present
+        rel = release_of_values(set(np.unique(ref).tolist()) | set(np.unique(pred).tolist()))
+    spacing = spacing_of(ref_affine)  # RAS axis order, as the arrays now are
+    return {"patient": pid, **patient_metrics(pred, ref, spacing, rel)}
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | None = None,
@@ -192,10 +191,10 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | No
         raise EvaluateError(f"no reference segmentations found in {ref_dir}")
     preds = _predictions(pred_dir, refs, ref_dir)
     rows, missing, failed = [], [], {}
-    for pid, (ref_path, et_label) in tqdm(sorted(refs.items()), desc="patients", unit="patient",
+    for pid, (ref_path, rel) in tqdm(sorted(refs.items()), desc="patients", unit="patient",
                                           disable=None if progress else True):
         try:
-            rows.append(score_patient(pid, ref_path, et_label, preds[pid]))
+            rows.append(score_patient(pid, ref_path, rel, preds[pid]))
         except PatientFailed as e:
             failed[pid] = " ".join(str(e).split())
             continue

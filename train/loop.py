@@ -1,6 +1,7 @@
 """`train`: stream a shard set into a 2D U-Net; checkpoint, resume, metrics, plots, DDP.
 
-Read top to bottom: setup -> (resume) -> per epoch: train, validate, schedule, record.
+Read `train` top to bottom: setup -> (resume) -> per epoch: train steps, validate, schedule,
+record. The helpers below it each do one of those steps.
 Determinism: the data order depends on (seed, epoch) only and the torch RNG is reseeded from
 (seed, epoch) at the start of every epoch, so a run killed and resumed from its last checkpoint
 reaches the same result as a straight run.
@@ -9,57 +10,54 @@ reaches the same result as a straight run.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from shards import atomic
+from shards.domain import MASK_CHANNELS, REGIONS, to_regions
 from shards.errors import BratsShardsError
-from train import checkpoint, plots
-from train.data import SliceStream, StreamConfig, derive_seed
-from train.metrics import confusion, make_loss, scores, to_regions
-from train.model import build_model
 from shards.source import ShardSource
-
-SUBREGION_NAMES = ["NEC/NET", "ED", "ET"]  # the seed notebook's column names
-REGION_NAMES = ["WT", "TC", "ET"]
+from train import checkpoint, plots
+from train.data import SliceStream, StreamConfig, check_choices, derive_seed
+from train.metrics import confusion, make_loss, scores
+from train.model import ModelName, build_model
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "unet"
+    model: ModelName = "unet"
     base_channels: int = 32
     depth: int = 4
-    loss: str = "dice-bce"
-    optimizer: str = "adam"
+    loss: Literal["dice", "dice-bce"] = "dice-bce"
+    optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 10
     batch_size: int = 32
     num_workers: int = 2
     seed: int = 0
-    fmt: str = ""  # "" = what the set holds (zarr preferred)
+    fmt: Literal["", "zarr", "wds"] = ""  # "" = what the set holds (zarr preferred)
     augment: bool = False
     buffer_size: int = 1024
     plateau_patience: int = 3
     plateau_factor: float = 0.5
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     log_samples: bool = False
     max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
 
     def __post_init__(self):
-        choices = {"model": ("unet", "attention-unet"), "loss": ("dice", "dice-bce"), "optimizer": ("adam", "adamw"),
-                   "fmt": ("", "zarr", "wds"), "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, not {getattr(self, name)!r}")
+        check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
             raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
 
@@ -74,6 +72,8 @@ class TrainConfig:
 
 # architecture-defining fields: a resume must not change them
 _FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size")
+# the objects whose state a checkpoint holds, under these keys
+STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
 
 class TrainError(BratsShardsError, RuntimeError):
@@ -83,10 +83,11 @@ class TrainError(BratsShardsError, RuntimeError):
 # any of these in OUT means it already holds a run that a fresh start would clobber
 RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "config.json")
 # what a run writes into OUT (with the temporaries of its atomic writes): all --overwrite removes
-_RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", ".metrics.csv.tmp", "val_patients.csv",
-              ".val_patients.csv.tmp", "config.json", "plots/loss.png", "plots/dice.png", "plots/predictions.png",
+_RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "val_patients.csv", "config.json",
+              "plots/loss.png", "plots/dice.png", "plots/predictions.png",
               "plots/.loss.tmp.png", "plots/.dice.tmp.png", "plots/.predictions.tmp.png")
-_RUN_FILE_PATTERNS = (r"samples_rank\d+\.jsonl", r"\.config\.json\.\d+\.tmp", r"checkpoints/\.(last|best)\.pt\.\d+\.tmp")
+_RUN_FILE_PATTERNS = (r"samples_rank\d+\.jsonl", r"\.(config\.json|metrics\.csv|val_patients\.csv)(\.\d+)?\.tmp",
+                      r"checkpoints/\.(last|best)\.pt\.\d+\.tmp")
 
 
 def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
@@ -118,6 +119,114 @@ def clear_run(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def channel_names(source: ShardSource) -> list[str]:
+    """The mask channels of a shard set, as metrics, plots and checkpoints name them."""
+    return list(MASK_CHANNELS[source.manifest["config"]["preprocess"]["mask"]])
+
+
+def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          cache_dir: str | None = None, storage_options: dict | None = None,
+          cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0) -> list[dict]:
+    """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it)."""
+    # -- setup
+    rank, world, distributed = _dist()
+    out = Path(out)
+    device = pick_device(cfg.device)
+    refuse_existing_run(out, resume, overwrite)
+    if distributed:  # every rank has looked at OUT before rank 0 writes anything there
+        _barrier(device)
+    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
+                         timeout=remote_timeout)
+    cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
+    names, mask_mode = channel_names(source), source.manifest["config"]["preprocess"]["mask"]
+    if not source.patients("train") or not source.patients("val"):
+        raise TrainError(f"{shards} needs patients in both splits (train {len(source.patients('train'))}, "
+                         f"val {len(source.patients('val'))})")
+    parts = training_parts(cfg, device)
+    model, opt, sched, scaler = (parts[k] for k in STATEFUL)
+
+    # -- resume
+    history, start, best = [], 0, -1.0
+    last_path = out / "checkpoints" / "last.pt"
+    if resume:
+        history, start, best = resume_from(last_path, source, cfg, parts)
+        if start >= cfg.epochs and rank == 0:
+            print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_fn = make_loss(cfg.loss)
+    train_ds, val_ds = streams(source, cfg, rank, world)
+    if rank == 0:
+        start_run_folder(out, cfg, shards, source, overwrite)
+
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
+        train_ds.set_epoch(epoch)
+
+        # -- train steps
+        t0 = time.perf_counter()
+        net.train()
+        loss_sum, n_seen, n_batches, seen_keys = 0.0, 0, 0, []
+        n_total = min(train_ds.batches_per_epoch(), cfg.max_batches or float("inf"))
+        bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
+        for batch in _loader(train_ds, cfg.num_workers):
+            if cfg.max_batches and n_batches >= cfg.max_batches:
+                break
+            x, y = to_device(batch, device)  # (B, 4, H, W), (B, 3, H, W)
+            with autocast(device):
+                loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.item() * len(batch["keys"])
+            n_seen += len(batch["keys"])
+            n_batches += 1
+            if cfg.log_samples:
+                seen_keys.extend(batch["keys"])
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        if cfg.log_samples:
+            _log_samples(out, rank, epoch, n_batches, seen_keys)
+
+        # -- validate
+        val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, mask_mode,
+                       keep=4 if rank == 0 else 0)
+        stats = _reduce(loss_sum, n_seen, val, distributed)
+        row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
+
+        # -- schedule
+        sched.step(row["mean_dice"])
+        history.append(row)
+        is_best = row["mean_dice"] > best
+        best = max(best, row["mean_dice"])
+
+        # -- record (rank 0 alone writes)
+        if rank == 0:
+            state = checkpoint_state(parts, epoch, cfg, source, names, history, best)
+            checkpoint.save(last_path, state)
+            if is_best:
+                checkpoint.save(out / "checkpoints" / "best.pt", state)
+            write_metrics(out, history)
+            write_val_patients(out, stats["patients"], epoch)
+            plots.curves(history, names, out / "plots")
+            if val["samples"]:
+                plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
+            if progress:
+                print(_summary(row, names), flush=True)
+    if distributed:
+        _barrier(device)
+    return history
+
+
+# ---------------------------------------------------------------- setup
+
 def _dist():
     """(rank, world, is_distributed) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -139,7 +248,8 @@ def _barrier(device: torch.device) -> None:
         dist.barrier()
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda -> the device of this process (its LOCAL_RANK's GPU under torchrun)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -149,30 +259,22 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def channel_names(source: ShardSource) -> list[str]:
-    return SUBREGION_NAMES if source.manifest["config"]["preprocess"]["mask"] == "subregions" else REGION_NAMES
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, mask) of a batch on `device`; on CUDA the image channels_last, as the model is."""
+    x = batch["image"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["mask"].to(device)
 
 
-def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          cache_dir: str | None = None, storage_options: dict | None = None,
-          cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0) -> list[dict]:
-    """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it)."""
-    rank, world, distributed = _dist()
-    out = Path(out)
-    device = _device(cfg.device)
-    refuse_existing_run(out, resume, overwrite)
-    if distributed:  # every rank has looked at OUT before rank 0 writes anything there
-        _barrier(device)
-    source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
-                         timeout=remote_timeout)
-    fmt = cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds")
-    cfg = TrainConfig.from_dict(dict(cfg.to_dict(), fmt=fmt))
-    names = channel_names(source)
-    mask_mode = source.manifest["config"]["preprocess"]["mask"]
-    if not source.patients("train") or not source.patients("val"):
-        raise TrainError(f"{shards} needs patients in both splits (train {len(source.patients('train'))}, "
-                         f"val {len(source.patients('val'))})")
+def autocast(device: torch.device):
+    """Mixed precision (float16) on CUDA, full precision elsewhere: training and validation alike."""
+    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda")
 
+
+def training_parts(cfg: TrainConfig, device: torch.device) -> dict:
+    """Model, optimizer, LR schedule and loss scaler, keyed as in STATEFUL. The initial weights
+    depend on the seed alone."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.base_channels, cfg.depth).to(device)
     cuda = device.type == "cuda"
@@ -183,106 +285,28 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    history, start, best = [], 0, -1.0
-    last_path = out / "checkpoints" / "last.pt"
-    if resume:
-        if not last_path.exists():
-            raise TrainError(f"--resume: no checkpoint at {last_path}")
-        ck = checkpoint.load(last_path)
-        if ck["manifest_sha256"] != source.manifest_sha256:
-            raise TrainError(f"--resume: {last_path} was trained on another shard set (manifest hash differs)")
-        old = TrainConfig.from_dict(ck["config"])
-        changed = [k for k in _FIXED if getattr(old, k) != getattr(cfg, k)]
-        if changed:
-            raise TrainError(f"--resume: options differ from the checkpoint's: {', '.join(changed)}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        history, start, best = ck["history"], ck["epoch"] + 1, ck["best_dice"]
-        torch.set_rng_state(ck["rng"])
-        if start >= cfg.epochs and rank == 0:
-            print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    loss_fn = make_loss(cfg.loss)
-    nw = cfg.num_workers
-    stream = dict(fmt=fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
-    train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment, **stream),
-                           rank, world, nw)
-    val_ds = SliceStream(source, StreamConfig(split="val", train=False, **stream), rank, world, nw)
+    return {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+
+
+def streams(source: ShardSource, cfg: TrainConfig, rank: int, world: int) -> tuple[SliceStream, SliceStream]:
+    """The training stream (shuffled, equal quotas per rank) and the validation stream (all, in order)."""
+    common = dict(fmt=cfg.fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
+    train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment, **common),
+                           rank, world, cfg.num_workers)
+    val_ds = SliceStream(source, StreamConfig(split="val", train=False, **common), rank, world, cfg.num_workers)
     if train_ds.batches_per_epoch(0) == 0:
         raise TrainError(f"too few training slices per worker for batch size {cfg.batch_size}: "
                          f"lower --batch-size or --num-workers")
-    if rank == 0:
-        if overwrite:  # only now: a refusal above (bad shard set, options) leaves the old run intact
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": str(shards),
-                                                "manifest_sha256": source.manifest_sha256})
-    amp = dict(device_type="cuda", dtype=torch.float16, enabled=cuda)
+    return train_ds, val_ds
 
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
-        train_ds.set_epoch(epoch)
-        t0 = time.perf_counter()
-        net.train()
-        loss_sum, n_seen, n_batches = 0.0, 0, 0
-        n_total = train_ds.batches_per_epoch()
-        if cfg.max_batches:
-            n_total = min(n_total, cfg.max_batches)
-        bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
-        seen_keys = []
-        for batch in _loader(train_ds, nw):
-            if cfg.max_batches and n_batches >= cfg.max_batches:
-                break
-            x, y = _to(batch["image"], device, cuda), batch["mask"].to(device)
-            with torch.autocast(**amp):
-                loss = loss_fn(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.item() * len(batch["keys"])
-            n_seen += len(batch["keys"])
-            n_batches += 1
-            if cfg.log_samples:
-                seen_keys.extend(batch["keys"])
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        if cfg.log_samples:
-            _log_samples(out, rank, epoch, n_batches, seen_keys)
-        val = evaluate(net, val_ds, loss_fn, device, cuda, mask_mode, keep=4 if rank == 0 else 0)
-        stats = _reduce(loss_sum, n_seen, val, distributed)
-        row = _row(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
-        sched.step(row["mean_dice"])
-        history.append(row)
-        is_best = row["mean_dice"] > best
-        best = max(best, row["mean_dice"])
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                     "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
-                     "channels": names, "rng": torch.get_rng_state(), "history": history, "best_dice": best}
-            checkpoint.save(last_path, state)
-            if is_best:
-                checkpoint.save(out / "checkpoints" / "best.pt", state)
-            _write_metrics(out, history, stats["patients"], epoch)
-            plots.curves(history, names, out / "plots")
-            if val["samples"]:
-                plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
-            if progress:
-                print(_summary(row, names), flush=True)
-    if distributed:
-        import torch.distributed as dist
 
-        dist.barrier()
-    return history
+def start_run_folder(out: Path, cfg: TrainConfig, shards: str, source: ShardSource, overwrite: bool) -> None:
+    """Rank 0, once every refusal is behind: clear an old run (--overwrite), write config.json."""
+    if overwrite:  # only now: a refusal above (bad shard set, options) leaves the old run intact
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": str(shards),
+                                            "manifest_sha256": source.manifest_sha256})
 
 
 def _bar(total, desc, enabled):
@@ -298,43 +322,80 @@ def _loader(ds, num_workers):
                       prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
 
 
-def _to(x, device, cuda):
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+# ---------------------------------------------------------------- resume and checkpoint
 
+def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) -> tuple[list[dict], int, float]:
+    """Load the checkpoint at `path` into `parts` (and the torch RNG), once it is known to come
+    from this shard set and these architecture options: (history, next epoch, best mean Dice)."""
+    if not path.exists():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    ck = checkpoint.load(path)
+    if ck["manifest_sha256"] != source.manifest_sha256:
+        raise TrainError(f"--resume: {path} was trained on another shard set (manifest hash differs)")
+    old = TrainConfig.from_dict(ck["config"])
+    changed = [k for k in _FIXED if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        raise TrainError(f"--resume: options differ from the checkpoint's: {', '.join(changed)}")
+    for key in STATEFUL:
+        parts[key].load_state_dict(ck[key])
+    torch.set_rng_state(ck["rng"])
+    return ck["history"], ck["epoch"] + 1, ck["best_dice"]
+
+
+def checkpoint_state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
+                     history: list[dict], best: float) -> dict:
+    """What a checkpoint holds: the state of `parts`, the epoch and RNG a resume continues from,
+    the config and shard set it was trained with, and what predict needs (channels, preprocess)."""
+    return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
+            "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
+            "channels": names, "rng": torch.get_rng_state(), "history": history, "best_dice": best}
+
+
+# ---------------------------------------------------------------- validate
 
 @torch.no_grad()
-def evaluate(net, ds, loss_fn, device, cuda, mask_mode: str, keep: int = 0) -> dict:
-    """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice)."""
+def validate(net, batches, loss_fn, device: torch.device, mask_mode: str, keep: int = 0) -> dict:
+    """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice), and
+    up to `keep` slices for the overlay figure."""
     net.eval()
     conf = torch.zeros(3, 3, dtype=torch.long)
     patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
+    samples: dict[str, dict] = {}
     loss_sum, n = 0.0, 0
-    samples = {}
-    for batch in _loader(ds, ds.num_workers):
-        x, y = _to(batch["image"], device, cuda), batch["mask"].to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+    for batch in batches:
+        x, y = to_device(batch, device)
+        with autocast(device):
             logits = net(x)
         loss_sum += loss_fn(logits, y).item() * len(batch["keys"])
         n += len(batch["keys"])
-        pred = (logits.float() > 0).cpu()
-        truth = batch["mask"].bool()
+        pred, truth = (logits.float() > 0).cpu(), batch["mask"].bool()  # (B, 3, H, W) bool
         conf += confusion(pred, truth)
-        pr, tr = to_regions(pred.numpy(), mask_mode), to_regions(truth.numpy(), mask_mode)
-        for i, pid in enumerate(batch["patients"]):  # not parsed from keys: those map '.' to '_'
-            c = patients.setdefault(pid, np.zeros((3, 3), np.int64))
-            p, t = pr[i].reshape(3, -1), tr[i].reshape(3, -1)
-            c[:, 0] += (p & t).sum(1)
-            c[:, 1] += (p & ~t).sum(1)
-            c[:, 2] += (~p & t).sum(1)
-        if keep:  # the slice with the most tumour of each patient, for the overlay figure
-            area = truth.flatten(1).sum(1)
-            for i, (key, pid) in enumerate(zip(batch["keys"], batch["patients"])):
-                if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
-                    samples[pid] = {"key": key, "image": batch["image"][i].numpy(), "mask": truth[i].numpy(),
-                                    "pred": pred[i].numpy(), "area": int(area[i])}
+        _count_patient_regions(patients, pred, truth, batch["patients"], mask_mode)
+        if keep:
+            _keep_largest_tumour(samples, batch, pred, truth)
     samples = sorted(samples.values(), key=lambda s: s["key"])[:keep]
     return {"loss_sum": loss_sum, "n": n, "confusion": conf, "patients": patients, "samples": samples}
+
+
+def _count_patient_regions(patients: dict, pred: torch.Tensor, truth: torch.Tensor, pids: list[str],
+                           mask_mode: str) -> None:
+    """Add a batch's region (TP, FP, FN) to each patient's running counts."""
+    pr = to_regions(pred.numpy(), mask_mode, axis=1).reshape(len(pids), 3, -1)  # (B, 3 regions, H*W)
+    tr = to_regions(truth.numpy(), mask_mode, axis=1).reshape(len(pids), 3, -1)
+    for pid, p, t in zip(pids, pr, tr):  # ids come with the batch: keys map '.' to '_' and cannot give them
+        c = patients.setdefault(pid, np.zeros((3, 3), np.int64))
+        c[:, 0] += (p & t).sum(1)
+        c[:, 1] += (p & ~t).sum(1)
+        c[:, 2] += (~p & t).sum(1)
+
+
+def _keep_largest_tumour(samples: dict, batch: dict, pred: torch.Tensor, truth: torch.Tensor) -> None:
+    """Keep, per patient, the slice with the most tumour seen so far."""
+    area = truth.flatten(1).sum(1)
+    for i, (key, pid) in enumerate(zip(batch["keys"], batch["patients"])):
+        if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
+            samples[pid] = {"key": key, "image": batch["image"][i].numpy(), "mask": truth[i].numpy(),
+                            "pred": pred[i].numpy(), "area": int(area[i])}
 
 
 def _reduce(loss_sum, n_seen, val, distributed) -> dict:
@@ -357,44 +418,50 @@ def _reduce(loss_sum, n_seen, val, distributed) -> dict:
             "patients": patients}
 
 
-def _row(epoch, stats, names, lr, seconds, slices) -> dict:
+# ---------------------------------------------------------------- record
+
+def epoch_record(epoch: int, stats: dict, names: list[str], lr: float, seconds: float, slices: int) -> dict:
+    """One metrics.csv row: losses, per-channel slice Dice/precision/recall, per-patient region Dice."""
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"]}
     per = [scores(*stats["confusion"][c].tolist()) for c in range(3)]
     row["mean_dice"] = float(np.mean([p["dice"] for p in per]))
     for key, metric in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
         for name, p in zip(names, per):
             row[f"{key}_{name}"] = p[metric]
-    for r, region in enumerate(REGION_NAMES):
+    for r, region in enumerate(REGIONS):
         d = [scores(*c[r].tolist())["dice"] for c in stats["patients"].values()]
         row[f"patient_dice_{region}"] = float(np.mean(d)) if d else float("nan")
     row.update(lr=lr, seconds=seconds, slices_per_s=slices / seconds if seconds else 0.0)
     return row
 
 
-def _write_metrics(out: Path, history, patients, epoch) -> None:
-    cols = list(history[0].keys())
-    tmp = out / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for h in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
-    tmp.replace(out / "metrics.csv")
+def _csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    return text.getvalue().encode()
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.csv: one row per epoch so far, floats to 6 significant digits."""
+    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()} for h in history]
+    atomic.write_bytes(out / "metrics.csv", _csv_bytes(list(history[0]), rows))
+
+
+def write_val_patients(out: Path, patients: dict, epoch: int) -> None:
+    """val_patients.csv: per epoch and validation patient, the 3D Dice of each region. Earlier
+    epochs' rows are kept; rows of this epoch left by a killed run are replaced."""
     path = out / "val_patients.csv"
     rows = []
-    if path.exists():  # keep earlier epochs' rows (drop any of this epoch from a killed run)
-        with open(path) as f:
+    if path.exists():
+        with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch + 1]
     for pid in sorted(patients):
         c = patients[pid]
         rows.append({"epoch": epoch + 1, "patient": pid,
-                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(REGION_NAMES)}})
-    tmp = out / ".val_patients.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch", "patient"] + [f"dice_{r}" for r in REGION_NAMES])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(REGIONS)}})
+    atomic.write_bytes(path, _csv_bytes(["epoch", "patient"] + [f"dice_{r}" for r in REGIONS], rows))
 
 
 def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str]) -> None:
@@ -405,7 +472,7 @@ def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[st
 
 def _summary(row: dict, names: list[str]) -> str:
     per = " ".join(f"{n} {row[f'dice_{n}']:.3f}" for n in names)
-    reg = " ".join(f"{r} {row[f'patient_dice_{r}']:.3f}" for r in REGION_NAMES)
+    reg = " ".join(f"{r} {row[f'patient_dice_{r}']:.3f}" for r in REGIONS)
     return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
             f"mean Dice {row['mean_dice']:.3f} ({per}) | per-patient 3D Dice {reg} | "
             f"{row['slices_per_s']:.0f} slices/s, lr {row['lr']:.2g}")

@@ -54,11 +54,3 @@ def scores(tp: float, fp: float, fn: float) -> dict:
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     pred, ref = pred.astype(bool), ref.astype(bool)
     return scores(int((pred & ref).sum()), int((pred & ~ref).sum()), int((~pred & ref).sum()))["dice"]
-
-
-def to_regions(mask: np.ndarray, mode: str) -> np.ndarray:
-    """(..., 3, H, W) channels -> BraTS regions [WT, TC, ET] along the same axis."""
-    if mode == "regions":
-        return mask.astype(bool)
-    ncr, ed, et = (mask[..., i, :, :].astype(bool) for i in range(3))
-    return np.stack([ncr | ed | et, ncr | et, et], axis=-3)

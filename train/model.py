@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -82,10 +84,11 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-MODELS = ("unet", "attention-unet")
+ModelName = Literal["unet", "attention-unet"]
+MODELS = get_args(ModelName)
 
 
-def build_model(name: str, base_channels: int = 32, depth: int = 4, in_channels: int = 4, out_channels: int = 3) -> UNet:
+def build_model(name: ModelName, base_channels: int = 32, depth: int = 4, in_channels: int = 4, out_channels: int = 3) -> UNet:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return UNet(in_channels, out_channels, base_channels, depth, attention=name == "attention-unet")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.domain import REGIONS
+
 
 def _plt():
     import matplotlib
@@ -39,7 +41,7 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     for c in channels:
         ax.plot(ep, [h[f"dice_{c}"] for h in history], "o-", label=c)
     ax.plot(ep, [h["mean_dice"] for h in history], "k--", label="mean")
-    for r in ("WT", "TC", "ET"):
+    for r in REGIONS:
         key = f"patient_dice_{r}"
         if key in history[0]:
             ax.plot(ep, [h[key] for h in history], ":", label=f"{r} (3D, per patient)")

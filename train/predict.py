@@ -10,7 +10,8 @@ Channels -> one label map (documented rule):
     positive channel, in the order ET > NCR/NET > ED (ET and NCR/NET are the tumour core;
     oedema surrounds it), else 0;
   * region channels [WT, TC, ET] (nested): ET -> enhancing label, else TC -> 1, else WT -> 2.
-Labels follow the input release: enhancing tumour 4 for 2020/2021-style, 3 for 2023-style.
+(`shards.domain.to_labels`.) Labels follow the input release (`shards.domain.RELEASES`):
+enhancing tumour 4 for 2020/2021-style, 3 for 2023-style. The way back is `Geometry.inverse`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from preprocess import steps
-from preprocess.discover import LABELS, PatientFiles, discover
+from preprocess.discover import PatientFiles, discover
 from preprocess.nifti import save_volume
 from preprocess.pipeline import PreprocessConfig, load_patient, process_volumes, validate
+from shards.domain import SEG, to_labels
 from train import checkpoint as ckpt
 from train.model import build_model
+
+THRESHOLD = 0.5  # a channel is positive where its probability exceeds this
 
 
 def load_model(path: str | Path, device: torch.device):
@@ -57,43 +60,17 @@ def predict_slices(model, image: np.ndarray, device, batch_size: int = 32, tta: 
     return out
 
 
-def to_source_space(prob: np.ndarray, geometry: dict, slice_index: list[int]) -> np.ndarray:
-    """(S, 3, size, size) probabilities -> (3, X, Y, Z) in the source's storage order."""
-    x0, x1, y0, y1 = geometry["crop_box"]
-    canon = np.zeros([3] + list(geometry["canonical_shape"]), np.float32)
-    if len(slice_index):
-        t = F.interpolate(torch.from_numpy(prob), size=(x1 - x0, y1 - y0), mode="bilinear", align_corners=False)
-        canon[:, x0:x1, y0:y1, slice_index] = t.numpy().transpose(1, 2, 3, 0)  # (3, bx, by, S)
-    return np.ascontiguousarray(steps.invert_ornt(canon, np.asarray(geometry["ornt"], float)))
-
-
-def to_labels(prob: np.ndarray, mask_mode: str, et_label: int, threshold: float = 0.5) -> np.ndarray:
-    """(3, ...) channel probabilities -> uint8 label map, by the rule in the module docstring."""
-    pos = prob > threshold
-    lab = np.zeros(prob.shape[1:], np.uint8)
-    if mask_mode == "subregions":
-        ncr, ed, et = pos
-        lab[ed] = 2
-        lab[ncr] = 1
-        lab[et] = et_label
-    else:
-        wt, tc, et = pos
-        lab[wt] = 2
-        lab[tc] = 1
-        lab[et] = et_label
-    return lab
-
-
 def predict_patient(model, pre: PreprocessConfig, mask_mode: str, pf: PatientFiles, device, batch_size=32,
                     tta=False) -> tuple[np.ndarray, np.ndarray]:
     if pf.problem:
         raise steps.InputError(pf.problem)
-    pf = replace(pf, files={k: v for k, v in pf.files.items() if k != "seg"})  # never look at a reference
+    pf = replace(pf, files={k: v for k, v in pf.files.items() if k != SEG})  # never look at a reference
     vols, _ = load_patient(pf)
     validate(pf, vols)
     ps = process_volumes(pf, vols, pre)
     prob = predict_slices(model, ps.image, device, batch_size, tta)
-    labels = to_labels(to_source_space(prob, ps.geometry, ps.slice_index), mask_mode, LABELS[pf.convention][-1])
+    prob = ps.geometry.inverse(prob, ps.slice_index)  # (3, X, Y, Z) as the source is stored
+    labels = to_labels(prob > THRESHOLD, mask_mode, pf.release)
     return labels, vols["t1"].affine
 
 

@@ -81,27 +81,12 @@ def _volume_from_raw(src: Path, patient: str | None):
 
 def _read_patient(s, pid: str, location):
     """(image (S, 4, H, W), mask (S, 3, H, W)) of one patient of ShardSource `s` (at `location`),
-    read bounded by the manifest's n_slices; refused if it has no slices or not the three mask
-    channels drawn."""
-    from shards.readers import ShardFormatError, read_wds_patient, read_zarr_patient
-
+    read bounded by the manifest's n_slices (zarr when the set has it); refused if it has no
+    slices or not the three mask channels drawn."""
     _check_pid(pid, f"{location}/manifest.json")
-    split, n = s.manifest["patients"][pid]["split"], s.n_slices(pid)
-    if n == 0:
+    if s.n_slices(pid) == 0:
         raise ShowError(f"patient {pid} has no slices in the shard set {location}")
-    if "zarr" in s.layouts():
-        image, mask = read_zarr_patient(s.read_buffer, f"zarr/{split}/{pid}", n_slices=n,
-                                        where=f"{location}/zarr/{split}/{pid}")
-    else:
-        try:
-            rel = s.wds_file(pid)
-        except KeyError:
-            raise ShardFormatError(f"{location}/manifest.json lists no WebDataset shard for patient {pid}") from None
-        data = s.read_buffer(rel)
-        if data is None:
-            raise ShardFormatError(f"{location}/{rel}: not listed in the manifest")
-        ims, mks, _ = read_wds_patient(data, n_slices=n, pid=pid, where=f"{location}/{rel}")
-        image, mask = np.stack(ims), np.stack(mks)
+    image, mask, _ = s.read_patient(pid, "zarr" if "zarr" in s.layouts() else "wds")
     if mask.shape[1] != MASK_CHANNELS:
         raise ShowError(f"patient {pid}: {mask.shape[1]} mask channels; show draws {MASK_CHANNELS}")
     return image, mask

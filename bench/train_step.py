@@ -1,6 +1,6 @@
 """Training-step throughput on this machine, and the loader's headroom over it.
 
-    python bench/train.py [--shards SHARDS] [--size 128] [--batch 16] [--steps 10]
+    python bench/train_step.py [--shards SHARDS] [--size 128] [--batch 16] [--steps 10]
 
 For `unet` and `attention-unet` (base 32, depth 4): slices/s of forward + backward + Adam step.
 With --shards, the loader's slices/s per process is measured in the same run and
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.metrics import make_loss  # noqa: E402
-from train.model import MODELS, build_model  # noqa: E402
+from train.metrics import make_loss
+from train.model import MODELS, build_model
 
 
 def step_rate(name: str, size: int, batch: int, steps: int, device: str) -> float:
@@ -58,7 +54,7 @@ def main():
         res["models"][name] = {"slices_per_s": round(r, 1)}
         print(f"{name:15s} {r:8.1f} slices/s (CPU, {torch.get_num_threads()} threads)", flush=True)
     if args.shards:
-        from bench.loader import time_stream  # noqa: E402
+        from loader import time_stream  # bench/loader.py: a script's own folder is first on sys.path
         from shards.source import ShardSource
 
         torch.set_num_threads(1)

@@ -1,0 +1,196 @@
+"""Where a patient's slices came from, as a frozen record, with the way there and the way back.
+
+The way there (what the recipe does to index space), in order:
+  1. reorient the storage axes to RAS+ (`to_canonical`)
+  2. crop in-plane to `crop_box` (x0, x1, y0, y1) and keep the axial slices `slice_index`
+  3. resize in-plane to size x size (`to_slices`: antialiased linear for images, nearest for labels)
+The way back undoes them in reverse (`from_slices`, then `from_canonical`; both: `inverse`), so a
+prediction on the slices lands on the source volume's voxels, zeros outside the box and on the
+slices not kept. `to_dict()` is the record stored in the manifest and the Zarr attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from preprocess import steps
+from shards.domain import RELEASES
+
+
+def spacing_of(affine) -> tuple[float, float, float]:
+    """Voxel size (mm) along each storage axis of a 4x4 affine: the norms of its first three columns."""
+    zooms = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(z) for z in zooms)
+
+
+# ---------------------------------------------------------------- validators (parse_*: value or ValueError)
+
+def _parse_ints(name: str, value, n: int | None, minimum: int | None = None) -> tuple[int, ...]:
+    """A list of `n` integers (n None: one or more), each >= `minimum`."""
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    if not (isinstance(value, (list, tuple)) and (len(value) == n if n else len(value) > 0)
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"geometry.{name} must be a list of {n or 'one or more'} integers, not {value!r}")
+    if minimum is not None and any(v < minimum for v in value):
+        raise ValueError(f"geometry.{name} {list(value)} has a value below {minimum}")
+    return tuple(int(v) for v in value)
+
+
+def _parse_affine(value) -> tuple[tuple[float, ...], ...]:
+    rows = value.tolist() if isinstance(value, np.ndarray) else value
+    ok = isinstance(rows, (list, tuple)) and len(rows) == 4 and all(
+        isinstance(r, (list, tuple)) and len(r) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in r) for r in rows)
+    if not ok:
+        raise ValueError(f"geometry.affine must be a 4x4 matrix of finite numbers, not {value!r}")
+    return tuple(tuple(float(v) for v in r) for r in rows)
+
+
+def _parse_ornt(value) -> tuple[tuple[int, int], ...]:
+    rows = value.tolist() if isinstance(value, np.ndarray) else value
+    ok = isinstance(rows, (list, tuple)) and len(rows) == 3 and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in r) for r in rows)
+    if not ok or sorted(r[0] for r in rows) != [0, 1, 2] or any(r[1] not in (-1, 1) for r in rows):
+        raise ValueError(f"geometry.ornt must be 3 rows (axis 0-2, each once; flip +-1), not {value!r}")
+    return tuple((int(a), int(f)) for a, f in rows)
+
+
+def canonical_shape_of(source_shape, ornt) -> tuple[int, int, int]:
+    """Shape after `to_canonical`: storage axis k becomes RAS axis ornt[k][0]."""
+    out = [0, 0, 0]
+    for k, (axis, _) in enumerate(ornt):
+        out[int(axis)] = int(source_shape[k])
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the record
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything it takes to map slices back onto the source volume. Field order is the key order
+    of `to_dict()` (and so of the bytes in every shard set's attributes)."""
+
+    affine: tuple  # 4x4 source affine (storage voxel -> mm)
+    source_shape: tuple  # (X, Y, Z) as stored
+    ornt: tuple  # storage axis k -> (RAS axis, flip), nibabel's `ornt`
+    canonical_shape: tuple  # (X, Y, Z) after reorientation to RAS+
+    crop_box: tuple  # in-plane (x0, x1, y0, y1) of the canonical volume that was resized
+    spacing: tuple = field(init=False)  # voxel size (mm) per storage axis: spacing_of(affine), never given
+    labels: tuple  # label values of the release, background first
+    convention: str  # the release's name in shards.domain.RELEASES
+    affine_known: bool  # False: the input carried no affine and the identity was assumed
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalise once, here, to plain tuples of Python numbers
+        set_(self, "affine", _parse_affine(self.affine))
+        set_(self, "source_shape", _parse_ints("source_shape", self.source_shape, 3, 1))
+        set_(self, "ornt", _parse_ornt(self.ornt))
+        set_(self, "canonical_shape", _parse_ints("canonical_shape", self.canonical_shape, 3, 1))
+        set_(self, "crop_box", _parse_ints("crop_box", self.crop_box, 4, 0))
+        set_(self, "labels", _parse_ints("labels", self.labels, None, 0))
+        set_(self, "spacing", spacing_of(self.affine))
+        if self.canonical_shape != canonical_shape_of(self.source_shape, self.ornt):
+            raise ValueError(f"geometry.canonical_shape {list(self.canonical_shape)} is not source_shape "
+                             f"{list(self.source_shape)} reoriented by ornt {[list(r) for r in self.ornt]}")
+        x0, x1, y0, y1 = self.crop_box
+        if not (x0 < x1 <= self.canonical_shape[0] and y0 < y1 <= self.canonical_shape[1]):
+            raise ValueError(f"geometry.crop_box {list(self.crop_box)} is not a box inside the plane "
+                             f"{list(self.canonical_shape[:2])}")
+        if not (isinstance(self.convention, str) and self.convention in RELEASES):
+            raise ValueError(f"geometry.convention {self.convention!r} is not a known release ({', '.join(RELEASES)})")
+        if not isinstance(self.affine_known, bool):
+            raise ValueError(f"geometry.affine_known must be true or false, not {self.affine_known!r}")
+
+    @classmethod
+    def of_source(cls, affine: np.ndarray, source_shape, convention: str, affine_known: bool = True) -> "Geometry":
+        """The geometry of a source volume before any crop: reorientation from the affine, the box
+        the whole plane, the labels those of the release."""
+        ornt = steps.canonical_ornt(affine).astype(int)
+        canonical = canonical_shape_of(source_shape, ornt)
+        return cls(affine=affine, source_shape=source_shape, ornt=ornt, canonical_shape=canonical,
+                   crop_box=(0, canonical[0], 0, canonical[1]), labels=RELEASES[convention].label_values,
+                   convention=convention, affine_known=affine_known)
+
+    def cropped(self, box) -> "Geometry":
+        return replace(self, crop_box=box)
+
+    def to_dict(self) -> dict:
+        """The stored record: plain JSON types, keys in field order."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: ([list(r) for r in v] if k in ("affine", "ornt") else list(v) if isinstance(v, tuple) else v)
+                for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        """A stored record back, validated; a `spacing` that disagrees with the affine is refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"geometry must be a mapping, not {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        unknown = sorted(set(d) - set(names))
+        if missing or unknown:
+            raise ValueError(f"geometry: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
+        geo = cls(**{k: v for k, v in d.items() if k != "spacing"})
+        stored = d["spacing"]
+        if not (isinstance(stored, (list, tuple)) and len(stored) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stored)
+                and np.allclose(stored, geo.spacing, rtol=1e-9, atol=0)):
+            raise ValueError(f"geometry.spacing {stored!r} disagrees with the affine's {list(geo.spacing)}")
+        return geo
+
+    @property
+    def affine_array(self) -> np.ndarray:
+        return np.array(self.affine)
+
+    @property
+    def ornt_array(self) -> np.ndarray:
+        return np.array(self.ornt, float)
+
+    # ------------------------------------------------------------ the way there
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        """Step 1: (..., X, Y, Z) in storage order -> RAS+ order (a view, not a copy)."""
+        return steps.apply_ornt(arr, self.ornt_array)
+
+    def to_slices(self, canonical: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
+        """Steps 2-3: canonical (X, Y, Z) -> (S, size, size) of the kept slices inside the box:
+        float32 by antialiased linear resampling, or (labels=True) the input dtype by nearest."""
+        x0, x1, y0, y1 = self.crop_box
+        if labels:
+            return steps.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0), size)
+        stack = np.empty((len(slice_index), x1 - x0, y1 - y0), np.float32)
+        for i, z in enumerate(slice_index):  # gather the kept slices and cast in one pass
+            stack[i] = canonical[x0:x1, y0:y1, z]
+        return steps.resize_image(stack, size)
+
+    def forward(self, vol: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
+        """Steps 1-3: source (X, Y, Z) -> (S, size, size)."""
+        return self.to_slices(self.to_canonical(vol), slice_index, size, labels)
+
+    # ------------------------------------------------------------ the way back
+
+    def from_slices(self, slices: np.ndarray, slice_index) -> np.ndarray:
+        """Undo steps 3-2: (S, C, size, size) float -> canonical (C, X, Y, Z) float32, resized back
+        to the box (bilinear) and zero outside it and on the slices not kept."""
+        import torch
+        import torch.nn.functional as F
+
+        x0, x1, y0, y1 = self.crop_box
+        canon = np.zeros((slices.shape[1],) + self.canonical_shape, np.float32)
+        if len(slice_index):
+            t = F.interpolate(torch.from_numpy(np.asarray(slices, np.float32)), size=(x1 - x0, y1 - y0),
+                              mode="bilinear", align_corners=False)
+            canon[:, x0:x1, y0:y1, list(slice_index)] = t.numpy().transpose(1, 2, 3, 0)  # (C, bx, by, S)
+        return canon
+
+    def from_canonical(self, arr: np.ndarray) -> np.ndarray:
+        """Undo step 1: (..., X, Y, Z) in RAS+ order -> storage order, contiguous."""
+        return np.ascontiguousarray(steps.invert_ornt(arr, self.ornt_array))
+
+    def inverse(self, slices: np.ndarray, slice_index) -> np.ndarray:
+        """Undo steps 3-1: (S, C, size, size) -> (C, X, Y, Z) on the source volume's voxels."""
+        return self.from_canonical(self.from_slices(slices, slice_index))

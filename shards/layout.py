@@ -1,0 +1,59 @@
+"""Where each file of a shard set lives: the path templates, written once.
+
+Paths are relative to the set's root, '/'-separated (the manifest's `files[].path`). Writers
+(preprocess/build.py, zarr_io, wds_io) put files here and every reader looks them up here; nothing
+else spells a shard path.
+
+    zarr/zarr.json, zarr/{split}/zarr.json             group metadata (root, one per split)
+    zarr/{split}/{pid}/zarr.json                       one patient's group (geometry in attributes)
+    zarr/{split}/{pid}/{image,mask}/zarr.json          its arrays' metadata
+    zarr/{split}/{pid}/{image,mask}/c/0/0/0/0          their one storage shard each
+    wds/{split}-{index:06d}.tar                        one patient's tar, numbered within its split
+"""
+
+from __future__ import annotations
+
+import re
+
+SPLITS = ("train", "val")
+LAYOUTS = ("zarr", "wds")
+ARRAYS = ("image", "mask")
+ZARR_ROOT, WDS_ROOT = "zarr", "wds"  # the folders of the two layouts
+ZARR_META = "zarr.json"
+# the key of chunk (0, 0, 0, 0): with one storage shard holding the whole array, its only file
+ZARR_SHARD = "c/0/0/0/0"
+WDS_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")  # a file name `wds_tar` gives, inside wds/
+
+
+def zarr_split(split: str) -> str:
+    return f"{ZARR_ROOT}/{split}"
+
+
+def zarr_group(split: str, pid: str) -> str:
+    """The patient's zarr group (a folder)."""
+    return f"{zarr_split(split)}/{pid}"
+
+
+def zarr_array_meta(group: str, name: str) -> str:
+    """`name`'s zarr.json inside `group` (any prefix: relative path, folder or URL)."""
+    return f"{group}/{name}/{ZARR_META}"
+
+
+def zarr_array_shard(group: str, name: str) -> str:
+    return f"{group}/{name}/{ZARR_SHARD}"
+
+
+def zarr_patient_files(split: str, pid: str) -> tuple[str, ...]:
+    """Every file a patient's group may hold (the shard files are absent for 0 slices)."""
+    g = zarr_group(split, pid)
+    return (f"{g}/{ZARR_META}",) + tuple(p for a in ARRAYS for p in (zarr_array_meta(g, a), zarr_array_shard(g, a)))
+
+
+def zarr_group_meta(splits=SPLITS) -> tuple[str, ...]:
+    """The root's and each split's group metadata."""
+    return (f"{ZARR_ROOT}/{ZARR_META}",) + tuple(f"{zarr_split(s)}/{ZARR_META}" for s in splits)
+
+
+def wds_tar(split: str, index: int) -> str:
+    """The tar of the `index`-th patient (0-based, sorted by id) of `split`."""
+    return f"{WDS_ROOT}/{split}-{index:06d}.tar"
