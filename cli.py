@@ -176,10 +176,6 @@ def train(
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
     from train.loop import TrainConfig, train as run
 
-    if format not in ("", "zarr", "wds"):
-        _fail(f"--format must be zarr or wds, not {format!r}")
-    if resume and overwrite:
-        _fail("--resume continues the run in OUT, --overwrite replaces it: give one of them")
     cfg = _config(TrainConfig, model=model, base_channels=base_channels, depth=depth, loss=loss,
                   optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
                   num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,

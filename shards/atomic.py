@@ -46,7 +46,7 @@ def read_bounded(fd: int, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
-TMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # what tmp_name gives (no suffix)
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp(\.[A-Za-z0-9]+)*$")  # what tmp_name gives
 
 
 def tmp_name(path: Path, suffix: str = "") -> Path:

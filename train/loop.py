@@ -82,12 +82,10 @@ class TrainError(BratsShardsError, RuntimeError):
 
 # any of these in OUT means it already holds a run that a fresh start would clobber
 RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "config.json")
-# what a run writes into OUT (with the temporaries of its atomic writes): all --overwrite removes
+# what a run writes into OUT: all --overwrite removes, with the temporaries of their atomic writes
 _RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "val_patients.csv", "config.json",
-              "plots/loss.png", "plots/dice.png", "plots/predictions.png",
-              "plots/.loss.tmp.png", "plots/.dice.tmp.png", "plots/.predictions.tmp.png")
-_RUN_FILE_PATTERNS = (r"samples_rank\d+\.jsonl", r"\.(config\.json|metrics\.csv|val_patients\.csv)(\.\d+)?\.tmp",
-                      r"checkpoints/\.(last|best)\.pt\.\d+\.tmp")
+              "plots/loss.png", "plots/dice.png", "plots/predictions.png")
+_SAMPLE_LOG = re.compile(r"samples_rank\d+\.jsonl")
 
 
 def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
@@ -103,12 +101,19 @@ def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def run_files(out: Path) -> list[Path]:
-    """The files of OUT that a run wrote; the user's own files there are not among them."""
-    found = [out / name for name in _RUN_FILES if (out / name).is_file()]
-    for folder in (out, out / "checkpoints"):
-        if folder.is_dir():
-            found += [p for p in folder.iterdir() if p.is_file()
-                      and any(re.fullmatch(pat, p.relative_to(out).as_posix()) for pat in _RUN_FILE_PATTERNS)]
+    """The files of OUT that a run wrote (its own names, their temporaries, the sample logs);
+    the user's own files there are not among them."""
+    names = {Path(n).parent: set() for n in _RUN_FILES}
+    for n in _RUN_FILES:
+        names[Path(n).parent].add(Path(n).name)
+    found = []
+    for folder, own in names.items():
+        if (out / folder).is_dir():
+            for p in (out / folder).iterdir():
+                tmp = atomic.TMP_NAME.match(p.name)
+                if p.is_file() and (p.name in own or (tmp and tmp["name"] in own)
+                                    or (folder == Path(".") and _SAMPLE_LOG.fullmatch(p.name))):
+                    found.append(p)
     return found
 
 
@@ -119,7 +124,7 @@ def clear_run(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def channel_names(source: ShardSource) -> list[str]:
+def _channel_names(source: ShardSource) -> list[str]:
     """The mask channels of a shard set, as metrics, plots and checkpoints name them."""
     return list(MASK_CHANNELS[source.manifest["config"]["preprocess"]["mask"]])
 
@@ -138,7 +143,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout)
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
-    names, mask_mode = channel_names(source), source.manifest["config"]["preprocess"]["mask"]
+    names, mask_mode = _channel_names(source), source.manifest["config"]["preprocess"]["mask"]
     if not source.patients("train") or not source.patients("val"):
         raise TrainError(f"{shards} needs patients in both splits (train {len(source.patients('train'))}, "
                          f"val {len(source.patients('val'))})")

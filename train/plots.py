@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.atomic import atomic_path
 from shards.domain import REGIONS
 
 
@@ -19,10 +20,8 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path, ".png") as tmp:  # matplotlib picks the format by the extension
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return path
 
 

@@ -231,7 +231,7 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
     import torch
 
-    from train.loop import channel_names
+    from shards.domain import MASK_CHANNELS
     from train.plots import predictions
     from train.predict import load_model, predict_slices
     from shards.source import ShardSource
@@ -239,9 +239,9 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     run, out = Path(run), Path(out)
     shards = _run_shards(run)
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
-    model, _, _ = load_model(ck, torch.device(device))
+    model, _, mask_mode = load_model(ck, torch.device(device))
     src = ShardSource(shards)
-    names = channel_names(src)
+    names = list(MASK_CHANNELS[mask_mode])
     paths = []
     for pid in src.patients("val"):
         if src.n_slices(pid) == 0:
