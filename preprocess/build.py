@@ -39,8 +39,9 @@ from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, wds_io, zarr_io
-from shards.atomic import TMP_NAME, sha256_file, write_json
+from shards.atomic import TMP_NAME, dumps, sha256_file, write_json
 from shards.errors import BratsShardsError
+from shards.manifest import ManifestError, load_manifest, parse_manifest
 from shards.names import patient_id_problem, relpath_problem
 
 SPLITS = layout.SPLITS
@@ -249,7 +250,6 @@ def _load_json(path: Path):
 def _previous_records(out: Path, config: dict) -> tuple[dict[str, dict], set[str]]:
     """Done records from an interrupted build or a finished manifest with the same config, and
     every file path those name (what earlier runs wrote, so what this run may delete)."""
-    from shards.manifest import ManifestError, load_manifest
 
     records, owned = {}, set()
     if (out / MANIFEST).exists():
@@ -465,12 +465,22 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
             pf = next(p for p in disc.patients if p.pid == pid)
             record(build_patient(pf, str(in_root), str(out), "val", 0, cfg))
         manifest = _manifest(out, disc, config, done, failed, group_files)
+        _check_own_manifest(manifest, out)  # before the sweep: it deletes what the manifest omits
         _sweep(out, {f["path"] for f in manifest["files"]}, owned, set(splits) | set(previous))
         with _writing(out / MANIFEST):
             write_json(out / MANIFEST, manifest)
         shutil.rmtree(out / ".build", ignore_errors=True)
     return BuildResult(manifest, built=len(built & set(done)), reused=len(set(done) - built),
                        task_seconds=[t for t, _ in timings], peak_rss_mb=[m for _, m in timings])
+
+
+def _check_own_manifest(manifest: dict, out: Path) -> None:
+    """Refuse to publish a manifest readers would refuse: records carried over from `.build/done`
+    or an earlier manifest are data on disk, so they go through the same validation."""
+    try:
+        parse_manifest(dumps(manifest), str(out / MANIFEST))
+    except ManifestError as e:
+        raise BuildError(f"{e} (from an earlier, damaged build record: build into a new folder)") from None
 
 
 def _manifest(out: Path, disc, config: dict, done: dict, failed: dict, group_files) -> dict:

@@ -20,6 +20,7 @@ LAYOUTS = ("zarr", "wds")
 ARRAYS = ("image", "mask")
 ZARR_ROOT, WDS_ROOT = "zarr", "wds"  # the folders of the two layouts
 ZARR_META = "zarr.json"
+MAX_META_BYTES = 1 << 20  # one zarr.json (the group's holds the geometry: a few kB)
 # the key of chunk (0, 0, 0, 0): with one storage shard holding the whole array, its only file
 ZARR_SHARD = "c/0/0/0/0"
 WDS_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")  # a file name `wds_tar` gives, inside wds/

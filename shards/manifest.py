@@ -112,6 +112,9 @@ def _file_problems(f, patients: dict, layouts: list, seen: set):
     if not _count(f.get("bytes"), MAX_FILE_BYTES) or not isinstance(f.get("sha256"), str) \
             or not _SHA256.match(f["sha256"]):
         yield f"{path}: bytes or sha256 missing or invalid"
+    elif path.endswith(f"/{layout.ZARR_META}") and f["bytes"] > layout.MAX_META_BYTES:
+        # bounded here, so no reader (remote downloads included) fetches a huge "metadata" file
+        yield f"{path}: {f['bytes']} bytes of zarr metadata; more than {layout.MAX_META_BYTES} is refused"
     pid = f.get("patient")
     if pid is None and f.get("format") == "wds":
         yield f"{path}: a WebDataset shard names no patient"

@@ -30,7 +30,7 @@ _EMPTY = 2**64 - 1
 IMAGE_CHANNELS = 4
 MAX_MASK_CHANNELS = 16
 MAX_SIDE = 1024
-MAX_META_BYTES = 1 << 20  # one zarr.json (the group's holds the geometry: a few kB)
+MAX_META_BYTES = layout.MAX_META_BYTES
 MAX_PATIENT_ARRAY_BYTES = 4 << 30  # one decoded array of one patient (BraTS at 240x240: 36 MB)
 MAX_NPY_HEADER = 4096  # numpy writes 128-byte headers
 ZARR_DTYPES = {"image": "float16", "mask": "uint8"}
@@ -258,6 +258,8 @@ def read_zarr_patient(read, prefix: str, per_slice: bool = False, n_slices: int 
     arrays = []
     for name, (shape, decode, has_crc) in zip(layout.ARRAYS, specs):
         shard = read(layout.zarr_array_shard(prefix, name)) if shape[0] else None
+        if shard is None and shape[0] and name == "image":  # images always hold brain: never all fill
+            raise ShardFormatError(f"{layout.zarr_array_shard(where, name)}: missing (not in the manifest)")
         arrays.append(_decode_shard(shape, np.dtype(ZARR_DTYPES[name]), decode, has_crc, shard,
                                     layout.zarr_array_shard(where, name), per_slice))
     return arrays[0], arrays[1]

@@ -18,7 +18,6 @@ from preprocess.nifti import load_volume, save_volume
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
 from preprocess.build import BuildConfig, BuildError, assign_splits, build, split_score
-from shards.errors import BratsShardsError
 from shards.manifest import load_manifest, verify
 
 CFG = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.34)
@@ -44,13 +43,6 @@ def _one_line(e) -> str:
     msg = str(e.value)
     assert "\n" not in msg and "Traceback" not in msg
     return msg
-
-
-def test_error_classes_share_the_base_and_exit_codes():
-    assert issubclass(BuildError, BratsShardsError) and issubclass(BuildError, RuntimeError)
-    assert issubclass(DiscoveryError, BratsShardsError) and issubclass(DiscoveryError, ValueError)
-    assert issubclass(InputError, BratsShardsError) and issubclass(InputError, ValueError)
-    assert BuildError.exit_code == DiscoveryError.exit_code == 2 and InputError.exit_code == 1
 
 
 # ---------------------------------------------------------------- 1. deletes only what it wrote

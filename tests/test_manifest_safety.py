@@ -68,6 +68,8 @@ MUTATIONS = {
     "tar naming no patient": lambda m: [f.pop("patient") for f in m["files"] if f["format"] == "wds"][:1] and m,
     "patient listed in two splits": lambda m: m["splits"]["val"].append(m["splits"]["train"][0]) or m,
     "patient in no split": lambda m: m["splits"]["train"].pop() and m,
+    "huge zarr metadata": lambda m: [f.update(bytes=50 * 2**20) for f in m["files"]
+                                     if f["path"].endswith("/image/zarr.json")][:1] and m,
     "mask_pixels beyond pixels": lambda m: m["patients"][_first(m)].update(mask_pixels=[10**12, 0, 0]) or m,
 }
 

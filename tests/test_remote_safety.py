@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import pytest
 
 import shards.source
-from shards.errors import BratsShardsError
 from train.data import SliceStream, StreamConfig
 from shards.source import ShardSetError, ShardSource
 
@@ -132,10 +131,6 @@ def test_cache_paths_never_come_from_manifest_text(shard_set, serve, tmp_path, m
     src.files[entry["path"]] = dict(entry, sha256="../../../outside/x" + "0" * 46)
     with pytest.raises(ShardSetError, match="invalid sha256"):
         src.read(entry["path"])
-
-
-def test_shard_set_error_is_a_brats_shards_error():
-    assert issubclass(ShardSetError, BratsShardsError) and issubclass(ShardSetError, RuntimeError)
 
 
 # ------------------------------------------------------------------ 2. stale or damaged cache

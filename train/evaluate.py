@@ -35,6 +35,7 @@ import numpy as np
 
 from preprocess.discover import DiscoveryError, discover
 from preprocess.geometry import spacing_of
+from preprocess.pipeline import affine_problem
 from preprocess.nifti import load_volume
 from preprocess.steps import apply_ornt, canonical_ornt
 from shards.domain import REGIONS, SEG, SUBREGIONS, Release, release_of_values, subregion_channels, to_regions
@@ -145,9 +146,9 @@ def _canonical(vol, path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:
         raise PatientFailed(f"{path} holds an array of shape {data.shape}, not a 3-D label map")
+    if (why := affine_problem(vol.affine)) is not None:  # NaN or singular: no orientation to read
+        raise PatientFailed(f"{path} {why}")
     ornt = canonical_ornt(vol.affine)
-    if np.isnan(ornt).any():
-        raise PatientFailed(f"{path} has a degenerate affine (no axis orientation can be read from it)")
     return np.ascontiguousarray(apply_ornt(data, ornt)), vol.affine @ inv_ornt_aff(ornt, data.shape)
 
 

@@ -66,7 +66,8 @@ def _volume_from_raw(src: Path, patient: str | None):
     pf = next((p for p in disc.patients if p.pid == patient), None) if patient else disc.patients[0]
     if pf is None:
         raise ShowError(f"patient {patient} not found in {src}")
-    _check_pid(pf.pid, f"{src}")
+    if pf.problem:  # a bad id, a missing or doubled modality: what discovery found
+        raise ShowError(f"{pf.pid}: {pf.problem}")
     try:
         vols, _ = load_patient(pf)
         validate(pf, vols)
@@ -83,7 +84,6 @@ def _read_patient(s, pid: str, location):
     """(image (S, 4, H, W), mask (S, 3, H, W)) of one patient of ShardSource `s` (at `location`),
     read bounded by the manifest's n_slices (zarr when the set has it); refused if it has no
     slices or not the three mask channels drawn."""
-    _check_pid(pid, f"{location}/manifest.json")
     if s.n_slices(pid) == 0:
         raise ShowError(f"patient {pid} has no slices in the shard set {location}")
     image, mask, _ = s.read_patient(pid, "zarr" if "zarr" in s.layouts() else "wds")

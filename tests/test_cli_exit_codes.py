@@ -1,0 +1,114 @@
+"""Every kind of refusal reaches the user the same way: one line on stderr naming what is at
+fault, exit 2; a job that ran with some patients failing exits 1."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _refused(r, *names):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    for n in names:
+        assert str(n) in r.stderr, (n, r.stderr)
+
+
+def test_build_into_a_file_is_refused(release_2020, tmp_path):
+    (tmp_path / "out").write_text("a file")
+    _refused(_cli("build-shards", release_2020, tmp_path / "out", "--workers", "0", "--quiet"), tmp_path / "out")
+
+
+def test_build_with_a_bad_patient_exits_1_naming_it(release_copy, tmp_path):
+    victim = sorted(p for p in release_copy.iterdir() if p.is_dir())[0]
+    next(victim.glob("*_flair.nii.gz")).unlink()
+    r = _cli("build-shards", release_copy, tmp_path / "out", "--workers", "0", "--size", "32", "--quiet")
+    assert r.returncode == 1 and f"FAILED {victim.name}" in r.stdout, r.stdout + r.stderr
+
+
+def test_train_into_an_existing_run_is_refused(shard_set, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    _refused(_cli("train", shard_set, "--out", tmp_path / "run", "--quiet"), tmp_path / "run", "--resume")
+
+
+def test_unreachable_remote_set_is_refused_naming_the_url(tmp_path):
+    url = "http://127.0.0.1:9/set"  # the discard port: nothing listens
+    _refused(_cli("train", url, "--out", tmp_path / "run", "--cache-dir", tmp_path / "c", "--quiet"), url)
+
+
+def test_evaluate_of_a_mistyped_folder_is_refused(release_2020, tmp_path):
+    _refused(_cli("evaluate", tmp_path / "no-such-predictions", release_2020), "no-such-predictions")
+
+
+def test_evaluate_prediction_with_a_nan_affine_fails_its_patient(release_2020, tmp_path):
+    """The pipeline's affine check runs before reorientation: no LinAlgError traceback."""
+    import nibabel as nib
+
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    pids = sorted(p.name for p in release_2020.iterdir() if p.is_dir())
+    for pid in pids:
+        ref = nib.load(next((release_2020 / pid).glob("*_seg.nii.gz")))
+        nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), ref.affine), preds / f"{pid}.nii")
+    # nibabel will not write a NaN affine: put one into the header's srow_x (bytes 280-283)
+    raw = bytearray((preds / f"{pids[0]}.nii").read_bytes())
+    raw[280:284] = np.float32(np.nan).tobytes()
+    (preds / f"{pids[0]}.nii").write_bytes(bytes(raw))
+    r = _cli("evaluate", preds, release_2020, "--quiet")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"FAILED {pids[0]}" in r.stdout and "NaN" in r.stdout
+
+
+def test_show_names_a_patient_discovery_rejected(release_copy, tmp_path):
+    victim = sorted(p for p in release_copy.iterdir() if p.is_dir())[0]
+    next(victim.glob("*_flair.nii.gz")).unlink()
+    _refused(_cli("show", release_copy, "--patient", victim.name, "--out", tmp_path / "f"), victim.name, "flair")
+
+
+def test_a_damaged_build_record_is_not_published(release_2020, tmp_path):
+    """A `.build/done` record is data on disk: one that points outside its patient's group is
+    refused before it reaches a manifest."""
+    out = tmp_path / "out"
+    r = _cli("build-shards", release_2020, out, "--workers", "0", "--size", "32", "--format", "zarr", "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    pid = next(iter(m["patients"]))
+    rec = dict(m["patients"][pid], pid=pid, files=[f for f in m["files"] if f["patient"] == pid])
+    # a path that climbs out and back in: the file it names exists with the recorded size
+    i = next(i for i, f in enumerate(rec["files"]) if f["path"].endswith("/image/zarr.json"))
+    rec["files"][i] = dict(rec["files"][i], path=f"zarr/{rec['split']}/{pid}/../{pid}/image/zarr.json")
+    (out / ".build" / "done").mkdir(parents=True)
+    (out / ".build" / "config.json").write_text(json.dumps(m["config"]))
+    (out / ".build" / "done" / f"{pid}.json").write_text(json.dumps(rec))
+    before = (out / "manifest.json").read_bytes()
+    r = _cli("build-shards", release_2020, out, "--workers", "0", "--size", "32", "--format", "zarr", "--quiet")
+    _refused(r, "manifest.json")
+    assert (out / "manifest.json").read_bytes() == before  # the good manifest was not replaced
+    assert subprocess.run([sys.executable, str(REPO / "cli.py"), "verify", str(out)],
+                          capture_output=True, text=True).returncode == 0  # and no file it lists was swept
+
+
+def test_an_image_shard_left_out_of_the_manifest_is_refused_not_read_as_zeros(shard_set, tmp_path):
+    from shards.readers import ShardFormatError
+    from shards.source import ShardSource
+
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    m = json.loads((root / "manifest.json").read_text())
+    pid = m["splits"]["val"][0]
+    m["files"] = [f for f in m["files"] if not (f["patient"] == pid and f["path"].endswith("/image/c/0/0/0/0"))]
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardFormatError, match="image/c/0/0/0/0: missing"):
+        ShardSource(root).read_patient(pid, "zarr")
