@@ -36,6 +36,14 @@ def _refusals():
         _fail(f"{where}{e.strerror or e}")
 
 
+def _report_failed(failed: dict[str, str]) -> None:
+    """Name each failed patient with its reason; exit 1 when there is any (the rest was done)."""
+    for pid, reason in sorted(failed.items()):
+        typer.echo(f"  FAILED {pid}: {reason}")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _config(cls, **kw):
     """A config dataclass, its validation error (bad option values) as a usage error."""
     try:
@@ -110,10 +118,7 @@ def build_shards(
     n = {s: len(p) for s, p in m["splits"].items()}
     typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
                f"({r.built} built, {r.reused} already done), {len(m['failed'])} failed")
-    for f in m["failed"]:
-        typer.echo(f"  FAILED {f['patient']}: {f['reason']}")
-    if m["failed"]:
-        raise typer.Exit(1)
+    _report_failed({f["patient"]: f["reason"] for f in m["failed"]})
 
 
 @app.command()
@@ -209,10 +214,7 @@ def predict(
     with _refusals():
         r = run(checkpoint, input, output, device=device, batch_size=batch_size, tta=tta, progress=not quiet)
     typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
-    for pid, reason in sorted(r["failed"].items()):
-        typer.echo(f"  FAILED {pid}: {reason}")
-    if r["failed"]:
-        raise typer.Exit(1)
+    _report_failed(r["failed"])
 
 
 @app.command()
@@ -233,10 +235,7 @@ def evaluate(
         typer.echo(f"per-patient metrics: {csv_path}")
     if r["missing"]:
         typer.echo(f"no prediction for {len(r['missing'])} patient(s), scored as empty: {', '.join(r['missing'])}")
-    for pid, reason in sorted(r["failed"].items()):
-        typer.echo(f"  FAILED {pid}: {reason}")
-    if r["failed"]:
-        raise typer.Exit(1)
+    _report_failed(r["failed"])
 
 
 @app.command()
