@@ -19,7 +19,7 @@ No NaN/Inf is ever written: a normalised image with values beyond float16 fails 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from preprocess import steps
 from preprocess.discover import PatientFiles
 from preprocess.geometry import Geometry
 from preprocess.nifti import load_volume
+from shards.config import from_known_fields
 from shards.domain import MASK_CHANNELS, MODALITIES, SEG, encode_mask
 
 
@@ -55,8 +56,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_known_fields(cls, d)
 
 
 @dataclass(frozen=True)

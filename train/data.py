@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shards.config import check_choices
 from shards.source import ShardSetError
 
 
 def derive_seed(*parts) -> int:
     h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little")
-
-
-def check_choices(config) -> None:
-    """Every field of a config dataclass typed `Literal[...]` holds one of its values, else a
-    ValueError naming the field, the choices and the value."""
-    for name, hint in get_type_hints(type(config)).items():
-        allowed = get_args(hint) if get_origin(hint) is Literal else ()
-        if allowed and getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(a for a in allowed if a)}, "
-                             f"not {getattr(config, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,8 @@ from shards.domain import MASK_CHANNELS, REGIONS, to_regions
 from shards.errors import BratsShardsError
 from shards.source import ShardSource
 from train import checkpoint, plots
-from train.data import SliceStream, StreamConfig, check_choices, derive_seed
+from shards.config import check_choices, from_known_fields
+from train.data import SliceStream, StreamConfig, derive_seed
 from train.metrics import confusion, make_loss, scores
 from train.model import ModelName, build_model
 
@@ -66,8 +67,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_known_fields(cls, d)
 
 
 # architecture-defining fields: a resume must not change them
