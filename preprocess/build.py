@@ -8,6 +8,11 @@ Crash safety and resume:
     so a killed build completes without redoing finished work, to the same bytes;
   * manifest.json is written last and atomically.
 
+Incremental builds: every file is named from its patient's id and split (shards/layout.py), so a
+re-run after patients were added builds only those, and a re-run after patients were removed
+deletes only their files; either way the folder ends byte-identical to a fresh build of the
+same input.
+
 What a build deletes: only what it (or an earlier run into the same folder) wrote: files that a
 previous manifest or `.build/done` record lists, or that this run wrote, and that the new manifest
 does not list; temporaries of exactly the names our writers use (`.{name}.{pid}.tmp`, see
@@ -146,8 +151,10 @@ def assign_splits(pids: list[str], val_fraction: float, seed: int) -> dict[str, 
 
 # ---------------------------------------------------------------- per-patient task
 
-def plan_paths(pid: str, split: str, wds_index: int) -> dict[str, str]:
-    return {"zarr": layout.zarr_group(split, pid), "wds": layout.wds_tar(split, wds_index)}
+def plan_paths(pid: str, split: str) -> dict[str, str]:
+    """Where a patient's files go: named from its id and split only, so adding or removing other
+    patients never moves them (a re-run builds only new patients and drops only removed ones)."""
+    return {"zarr": layout.zarr_group(split, pid), "wds": layout.wds_tar(split, pid)}
 
 
 def _file_entry(out: Path, path: Path, pid: str, split: str, fmt: str, sha256: str | None = None) -> dict:
@@ -155,7 +162,7 @@ def _file_entry(out: Path, path: Path, pid: str, split: str, fmt: str, sha256: s
             "sha256": sha256 or sha256_file(path), "patient": pid, "split": split, "format": fmt}
 
 
-def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_index: int, cfg: BuildConfig) -> dict:
+def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: BuildConfig) -> dict:
     """Process and write one patient; returns a small dict (also saved as its done record).
     Bad input is returned as {'pid', 'error'}; the build records it and carries on."""
     t0 = time.perf_counter()
@@ -165,7 +172,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, wds_inde
     except Exception as e:  # recorded in the manifest's `failed`, never swallowed
         reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
         return {"pid": pf.pid, "error": reason}
-    paths = plan_paths(pf.pid, split, wds_index)
+    paths = plan_paths(pf.pid, split)
     files = []
     attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
              "modalities": ["t1", "t1gd", "t2", "flair"],
@@ -226,9 +233,9 @@ class OutputLock:
         os.close(self.fd)
 
 
-def _valid_done(out: Path, rec: dict, split: str, wds_index: int, cfg: BuildConfig) -> bool:
+def _valid_done(out: Path, rec: dict, split: str, cfg: BuildConfig) -> bool:
     """A finished patient counts only if its files sit where this plan puts them, complete."""
-    want = plan_paths(rec["pid"], split, wds_index)
+    want = plan_paths(rec["pid"], split)
     if rec.get("split") != split:
         return False
     for f in rec["files"]:
@@ -311,8 +318,12 @@ def _check_output(out: Path) -> None:
 
 def _our_temporaries(out: Path, pids: set[str]):
     """Leftovers of interrupted writes, by the exact names our writers give them (a patient's
-    zarr group: only for ids this build or an earlier one into the folder knows)."""
-    where = [(out, lambda n: n == MANIFEST), (out / layout.WDS_ROOT, layout.WDS_NAME.match)]
+    zarr group or tar: only for ids this build or an earlier one into the folder knows)."""
+    def our_tar(n):
+        m = layout.WDS_NAME.match(n)
+        return m is not None and m["pid"] in pids
+
+    where = [(out, lambda n: n == MANIFEST), (out / layout.WDS_ROOT, our_tar)]
     where += [(out / layout.zarr_split(s), pids.__contains__) for s in SPLITS]
     for folder, is_ours in where:
         if folder.is_dir() and not folder.is_symlink():
@@ -354,8 +365,8 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
         return
     if workers == 0 and scheduler is None:
         try:
-            for pf, split, idx in todo:
-                yield build_patient(pf, *args[:2], split, idx, args[2])
+            for pf, split in todo:
+                yield build_patient(pf, *args[:2], split, args[2])
                 bar.update()
         finally:
             bar.close()
@@ -371,9 +382,9 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
                                memory_limit="6GiB", dashboard_address=None)
         client = Client(cluster)
     try:
-        futures = {client.submit(build_patient, pf, args[0], args[1], split, idx, args[2],
+        futures = {client.submit(build_patient, pf, args[0], args[1], split, args[2],
                                  key=f"patient-{pf.pid}-{time.time_ns()}", pure=False): pf.pid
-                   for pf, split, idx in todo}
+                   for pf, split in todo}
         for fut in as_completed(futures):
             try:
                 yield fut.result()
@@ -387,16 +398,6 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _plan(pids: list[str], cfg: BuildConfig) -> tuple[dict[str, str], dict[str, int]]:
-    """Each patient's split and its index among its split's patients (the tar's number)."""
-    splits = assign_splits(pids, cfg.val_fraction, cfg.split_seed)
-    index = {}
-    for s in SPLITS:
-        for i, pid in enumerate(p for p in pids if splits[p] == s):
-            index[pid] = i
-    return splits, index
 
 
 def _val_fallback(done: dict, cfg: BuildConfig) -> str | None:
@@ -416,7 +417,8 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
     in `failed`.
 
     When the val patients all fail, the val split would be empty: then (see `_val_fallback`) the
-    successful patient with the lowest split score is rebuilt into val (as `val-000000.tar`)."""
+    successful patient with the lowest split score is rebuilt into val (its files move to the val
+    names, e.g. `wds/val-{pid}.tar`)."""
     from preprocess.discover import DiscoveryError
 
     in_root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
@@ -435,14 +437,14 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
         previous, owned = _previous_records(out, config)
         with _writing(out / ".build" / "config.json"):
             write_json(out / ".build" / "config.json", config)
-        splits, index = _plan([p.pid for p in disc.patients], cfg)
+        splits = assign_splits([p.pid for p in disc.patients], cfg.val_fraction, cfg.split_seed)
         done, todo = {}, []
         for pf in disc.patients:
             rec = previous.get(pf.pid)
-            if rec and not pf.problem and _valid_done(out, rec, splits[pf.pid], index[pf.pid], cfg):
+            if rec and not pf.problem and _valid_done(out, rec, splits[pf.pid], cfg):
                 done[pf.pid] = rec
             else:
-                todo.append((pf, splits[pf.pid], index[pf.pid]))
+                todo.append((pf, splits[pf.pid]))
         group_files = []
         if "zarr" in cfg.formats:
             with _writing(out / layout.ZARR_ROOT):
@@ -463,7 +465,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
             record(res)
         if (pid := _val_fallback(done, cfg)) is not None:
             pf = next(p for p in disc.patients if p.pid == pid)
-            record(build_patient(pf, str(in_root), str(out), "val", 0, cfg))
+            record(build_patient(pf, str(in_root), str(out), "val", cfg))
         manifest = _manifest(out, disc, config, done, failed, group_files)
         _check_own_manifest(manifest, out)  # before the sweep: it deletes what the manifest omits
         _sweep(out, {f["path"] for f in manifest["files"]}, owned, set(splits) | set(previous))

@@ -8,7 +8,10 @@ else spells a shard path.
     zarr/{split}/{pid}/zarr.json                       one patient's group (geometry in attributes)
     zarr/{split}/{pid}/{image,mask}/zarr.json          its arrays' metadata
     zarr/{split}/{pid}/{image,mask}/c/0/0/0/0          their one storage shard each
-    wds/{split}-{index:06d}.tar                        one patient's tar, numbered within its split
+    wds/{split}-{pid}.tar                              one patient's tar, named by its split and id
+
+Every patient's files are named from its own id (never from its position among the others), so
+adding or removing patients leaves the other patients' files untouched (incremental builds).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ ZARR_META = "zarr.json"
 MAX_META_BYTES = 1 << 20  # one zarr.json (the group's holds the geometry: a few kB)
 # the key of chunk (0, 0, 0, 0): with one storage shard holding the whole array, its only file
 ZARR_SHARD = "c/0/0/0/0"
-WDS_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")  # a file name `wds_tar` gives, inside wds/
+# a file name `wds_tar` gives, inside wds/ (pid: a plain name, see shards.names.patient_id_problem)
+WDS_NAME = re.compile(r"^(?P<split>train|val)-(?P<pid>[A-Za-z0-9][A-Za-z0-9._-]*)\.tar$")
 
 
 def zarr_split(split: str) -> str:
@@ -55,6 +59,7 @@ def zarr_group_meta(splits=SPLITS) -> tuple[str, ...]:
     return (f"{ZARR_ROOT}/{ZARR_META}",) + tuple(f"{zarr_split(s)}/{ZARR_META}" for s in splits)
 
 
-def wds_tar(split: str, index: int) -> str:
-    """The tar of the `index`-th patient (0-based, sorted by id) of `split`."""
-    return f"{WDS_ROOT}/{split}-{index:06d}.tar"
+def wds_tar(split: str, pid: str) -> str:
+    """The tar of patient `pid` in `split` (named from the patient, so it never moves when other
+    patients are added or removed)."""
+    return f"{WDS_ROOT}/{split}-{pid}.tar"

@@ -123,8 +123,8 @@ def _file_problems(f, patients: dict, layouts: list, seen: set):
             yield f"{path}: patient {str(pid)[:40]!r} is not in `patients`"
         elif f["format"] == "zarr" and not path.startswith(layout.zarr_group(patients[pid]["split"], pid) + "/"):
             yield f"{path}: not under its patient's group {layout.zarr_group(patients[pid]['split'], pid)}/"
-        elif f["format"] == "wds" and (path.count("/") != 1 or not path.endswith(".tar")):
-            yield f"{path}: a WebDataset shard is a .tar file directly under wds/"
+        elif f["format"] == "wds" and path != layout.wds_tar(patients[pid]["split"], pid):
+            yield f"{path}: a WebDataset shard is its patient's {layout.wds_tar(patients[pid]['split'], pid)}"
 
 
 def parse_manifest(raw: bytes, where: str) -> dict:

@@ -35,7 +35,7 @@ def _cli(*args, **kw):
 
 def test_manifest_contract(release_2020, tmp_path):
     m = _build(release_2020, tmp_path / "s")
-    assert m["format"]["name"] == "brats-shards" and m["format"]["version"] == 1
+    assert m["format"]["name"] == "brats-shards" and m["format"]["version"] == 2
     assert m["config"]["preprocess"]["size"] == 32 and m["failed"] == []
     assert set(m["patients"]) == {p.pid for p in discover(release_2020).patients}
     train, val = set(m["splits"]["train"]), set(m["splits"]["val"])
@@ -259,7 +259,7 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path):
         proc.wait()
         assert not (out / "manifest.json").exists()
         # also leave what a kill in the middle of a write leaves behind
-        (out / "wds" / ".train-000009.tar.999.tmp").write_bytes(b"partial")
+        (out / "wds" / ".train-BraTS20_Training_008.tar.999.tmp").write_bytes(b"partial")
         again = _cli("build-shards", inp, out, "--workers", "0", "--size", "64", "--quiet")
         assert again.returncode == 0, again.stderr
         assert "already done" in again.stdout and " 0 already done" not in again.stdout

@@ -51,12 +51,13 @@ def test_rebuild_keeps_files_it_did_not_write(release_copy, tmp_path):
     out = tmp_path / "s"
     m = _build(release_copy, out)
     mine = [out / "wds" / "my-own-000000.tar", out / "zarr" / "mine" / "data.bin", out / ".notes.tmp",
-            out / "zarr" / "train" / ".notes.1.tmp"]  # no patient of ours is called "notes"
+            out / "zarr" / "train" / ".notes.1.tmp",  # no patient of ours is called "notes"
+            out / "wds" / ".train-notes.tar.1.tmp", out / "wds" / "train-notes.tar"]
     for p in mine:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"user data")
     # leftovers of our own interrupted writes: removed
-    ours = [out / ".manifest.json.123.tmp", out / "wds" / ".val-000007.tar.42.tmp",
+    ours = [out / ".manifest.json.123.tmp", out / "wds" / f".val-{_pids(release_copy)[2]}.tar.42.tmp",
             out / "zarr" / "train" / f".{_pids(release_copy)[1]}.77.tmp" / "zarr.json"]
     for p in ours:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +277,7 @@ def test_full_disk_stops_the_build_naming_the_file(release_2020, tmp_path, monke
 
     monkeypatch.setattr(wds_io, "write_patient", full)
     out = tmp_path / "s"
-    with pytest.raises(BuildError, match=rf"cannot write {out}/wds/(train|val)-000000.tar: No space left") as e:
+    with pytest.raises(BuildError, match=rf"cannot write {out}/wds/(train|val)-BraTS20_Training_001\.tar: No space left") as e:
         _build(release_2020, out)
     _one_line(e)
     assert not (out / "manifest.json").exists() and not (out / ".lock").exists()
@@ -336,7 +337,7 @@ def test_val_split_is_not_left_empty_when_val_patients_fail(release_copy, tmp_pa
     assert set(_failed(m)) == set(val)
     moved = min((p for p in pids if p not in val), key=lambda p: split_score(p, CFG.split_seed))
     assert m["splits"]["val"] == [moved] and moved not in m["splits"]["train"]
-    assert {f["path"] for f in m["files"] if f["patient"] == moved} >= {"wds/val-000000.tar",
+    assert {f["path"] for f in m["files"] if f["patient"] == moved} >= {f"wds/val-{moved}.tar",
                                                                        f"zarr/val/{moved}/zarr.json"}
     assert verify(tmp_path / "s") == []
     on_disk = sorted(p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*") if p.is_file())

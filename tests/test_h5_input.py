@@ -51,7 +51,7 @@ def test_h5_export_builds_the_same_contract_as_nifti(twin_inputs, tmp_path):
         assert np.array_equal(gh["mask"][:], gn["mask"][:])
         assert np.array_equal(gh["image"][:], gn["image"][:])
     tars = sorted(f["path"] for f in mh["files"] if f["format"] == "wds")
-    assert tars == ["wds/train-000000.tar", "wds/train-000001.tar", "wds/train-000002.tar"]
+    assert tars == ["wds/train-volume_1.tar", "wds/train-volume_2.tar", "wds/train-volume_3.tar"]
     assert json.loads((tmp_path / "h5" / "manifest.json").read_text())["patients"]["volume_1"]["sources"]["h5_slices"]["files"] == SHAPE[2]
 
 

@@ -111,7 +111,7 @@ def test_manifest_from_a_device_or_fifo_is_refused_without_reading(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "show"])
-@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"format": {"name": "brats-shards", "version": 1}}'])
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"format": {"name": "brats-shards", "version": 2}}'])
 def test_cli_refuses_bad_manifests_in_one_line(tmp_path, command, content):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "manifest.json").write_text(content)

@@ -18,5 +18,5 @@ def test_relpath_that_a_url_would_reinterpret_is_refused(path):
 
 def test_every_path_the_writers_produce_is_accepted():
     for path in ("zarr/zarr.json", "zarr/val/zarr.json", "zarr/train/BraTS-GLI-00001-000/image/c/0/0/0/0",
-                 "zarr/train/P.1/mask/zarr.json", "wds/train-000000.tar"):
+                 "zarr/train/P.1/mask/zarr.json", "wds/train-BraTS-GLI-00001-000.tar", "wds/val-P.1.tar"):
         assert relpath_problem(path) is None, path
