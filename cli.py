@@ -70,18 +70,25 @@ def make_demo_data(
     orientation: Annotated[str, typer.Option(help="Stored orientation: lps (as BraTS ships) or ras.")] = "lps",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same cases.")] = 0,
     start: Annotated[int, typer.Option(help="Index of the first case.")] = 1,
+    kind: Annotated[str, typer.Option(help="realistic (MNI152 anatomy, glioma-like tumours, confounders, thick slices, rater noise: hard enough to rank recipes) or toy (an ellipsoid brain with a concentric tumour: fast, for tiny test shapes).")] = "realistic",
 ):
     """Write synthetic BraTS-format cases (brain, tumour sub-regions, four modalities)."""
-    from preprocess.synthetic import make_demo_data as make
+    from preprocess.synthetic import make_demo_data as make_toy
 
     if orientation not in ("lps", "ras"):
         _fail(f"--orientation must be lps or ras, not {orientation!r}")
+    if kind not in ("realistic", "toy"):
+        _fail(f"--kind must be realistic or toy, not {kind!r}")
+    if kind == "realistic":
+        from preprocess.realistic import make_realistic_data as make
+    else:
+        make = make_toy
     try:
         ids = make(out, patients, shape=_shape(shape), release=release, seed=seed, orientation=orientation,
                    start=start, progress=True)
     except ValueError as e:  # an unknown release
         _fail(str(e))
-    typer.echo(f"wrote {len(ids)} cases ({release} layout) to {out}")
+    typer.echo(f"wrote {len(ids)} {kind} cases ({release} layout) to {out}")
 
 
 @app.command("build-shards")
@@ -156,16 +163,28 @@ def train(
     model: Annotated[str, typer.Option(help="unet or attention-unet.")] = "unet",
     base_channels: Annotated[int, typer.Option(help="Channels of the first level (doubling per level).")] = 32,
     depth: Annotated[int, typer.Option(help="Number of downsamplings.")] = 4,
+    recipe: Annotated[str, typer.Option(help="Starting point for the options below: 'default' (the nnU-Net-style 2D recipe) or 'seed' (the seed notebook's: batch norm, Adam + plateau, no augmentation); options given explicitly override it.")] = "default",
+    norm: Annotated[Optional[str], typer.Option(help="instance (nnU-Net) or batch (seed).  [default: instance]")] = None,
+    act: Annotated[Optional[str], typer.Option(help="leaky (leaky ReLU, nnU-Net) or relu (seed).  [default: leaky]")] = None,
+    deep_supervision: Annotated[Optional[bool], typer.Option("--deep-supervision/--no-deep-supervision", help="Losses on the decoder's lower levels too (weights 1, 1/2, 1/4...).  [default: on]")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="regions: train sigmoid outputs on WT/TC/ET derived at train time (nnU-Net for BraTS); channels: the set's own mask channels.  [default: regions]")] = None,
     loss: Annotated[str, typer.Option(help="dice or dice-bce.")] = "dice-bce",
-    optimizer: Annotated[str, typer.Option(help="adam or adamw.")] = "adam",
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd (Nesterov momentum 0.99), adam or adamw.  [default: sgd]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base learning rate.  [default: 0.01 for sgd, 0.001 for the seed recipe]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.  [default: 3e-5]")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="poly ((1 - progress)^0.9 per step, nnU-Net), cosine (with --warmup-epochs) or plateau (halve the LR after 3 epochs without a better val Dice).  [default: poly]")] = None,
+    warmup_epochs: Annotated[float, typer.Option(help="cosine: linear warm-up over this many epochs.")] = 0.0,
+    augment: Annotated[Optional[str], typer.Option(help="nnunet (rotation, scaling, mirroring, noise, blur, brightness, contrast, low resolution, gamma on the training device), light (the seed's flips and small rotations in the loader) or off.  [default: nnunet]")] = None,
+    fg_fraction: Annotated[Optional[float], typer.Option(help="Share of each batch that holds tumour (foreground oversampling).  [default: 0.33]")] = None,
+    context: Annotated[Optional[int], typer.Option(help="2.5D: neighbouring slices on each side given as extra channels.  [default: 0]")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation: split the training patients into this many folds by patient hash (0: off; use the set's val split).")] = 0,
+    fold: Annotated[int, typer.Option(help="With --folds: the fold held out for validation.")] = 0,
+    postprocess: Annotated[Optional[bool], typer.Option("--postprocess/--no-postprocess", help="Choose ET->NCR and small-component thresholds on validation; predict applies them.  [default: on]")] = None,
     epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: the new total).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Slices per batch (per process).")] = 32,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes per rank.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
     format: Annotated[str, typer.Option(help="zarr or wds (default: what the set holds, zarr first).")] = "",
-    augment: Annotated[bool, typer.Option(help="Random flips, rotations within 15 degrees, intensity scale/shift.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (CUDA: mixed precision, channels_last).")] = "auto",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs.")] = False,
@@ -180,11 +199,19 @@ def train(
 ):
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
     from train.loop import TrainConfig, train as run
+    from train.recipe import SEED_RECIPE
 
+    if recipe not in ("default", "seed"):
+        _fail(f"--recipe must be default or seed, not {recipe!r}")
+    chosen = dict(norm=norm, act=act, deep_supervision=deep_supervision, targets=targets, optimizer=optimizer,
+                  lr=lr, weight_decay=weight_decay, schedule=schedule, augment=augment, fg_fraction=fg_fraction,
+                  context=context, postprocess=postprocess)
+    base = dict(SEED_RECIPE) if recipe == "seed" else {}
+    base.update({k: v for k, v in chosen.items() if v is not None})
     cfg = _config(TrainConfig, model=model, base_channels=base_channels, depth=depth, loss=loss,
-                  optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
-                  num_workers=num_workers, seed=seed, fmt=format, augment=augment, device=device,
-                  compile=compile, log_samples=log_samples, max_batches=max_batches)
+                  warmup_epochs=warmup_epochs, folds=folds, fold=fold, epochs=epochs, batch_size=batch_size,
+                  num_workers=num_workers, seed=seed, fmt=format, device=device, compile=compile,
+                  log_samples=log_samples, max_batches=max_batches, **base)
     try:
         opts = json.loads(storage_options) if storage_options else None
     except ValueError as e:
@@ -203,7 +230,9 @@ def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt).")],
     input: Annotated[Path, typer.Argument(help="BraTS-layout folder; segmentations not needed.")],
     output: Annotated[Path, typer.Argument(help="Folder for <patient>.nii.gz label maps.")],
+    ensemble: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="More checkpoints (e.g. the other folds): probabilities of all are averaged. Repeat the option.")] = None,
     tta: Annotated[bool, typer.Option(help="Average predictions over in-plane flips.")] = False,
+    postprocess: Annotated[bool, typer.Option("--postprocess/--no-postprocess", help="Apply the post-processing thresholds stored in the (first) checkpoint.")] = True,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -212,7 +241,8 @@ def predict(
     from train.predict import predict as run
 
     with _refusals():
-        r = run(checkpoint, input, output, device=device, batch_size=batch_size, tta=tta, progress=not quiet)
+        r = run([checkpoint, *(ensemble or [])], input, output, device=device, batch_size=batch_size, tta=tta,
+                progress=not quiet, postprocess=postprocess)
     typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
     _report_failed(r["failed"])
 

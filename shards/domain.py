@@ -103,6 +103,13 @@ def regions_of(subregions: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.stack([ncr | ed | et, ncr | et, et], axis=axis)
 
 
+def subregions_of(regions: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Nested regions [WT, TC, ET] along `axis` -> sub-regions [NCR/NET, ED, ET] (bool): NCR/NET =
+    TC - ET, ED = WT - TC. The inverse of `regions_of` on nested regions."""
+    wt, tc, et = (np.take(regions, i, axis=axis).astype(bool) for i in range(3))
+    return np.stack([tc & ~et, wt & ~tc, et], axis=axis)
+
+
 def encode_mask(seg: np.ndarray, rel: Release, mode: str = "subregions") -> np.ndarray:
     """Label map (...) -> uint8 channels (3, ...) of MASK_CHANNELS[mode]."""
     if mode not in MASK_CHANNELS:

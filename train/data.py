@@ -6,6 +6,19 @@ Each epoch: the split's patients (one shard file each) are shuffled with a seed 
 Every rank yields the same number of batches (DDP would hang otherwise): worker w of every rank
 stops after the same quota, the smallest slice count any rank's worker w holds, rounded down to
 whole batches. Same seed, same order. Memory: the buffer plus one patient, whatever the set size.
+
+Recipe options (`StreamConfig`):
+  * `patients`: an explicit subset of the split (cross-validation folds, `fold_patients`).
+  * `context` K (2.5D): each slice's image carries the slices at source offsets -K..K, 4 modality
+    channels each, in offset order (the slice itself in the middle). Rule for a neighbour that is
+    not stored (outside the brain's slice range, or a tumour-free slice dropped at build time): the
+    nearest stored slice between it and the centre slice takes its place (at the edges: the edge
+    slice repeated). `with_context` is shared with `predict`, which keeps every brain slice.
+  * `fg_fraction` (foreground oversampling, nnU-Net's 1/3): each training batch holds at least
+    ceil(fg_fraction * batch) slices with tumour. A batch short of them gets tumour slices, drawn
+    with replacement from the last `FG_RESERVOIR` tumour slices this worker has read, in place of
+    randomly chosen tumour-free ones. Batch counts do not change, so every rank still gets the
+    same number of batches, and the draws come from the worker's seeded generator.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from shards.config import check_choices
 from shards.source import ShardSetError
 
+FG_RESERVOIR = 256  # recent tumour slices a worker keeps to oversample from (references, no copies)
+
 
 def derive_seed(*parts) -> int:
     h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
@@ -35,10 +50,15 @@ class StreamConfig:
     seed: int = 0
     train: bool = True  # shuffle, equal quotas, augmentation allowed; False: in order, everything
     buffer_size: int = 1024  # slices the shuffle buffer keeps, besides the patient being read
-    augment: bool = False
+    augment: bool = False  # the seed recipe's light augmentation, in the loader (`augment`)
+    patients: tuple[str, ...] | None = None  # None: the whole split
+    context: int = 0  # 2.5D: neighbouring slices on each side, as extra channels
+    fg_fraction: float = 0.0  # share of each training batch that holds tumour (at least)
 
     def __post_init__(self):
         check_choices(self)
+        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0:
+            raise ValueError(f"context must be >= 0 and fg_fraction in [0, 1], not {self.context}, {self.fg_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if self.buffer_size < 0:
@@ -58,7 +78,7 @@ class SliceStream(IterableDataset):
         self.rank, self.world, self.num_workers = rank, world, max(num_workers, 1)
         self.epoch = 0
         self.peak_buffered = 0  # most slices held at once by this process (memory bound check)
-        self.patients = sorted(source.patients(cfg.split))
+        self.patients = sorted(source.patients(cfg.split) if cfg.patients is None else cfg.patients)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,7 +112,11 @@ class SliceStream(IterableDataset):
     def read_patient(self, pid: str):
         """(images, masks, keys) of one patient, one array per slice (`ShardSource.read_patient`:
         read bounded by the manifest, a mismatch is a ShardFormatError naming the file)."""
-        return self.source.read_patient(pid, self.cfg.fmt, per_slice=True)
+        if not self.cfg.context:
+            return self.source.read_patient(pid, self.cfg.fmt, per_slice=True)
+        image, mask, keys = self.source.read_patient(pid, self.cfg.fmt)
+        image = with_context(image, self.source.manifest["patients"][pid]["slice_index"], self.cfg.context)
+        return [a.copy() for a in image], [m.copy() for m in mask], keys  # each slice owns its memory
 
     def samples(self, pids, rng):
         """Slices of `pids`, through the shuffle buffer when training. Every slice owns its
@@ -125,13 +149,18 @@ class SliceStream(IterableDataset):
         quota = self.quota(self.epoch, worker)
         rng = np.random.default_rng(derive_seed(self.cfg.seed, self.epoch, self.rank, worker)) if self.cfg.train else None
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.epoch, self.rank, worker, "aug") % 2**63)
-        batch, n = [], 0
+        batch, n, reservoir = [], 0, []
         for item in self.samples(pids, rng):
             if quota is not None and n >= quota:
                 break
             batch.append(item)
             n += 1
+            if self.cfg.fg_fraction and self.cfg.train and item[1].any():
+                reservoir.append(item)
+                del reservoir[:-FG_RESERVOIR]
             if len(batch) == self.cfg.batch_size:
+                if self.cfg.fg_fraction and self.cfg.train:
+                    oversample(batch, reservoir, self.cfg.fg_fraction, rng)
                 yield self.collate(batch, gen)
                 batch = []
         if batch and quota is None:
@@ -147,6 +176,55 @@ class SliceStream(IterableDataset):
         if self.cfg.augment and self.cfg.train:
             image, mask = augment(image, mask, gen)
         return {"image": image, "mask": mask, "keys": [b[2] for b in batch], "patients": [b[3] for b in batch]}
+
+
+def oversample(batch: list, reservoir: list, fraction: float, rng) -> None:
+    """In place: give `batch` at least ceil(fraction * len) tumour slices, replacing randomly chosen
+    tumour-free ones by draws (with replacement) from `reservoir`."""
+    need = int(np.ceil(fraction * len(batch) - 1e-9)) - sum(bool(b[1].any()) for b in batch)
+    empty = [i for i, b in enumerate(batch) if not b[1].any()]
+    if need <= 0 or not reservoir or not empty:
+        return
+    for i in rng.choice(empty, size=min(need, len(empty)), replace=False):
+        batch[i] = reservoir[rng.integers(len(reservoir))]
+
+
+def neighbour_rows(slice_index, k: int) -> np.ndarray:
+    """(S, 2k+1) row numbers: for stored slice i (source index z) and offset d, the stored row of
+    source slice z+d, or, when that slice is not stored, of the nearest stored slice between it
+    and z (see the module docstring)."""
+    z = np.asarray(slice_index, dtype=np.int64)
+    row_of = {int(v): i for i, v in enumerate(z)}
+    out = np.empty((len(z), 2 * k + 1), np.int64)
+    for i, zi in enumerate(z):
+        for j, d in enumerate(range(-k, k + 1)):
+            step = -1 if d > 0 else 1
+            t = int(zi) + d
+            while t not in row_of:  # walk back towards the centre slice, which is stored
+                t += step
+            out[i, j] = row_of[t]
+    return out
+
+
+def with_context(image: np.ndarray, slice_index, k: int) -> np.ndarray:
+    """(S, C, H, W) -> (S, C*(2k+1), H, W): each slice with its neighbours at offsets -k..k."""
+    if k == 0:
+        return image
+    rows = neighbour_rows(slice_index, k)  # (S, 2k+1)
+    S, C = image.shape[:2]
+    return image[rows].reshape(S, C * (2 * k + 1), *image.shape[2:])
+
+
+def fold_of(pid: str, folds: int, seed: int = 0) -> int:
+    """The cross-validation fold of a patient: from the hash of (seed, id) alone, as the build's
+    split is, so a patient keeps its fold when others are added."""
+    return int(derive_seed("fold", seed, pid) / 2**64 * folds)
+
+
+def fold_patients(train_pids, folds: int, fold: int, seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training patients, held-out patients) of fold `fold` of the training split."""
+    held = tuple(sorted(p for p in train_pids if fold_of(p, folds, seed) == fold))
+    return tuple(sorted(p for p in train_pids if fold_of(p, folds, seed) != fold)), held
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, max_deg: float = 15.0):

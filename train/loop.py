@@ -24,31 +24,46 @@ import numpy as np
 import torch
 
 from shards import atomic
-from shards.domain import MASK_CHANNELS, REGIONS, to_regions
+from shards.domain import REGIONS, SUBREGIONS, subregions_of, to_regions
 from shards.errors import BratsShardsError
 from shards.source import ShardSource
-from train import checkpoint, plots
+from train import checkpoint, plots, recipe
 from shards.config import check_choices, from_known_fields
-from train.data import SliceStream, StreamConfig, derive_seed
-from train.metrics import confusion, make_loss, scores
-from train.model import ModelName, build_model
+from train.augment import AugmentConfig, augment_batch
+from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
+from train.metrics import confusion, scores
+from train.model import Act, ModelName, Norm, build_model
+from train.postprocess import PostprocessConfig, choose
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Defaults: the field's 2D recipe (train/recipe.py); `recipe.SEED_RECIPE` is the seed's."""
+
     model: ModelName = "unet"
     base_channels: int = 32
     depth: int = 4
+    norm: Norm = "instance"
+    act: Act = "leaky"
+    deep_supervision: bool = True
+    targets: Literal["regions", "channels"] = "regions"  # regions: WT/TC/ET derived at train time
     loss: Literal["dice", "dice-bce"] = "dice-bce"
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 1e-2
+    weight_decay: float = 3e-5
+    schedule: Literal["poly", "cosine", "plateau"] = "poly"
+    warmup_epochs: float = 0.0  # cosine: linear warm-up
     epochs: int = 10
     batch_size: int = 32
     num_workers: int = 2
     seed: int = 0
     fmt: Literal["", "zarr", "wds"] = ""  # "" = what the set holds (zarr preferred)
-    augment: bool = False
+    augment: Literal["off", "light", "nnunet"] = "nnunet"  # light: the seed's flips/rotation in the loader
+    fg_fraction: float = 1 / 3  # share of each batch with tumour (foreground oversampling)
+    context: int = 0  # 2.5D: neighbouring slices on each side as extra channels
+    folds: int = 0  # >1: cross-validation on the training split; `fold` is held out for validation
+    fold: int = 0
+    postprocess: bool = True  # choose ET->NCR and small-component thresholds on validation
     buffer_size: int = 1024
     plateau_patience: int = 3
     plateau_factor: float = 0.5
@@ -61,17 +76,30 @@ class TrainConfig:
         check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
             raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
+        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0 or self.warmup_epochs < 0:
+            raise ValueError("context and warmup_epochs must be >= 0, fg_fraction in [0, 1]")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise ValueError(f"--folds must be 0 (off) or >= 2 and --fold in [0, folds), not {self.folds}, {self.fold}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A stored config; fields it lacks were written before they existed: the seed recipe's."""
+        d = {**recipe.SEED_RECIPE, **d}
+        if isinstance(d.get("augment"), bool):  # the old flag: the light loader augmentation
+            d["augment"] = "light" if d["augment"] else "off"
         return from_known_fields(cls, d)
+
+    @property
+    def in_channels(self) -> int:
+        return 4 * (2 * self.context + 1)
 
 
 # architecture-defining fields: a resume must not change them
-_FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size")
+_FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size", "norm", "act", "deep_supervision",
+          "targets", "context", "folds", "fold")
 # the objects whose state a checkpoint holds, under these keys
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
@@ -124,9 +152,9 @@ def clear_run(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _channel_names(source: ShardSource) -> list[str]:
-    """The mask channels of a shard set, as metrics, plots and checkpoints name them."""
-    return list(MASK_CHANNELS[source.manifest["config"]["preprocess"]["mask"]])
+def set_mode_of(source: ShardSource) -> str:
+    """The mask mode of a shard set: 'subregions' or 'regions'."""
+    return source.manifest["config"]["preprocess"]["mask"]
 
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -143,10 +171,9 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout)
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
-    names, mask_mode = _channel_names(source), source.manifest["config"]["preprocess"]["mask"]
-    if not source.patients("train") or not source.patients("val"):
-        raise TrainError(f"{shards} needs patients in both splits (train {len(source.patients('train'))}, "
-                         f"val {len(source.patients('val'))})")
+    set_mode = set_mode_of(source)
+    mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode)
+    train_pids, val_pids = split_patients(source, cfg, shards)
     parts = training_parts(cfg, device)
     model, opt, sched, scaler = (parts[k] for k in STATEFUL)
 
@@ -163,8 +190,10 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
                                                         device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    loss_fn = make_loss(cfg.loss)
-    train_ds, val_ds = streams(source, cfg, rank, world)
+    loss_fn = recipe.make_recipe_loss(cfg.loss)
+    train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
+    aug_cfg, groups = AugmentConfig(), torch.arange(cfg.in_channels) % 4  # intensity draws per modality
+    post = {}
     if rank == 0:
         start_run_folder(out, cfg, shards, source, overwrite)
 
@@ -181,7 +210,14 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         for batch in _loader(train_ds, cfg.num_workers):
             if cfg.max_batches and n_batches >= cfg.max_batches:
                 break
-            x, y = to_device(batch, device)  # (B, 4, H, W), (B, 3, H, W)
+            if cfg.schedule != "plateau":  # per step, from (epoch, step) alone: a resume lands on the same LR
+                recipe.set_lr(opt, cfg.lr, recipe.lr_factor(cfg.schedule, (epoch + n_batches / n_total) / cfg.epochs,
+                                                            cfg.warmup_epochs / cfg.epochs))
+            x, y = to_device(batch, device)  # (B, 4(2K+1), H, W), (B, 3, H, W)
+            y = recipe.to_targets(y, cfg.targets, set_mode)
+            if cfg.augment == "nnunet":  # on the training device; draws from (seed, epoch, step, rank)
+                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, n_batches, rank, "aug") % 2**63)
+                x, y = augment_batch(x, y, gen, aug_cfg, groups.to(x.device))
             with autocast(device):
                 loss = loss_fn(net(x), y)
             opt.zero_grad(set_to_none=True)
@@ -201,20 +237,23 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
             _log_samples(out, rank, epoch, n_batches, seen_keys)
 
         # -- validate
-        val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, mask_mode,
-                       keep=4 if rank == 0 else 0)
+        val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, (cfg.targets, set_mode),
+                       keep=4 if rank == 0 else 0, collect=cfg.postprocess)
         stats = _reduce(loss_sum, n_seen, val, distributed)
         row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
 
         # -- schedule
-        sched.step(row["mean_dice"])
+        if cfg.schedule == "plateau":
+            sched.step(row["mean_dice"])
         history.append(row)
         is_best = row["mean_dice"] > best
         best = max(best, row["mean_dice"])
+        if is_best and cfg.postprocess:  # thresholds of the best model, on this rank's validation patients
+            post = choose_postprocess(val["stacks"], source)
 
         # -- record (rank 0 alone writes)
         if rank == 0:
-            state = checkpoint_state(parts, epoch, cfg, source, names, history, best)
+            state = checkpoint_state(parts, epoch, cfg, source, names, history, best, mask_mode, post)
             checkpoint.save(last_path, state)
             if is_best:
                 checkpoint.save(out / "checkpoints" / "best.pt", state)
@@ -281,24 +320,43 @@ def training_parts(cfg: TrainConfig, device: torch.device) -> dict:
     """Model, optimizer, LR schedule and loss scaler, keyed as in STATEFUL. The initial weights
     depend on the seed alone."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.base_channels, cfg.depth).to(device)
+    model = build_model(cfg.model, cfg.base_channels, cfg.depth, cfg.in_channels, 3, cfg.norm, cfg.act,
+                        cfg.deep_supervision).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = recipe.make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     return {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
 
 
-def streams(source: ShardSource, cfg: TrainConfig, rank: int, world: int) -> tuple[SliceStream, SliceStream]:
-    """The training stream (shuffled, equal quotas per rank) and the validation stream (all, in order)."""
-    common = dict(fmt=cfg.fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
-    train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment, **common),
+def split_patients(source: ShardSource, cfg: TrainConfig, shards: str) -> tuple[tuple, tuple]:
+    """(training, validation) patients: the set's splits, or with --folds the training split
+    divided by patient hash (`fold_patients`), fold `cfg.fold` held out for validation."""
+    train_pids, val_pids = tuple(source.patients("train")), tuple(source.patients("val"))
+    if cfg.folds:
+        train_pids, val_pids = fold_patients(train_pids, cfg.folds, cfg.fold, cfg.seed)
+    if not train_pids or not val_pids:
+        what = f"fold {cfg.fold} of {cfg.folds}" if cfg.folds else "both splits"
+        raise TrainError(f"{shards} needs training and validation patients in {what} "
+                         f"(train {len(train_pids)}, validation {len(val_pids)})")
+    return train_pids, val_pids
+
+
+def streams(source: ShardSource, cfg: TrainConfig, rank: int, world: int, train_pids: tuple,
+            val_pids: tuple) -> tuple[SliceStream, SliceStream]:
+    """The training stream (shuffled, equal quotas per rank, oversampled) and the validation stream
+    (all, in order)."""
+    common = dict(fmt=cfg.fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size,
+                  context=cfg.context)
+    train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment == "light",
+                                                patients=train_pids, fg_fraction=cfg.fg_fraction, **common),
                            rank, world, cfg.num_workers)
-    val_ds = SliceStream(source, StreamConfig(split="val", train=False, **common), rank, world, cfg.num_workers)
+    val_split = "train" if cfg.folds else "val"
+    val_ds = SliceStream(source, StreamConfig(split=val_split, train=False, patients=val_pids, **common), rank, world,
+                         cfg.num_workers)
     if train_ds.batches_per_epoch(0) == 0:
         raise TrainError(f"too few training slices per worker for batch size {cfg.batch_size}: "
                          f"lower --batch-size or --num-workers")
@@ -348,38 +406,72 @@ def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) 
 
 
 def checkpoint_state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
-                     history: list[dict], best: float) -> dict:
+                     history: list[dict], best: float, mask_mode: str, post: dict) -> dict:
     """What a checkpoint holds: the state of `parts`, the epoch and RNG a resume continues from,
-    the config and shard set it was trained with, and what predict needs (channels, preprocess)."""
+    the config and shard set it was trained with, and what predict needs (preprocess, output
+    channels and their mask mode, context, post-processing thresholds)."""
     return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
             "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
-            "channels": names, "rng": torch.get_rng_state(), "history": history, "best_dice": best}
+            "channels": names, "output_mode": mask_mode, "postprocess": post.get("config", {}),
+            "rng": torch.get_rng_state(), "history": history, "best_dice": best}
+
+
+def choose_postprocess(stacks: dict, source: ShardSource) -> dict:
+    """Post-processing thresholds that maximise the validation patients' region Dice (3D, on the
+    stored slices), volumes in mm^3 from each patient's geometry."""
+    cases = [(pred, ref, slice_voxel_mm3(source.manifest["patients"][pid]["geometry"], pred.shape[-1]))
+             for pid, (pred, ref) in stacks.items()]
+    return choose(cases) if cases else {"config": PostprocessConfig().to_dict(), "dice_before": 0.0,
+                                         "dice_after": 0.0}
+
+
+def slice_voxel_mm3(geometry: dict, size: int) -> float:
+    """Volume of one voxel of a patient's resized slices: the source spacing scaled by crop/size."""
+    sx, sy, sz = geometry["spacing"]
+    x0, x1, y0, y1 = geometry["crop_box"]
+    return sx * (x1 - x0) / size * sy * (y1 - y0) / size * sz
 
 
 # ---------------------------------------------------------------- validate
 
 @torch.no_grad()
-def validate(net, batches, loss_fn, device: torch.device, mask_mode: str, keep: int = 0) -> dict:
-    """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice), and
-    up to `keep` slices for the overlay figure."""
+def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str], keep: int = 0,
+             collect: bool = False) -> dict:
+    """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice), up to
+    `keep` slices for the overlay figure and, with `collect`, each patient's predicted and true
+    regions (3, S, H, W) for choosing post-processing. `modes`: (targets, the set's mask mode)."""
     net.eval()
+    targets, set_mode = modes
+    mask_mode = recipe.output_mode(targets, set_mode)
     conf = torch.zeros(3, 3, dtype=torch.long)
+    sub_conf = torch.zeros(3, 3, dtype=torch.long)  # the sub-regions, whatever the outputs are
     patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
     samples: dict[str, dict] = {}
+    slices: dict[str, list] = {}
     loss_sum, n = 0.0, 0
     for batch in batches:
         x, y = to_device(batch, device)
+        y = recipe.to_targets(y, targets, set_mode)
         with autocast(device):
             logits = net(x)
         loss_sum += loss_fn(logits, y).item() * len(batch["keys"])
         n += len(batch["keys"])
-        pred, truth = (logits.float() > 0).cpu(), batch["mask"].bool()  # (B, 3, H, W) bool
+        pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, 3, H, W) bool
         conf += confusion(pred, truth)
+        sub_conf += confusion(*(torch.from_numpy(subregions_of(to_regions(t.numpy(), mask_mode, axis=1), axis=1))
+                                for t in (pred, truth)))
         _count_patient_regions(patients, pred, truth, batch["patients"], mask_mode)
         if keep:
             _keep_largest_tumour(samples, batch, pred, truth)
+        if collect:
+            pr, tr = to_regions(pred.numpy(), mask_mode, axis=1), to_regions(truth.numpy(), mask_mode, axis=1)
+            for i, pid in enumerate(batch["patients"]):
+                slices.setdefault(pid, []).append((pr[i], tr[i]))
     samples = sorted(samples.values(), key=lambda s: s["key"])[:keep]
-    return {"loss_sum": loss_sum, "n": n, "confusion": conf, "patients": patients, "samples": samples}
+    stacks = {pid: (np.stack([p for p, _ in v], axis=1), np.stack([t for _, t in v], axis=1))
+              for pid, v in slices.items()}  # pid -> (pred, truth) regions (3, S, H, W)
+    return {"loss_sum": loss_sum, "n": n, "confusion": conf, "sub_confusion": sub_conf, "patients": patients,
+            "samples": samples, "stacks": stacks}
 
 
 def _count_patient_regions(patients: dict, pred: torch.Tensor, truth: torch.Tensor, pids: list[str],
@@ -399,7 +491,9 @@ def _keep_largest_tumour(samples: dict, batch: dict, pred: torch.Tensor, truth: 
     area = truth.flatten(1).sum(1)
     for i, (key, pid) in enumerate(zip(batch["keys"], batch["patients"])):
         if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
-            samples[pid] = {"key": key, "image": batch["image"][i].numpy(), "mask": truth[i].numpy(),
+            image = batch["image"][i].numpy()
+            mid = image.shape[0] // 2 - 2  # with context: the centre slice's 4 modalities
+            samples[pid] = {"key": key, "image": image[mid:mid + 4], "mask": truth[i].numpy(),
                             "pred": pred[i].numpy(), "area": int(area[i])}
 
 
@@ -414,13 +508,15 @@ def _reduce(loss_sum, n_seen, val, distributed) -> dict:
         loss_sum, n_seen, vl, vn = t.tolist()
         conf = val["confusion"].clone()
         dist.all_reduce(conf)
+        sub_conf = val["sub_confusion"].clone()
+        dist.all_reduce(sub_conf)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, patients)
         patients = {k: v for g in gathered for k, v in g.items()}
     else:
-        vl, vn, conf = val["loss_sum"], val["n"], val["confusion"]
+        vl, vn, conf, sub_conf = val["loss_sum"], val["n"], val["confusion"], val["sub_confusion"]
     return {"train_loss": loss_sum / max(n_seen, 1), "val_loss": vl / max(vn, 1), "confusion": conf,
-            "patients": patients}
+            "sub_confusion": sub_conf, "patients": patients}
 
 
 # ---------------------------------------------------------------- record
@@ -433,6 +529,8 @@ def epoch_record(epoch: int, stats: dict, names: list[str], lr: float, seconds: 
     for key, metric in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
         for name, p in zip(names, per):
             row[f"{key}_{name}"] = p[metric]
+    for name, c in zip(SUBREGIONS, stats["sub_confusion"]):
+        row[f"dice_sub_{name}"] = scores(*c.tolist())["dice"]
     for r, region in enumerate(REGIONS):
         d = [scores(*c[r].tolist())["dice"] for c in stats["patients"].values()]
         row[f"patient_dice_{region}"] = float(np.mean(d)) if d else float("nan")

@@ -1,8 +1,9 @@
 """`predict`: a checkpoint applied to a BraTS-layout folder, written back as NIfTI label maps.
 
 For each patient: exactly the preprocessing recorded in the checkpoint (all brain slices kept),
-the model over all slices in batches (optionally averaged over in-plane flips), then the way
-back: undo the resize (bilinear on probabilities), the crop (zeros outside the box and on the
+with the checkpoint's 2.5D context (`train.data.with_context`), the model over all slices in
+batches (optionally averaged over in-plane flips; several checkpoints: an ensemble, their
+probabilities averaged), then the way back: undo the resize (bilinear on probabilities), the crop (zeros outside the box and on the
 slices without brain) and the reorientation, so the output has the input's shape and affine.
 
 Channels -> one label map (documented rule):
@@ -12,6 +13,10 @@ Channels -> one label map (documented rule):
   * region channels [WT, TC, ET] (nested): ET -> enhancing label, else TC -> 1, else WT -> 2.
 (`shards.domain.to_labels`.) Labels follow the input release (`shards.domain.RELEASES`):
 enhancing tumour 4 for 2020/2021-style, 3 for 2023-style. The way back is `Geometry.inverse`.
+
+Post-processing (`train.postprocess`), on the source grid before the labels are written: the
+ET->NCR and small-component thresholds the training run chose on its validation patients and
+stored in the checkpoint (an ensemble uses the first checkpoint's); `--no-postprocess` skips it.
 """
 
 from __future__ import annotations
@@ -25,24 +30,54 @@ import torch
 from preprocess import steps
 from preprocess.discover import PatientFiles, discover
 from preprocess.nifti import save_volume
+from preprocess.geometry import spacing_of
 from preprocess.pipeline import PreprocessConfig, load_patient, process_volumes, validate
-from shards.domain import SEG, to_labels
+from shards.domain import SEG, to_labels, to_regions
+from shards.errors import BratsShardsError
 from train import checkpoint as ckpt
+from train.data import with_context
 from train.model import build_model
+from train.postprocess import PostprocessConfig, postprocess
 
 THRESHOLD = 0.5  # a channel is positive where its probability exceeds this
 
 
-def load_model(path: str | Path, device: torch.device):
-    """Model, preprocessing config and mask mode from a checkpoint (weights_only load)."""
+class PredictError(BratsShardsError, ValueError):
+    """Checkpoints that cannot be used together; the message names them."""
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> dict:
+    """What predicting with a checkpoint needs (weights_only load): the model in eval mode, the
+    preprocessing, the output mask mode, the 2.5D context and the post-processing thresholds.
+    Checkpoints from before these options read as the seed recipe (`TrainConfig.from_dict`)."""
+    from train.loop import TrainConfig
+
     ck = ckpt.load(path)
-    cfg = ck["config"]
-    model = build_model(cfg["model"], cfg["base_channels"], cfg["depth"])
+    cfg = TrainConfig.from_dict(ck["config"])
+    model = build_model(cfg.model, cfg.base_channels, cfg.depth, cfg.in_channels, 3, cfg.norm, cfg.act,
+                        cfg.deep_supervision)
     model.load_state_dict(ck["model"])
     model.to(device).eval()
     built = ck["preprocess"]
     pre = replace(PreprocessConfig.from_dict(built["preprocess"]), tumour_free_fraction=1.0)
-    return model, pre, built["preprocess"]["mask"]
+    return {"model": model, "preprocess": pre, "mask_mode": ck.get("output_mode", built["preprocess"]["mask"]),
+            "context": cfg.context, "postprocess": PostprocessConfig.from_dict(ck.get("postprocess") or {}),
+            "path": str(path)}
+
+
+def load_model(path: str | Path, device: torch.device):
+    """Model, preprocessing config and output mask mode of one checkpoint."""
+    m = load_checkpoint(path, device)
+    return m["model"], m["preprocess"], m["mask_mode"]
+
+
+def check_ensemble(members: list[dict]) -> None:
+    """An ensemble's checkpoints must agree on what they read and what they output."""
+    first = members[0]
+    for m in members[1:]:
+        for key in ("preprocess", "mask_mode"):
+            if m[key] != first[key]:
+                raise PredictError(f"{m['path']} and {first['path']} differ in {key}: they cannot form an ensemble")
 
 
 @torch.no_grad()
@@ -61,34 +96,61 @@ def predict_slices(model, image: np.ndarray, device, batch_size: int = 32, tta: 
 
 
 def predict_patient(model, pre: PreprocessConfig, mask_mode: str, pf: PatientFiles, device, batch_size=32,
-                    tta=False) -> tuple[np.ndarray, np.ndarray]:
+                    tta=False, context: int = 0, post: PostprocessConfig | None = None,
+                    ensemble: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(label map, affine) of one patient. `model` may be one model or, with `ensemble`, ignored
+    in favour of a list of (model, context) pairs whose probabilities are averaged."""
+    ps, affine = prepare_patient(pf, pre)
+    labels = segment(ps, ensemble or [(model, context)], mask_mode, pf.release, affine, device, batch_size, tta, post)
+    return labels, affine
+
+
+def prepare_patient(pf: PatientFiles, pre: PreprocessConfig):
+    """(PatientSlices, source affine) of one patient: read, checked, preprocessed as recorded."""
     if pf.problem:
         raise steps.InputError(pf.problem)
     pf = replace(pf, files={k: v for k, v in pf.files.items() if k != SEG})  # never look at a reference
     vols, _ = load_patient(pf)
     validate(pf, vols)
-    ps = process_volumes(pf, vols, pre)
-    prob = predict_slices(model, ps.image, device, batch_size, tta)
+    return process_volumes(pf, vols, pre), vols["t1"].affine
+
+
+def segment(ps, members: list, mask_mode: str, release, affine, device, batch_size: int = 32, tta: bool = False,
+            post: PostprocessConfig | None = None) -> np.ndarray:
+    """The label map of a prepared patient on its source grid: the members' (model, context)
+    probabilities averaged, mapped back, thresholded, post-processed, labelled in `release`'s convention."""
+    prob = sum(predict_slices(m, with_context(ps.image, ps.slice_index, k), device, batch_size, tta)
+               for m, k in members) / len(members)
     prob = ps.geometry.inverse(prob, ps.slice_index)  # (3, X, Y, Z) as the source is stored
-    labels = to_labels(prob > THRESHOLD, mask_mode, pf.release)
-    return labels, vols["t1"].affine
+    positive = prob > THRESHOLD
+    if post is not None and (post.et_min_mm3 or post.min_component_mm3):
+        positive = postprocess(to_regions(positive, mask_mode), post, float(np.prod(spacing_of(affine))))
+        mask_mode = "regions"
+    return to_labels(positive, mask_mode, release)
 
 
-def predict(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path, device: str = "auto",
-            batch_size: int = 32, tta: bool = False, progress: bool = True) -> dict:
-    """Write OUTPUT/<pid>.nii.gz for every patient; returns {'written': [...], 'failed': {pid: reason}}."""
+def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: str = "auto",
+            batch_size: int = 32, tta: bool = False, progress: bool = True, postprocess: bool = True) -> dict:
+    """Write OUTPUT/<pid>.nii.gz for every patient; returns {'written': [...], 'failed': {pid: reason}}.
+    `checkpoint`: one path, or a list of paths (an ensemble: probabilities averaged)."""
     from tqdm import tqdm
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model, pre, mask_mode = load_model(checkpoint, dev)
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    members = [load_checkpoint(p, dev) for p in paths]
+    check_ensemble(members)
+    pre, mask_mode = members[0]["preprocess"], members[0]["mask_mode"]
+    post = members[0]["postprocess"] if postprocess else None
+    ensemble = [(m["model"], m["context"]) for m in members]
     disc = discover(input_dir, need_seg=False)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, failed = [], {}
     for pf in tqdm(disc.patients, desc="patients", unit="patient", disable=None if progress else True):
         try:
-            labels, affine = predict_patient(model, pre, mask_mode, pf, dev, batch_size, tta)
+            labels, affine = predict_patient(None, pre, mask_mode, pf, dev, batch_size, tta, post=post,
+                                             ensemble=ensemble)
         except Exception as e:  # named and counted; the other patients are still written
             failed[pf.pid] = str(e) if isinstance(e, steps.InputError) else f"{type(e).__name__}: {e}"
             continue

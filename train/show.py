@@ -233,14 +233,18 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
 
     from shards.domain import MASK_CHANNELS
     from train.plots import predictions
-    from train.predict import load_model, predict_slices
+    from shards.domain import regions_of
+    from train.data import with_context
+    from train.predict import load_checkpoint, predict_slices
     from shards.source import ShardSource
 
     run, out = Path(run), Path(out)
     shards = _run_shards(run)
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
-    model, _, mask_mode = load_model(ck, torch.device(device))
+    member = load_checkpoint(ck, torch.device(device))
+    model, mask_mode, context = member["model"], member["mask_mode"], member["context"]
     src = ShardSource(shards)
+    set_mode = src.manifest["config"]["preprocess"]["mask"]
     names = list(MASK_CHANNELS[mask_mode])
     paths = []
     for pid in src.patients("val"):
@@ -248,7 +252,10 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
             continue
         image, mask = _read_patient(src, pid, shards)
         _png(out, f"run_{pid}.png")
-        prob = predict_slices(model, image, torch.device(device))
+        if mask_mode != set_mode:  # a region-trained model on a sub-region set: compare regions
+            mask = regions_of(mask, axis=1).astype(np.uint8)
+        prob = predict_slices(model, with_context(image, src.manifest["patients"][pid]["slice_index"], context),
+                              torch.device(device))
         area = mask.reshape(len(mask), -1).sum(1, dtype=np.int64)
         order = np.argsort(-area, kind="stable")[:3]  # the most tumorous slices
         samples = [{"key": f"{pid} slice {int(i)}", "image": image[i].astype(np.float32), "mask": mask[i],

@@ -1,0 +1,225 @@
+"""Model quality, side by side: the seed recipe, the default recipe, its ablations and a MONAI peer.
+
+    python bench/quality.py [--setting cpu|full] [--work DIR] [--only NAME,...] [--device auto]
+
+Data: realistic synthetic cases (`preprocess.realistic`, BraTS 240x240x155 1 mm grid): a shard set
+of `patients` cases with the build's fixed hash split (train/val), and separate test cases
+(other indices, never in the set). Every recipe sees the same number of training slices
+(epochs x batches x batch size); the MONAI peer gets the same budget.
+
+Scoring, end to end: each model's labels for the test cases are written as NIfTI on the source
+grid by `train.predict` (the code `python cli.py predict` runs: `prepare_patient` once per case,
+then `segment` per model), then `train.evaluate.evaluate` scores them as `python cli.py evaluate`
+does: per-patient Dice and HD95 of WT/TC/ET. Reported per recipe: mean and standard deviation over
+test patients, training slices/s, and for the recipes run with two seeds the seed-to-seed spread.
+
+Recipes:
+  seed        the seed notebook's recipe (`train.recipe.SEED_RECIPE`), seeds 0 and 1
+  default     TrainConfig's defaults, seeds 0 and 1
+  -<part>     the default with one ingredient switched back to the seed's (seed 0)
+  -postprocess  the default's seed-0 model predicted without post-processing (no retraining)
+  +context    the default with one neighbouring slice on each side (when the default has none)
+  monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
+
+Results are kept per recipe under WORK/results/, so a stopped run continues where it was. Last
+line: JSON with every recipe's summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocess.build import BuildConfig, build
+from preprocess.discover import discover
+from preprocess.nifti import save_volume
+from preprocess.pipeline import PreprocessConfig
+from preprocess.realistic import make_realistic_data
+from shards.domain import REGIONS
+from train.evaluate import evaluate
+from train.loop import TrainConfig, train
+from train.predict import load_checkpoint, prepare_patient, segment
+from train.recipe import SEED_RECIPE
+
+SETTINGS = {
+    # ~30 minutes on 2 CPU cores
+    "cpu": dict(patients=40, test=12, size=96, tumour_free=0.5, base=16, depth=4, batch=16, epochs=6,
+                max_batches=120),
+    # for a GPU: larger slices, a wider model, longer
+    "full": dict(patients=64, test=24, size=128, tumour_free=0.5, base=32, depth=5, batch=32, epochs=40,
+                 max_batches=0),
+}
+ABLATIONS = {  # the ingredient switched off -> the TrainConfig fields that do it (the seed's values)
+    "regions": dict(targets="channels"),
+    "deep-supervision": dict(deep_supervision=False),
+    "instance-norm": dict(norm="batch", act="relu"),
+    "sgd-poly": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="plateau"),
+    "augmentation": dict(augment="off"),
+    "oversampling": dict(fg_fraction=0.0),
+    "context": dict(context=0),
+}
+
+
+def prepare_data(work: Path, s: dict) -> tuple[Path, Path]:
+    """The shard set and the test folder (made once; a marker file says they are complete)."""
+    data, test, shards = work / "data", work / "test", work / f"shards{s['size']}"
+    if not (data / "name_mapping.csv").exists():
+        make_realistic_data(data, s["patients"], seed=0, progress=True)
+    if not (test / "name_mapping.csv").exists():
+        make_realistic_data(test, s["test"], seed=0, start=1001, progress=True)
+    if not (shards / "manifest.json").exists():
+        pre = PreprocessConfig(size=s["size"], crop=True, tumour_free_fraction=s["tumour_free"])
+        build(data, shards, BuildConfig(preprocess=pre, val_fraction=0.25), workers=2)
+    return shards, test
+
+
+def recipes(s: dict, default: TrainConfig) -> dict[str, tuple[TrainConfig | None, str | None]]:
+    """name -> (training config, or None for a predict-only variant; the model it reuses)."""
+    common = dict(base_channels=s["base"], depth=s["depth"], batch_size=s["batch"], epochs=s["epochs"],
+                  max_batches=s["max_batches"], num_workers=1)
+    seed_cfg = dataclasses.replace(TrainConfig(**common), **SEED_RECIPE)
+    base = dataclasses.replace(default, **common)
+    out = {}
+    for seed in (0, 1):
+        out[f"seed/s{seed}"] = (dataclasses.replace(seed_cfg, seed=seed), None)
+        out[f"default/s{seed}"] = (dataclasses.replace(base, seed=seed), None)
+    for part, fields in ABLATIONS.items():
+        cfg = dataclasses.replace(base, **fields)
+        if cfg != base:  # an ingredient the default does not use has nothing to ablate
+            out[f"-{part}"] = (cfg, None)
+    if base.context == 0:  # measured as an addition instead
+        out["+context"] = (dataclasses.replace(base, context=1), None)
+    out["-postprocess"] = (None, "default/s0")
+    return out
+
+
+def score(work: Path, name: str, members: list, mask_mode: str, post, test: Path, device) -> dict:
+    """Write every test case's labels as NIfTI and evaluate them against the references."""
+    pred_dir = work / "pred" / name.replace("/", "_")
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    pre = members[0][2]
+    for pf in discover(test, need_seg=False).patients:
+        ps, affine = prepare_patient(pf, pre)
+        labels = segment(ps, [(m, k) for m, k, _ in members], mask_mode, pf.release, affine, device, post=post)
+        save_volume(pred_dir / f"{pf.pid}.nii.gz", labels, affine)
+    r = evaluate(pred_dir, test, pred_dir / "metrics.csv", progress=False)
+    summary = {}
+    for metric in ("dice", "hd95"):
+        for region in REGIONS:
+            v = np.array([row[f"{metric}_{region}"] for row in r["rows"]], dtype=float)
+            summary[f"{metric}_{region}"] = {"mean": float(v.mean()), "std": float(v.std(ddof=1))}
+    return summary
+
+
+def run_recipe(work: Path, name: str, cfg, reuse, shards: Path, test: Path, device) -> dict:
+    run = work / "runs" / (reuse or name).replace("/", "_")
+    if cfg is not None:
+        t0 = time.perf_counter()
+        history = train(str(shards), run, cfg, overwrite=True, progress=False)
+        seconds = time.perf_counter() - t0
+        slices_per_s = float(np.mean([h["slices_per_s"] for h in history]))
+        slices = int(sum(h["slices_per_s"] * h["seconds"] for h in history))
+    m = load_checkpoint(run / "checkpoints" / "best.pt", device)
+    post = m["postprocess"] if cfg is None or cfg.postprocess else None
+    if reuse:  # predict-only: the same model without post-processing
+        post = None
+    result = {"recipe": name, "scores": score(work, name, [(m["model"], m["context"], m["preprocess"])],
+                                               m["mask_mode"], post, test, device)}
+    if cfg is not None:
+        result.update(train_seconds=seconds, slices_per_s=slices_per_s, slices=slices, config=cfg.to_dict(),
+                      postprocess=m["postprocess"].to_dict())
+    return result
+
+
+def run_peer(work: Path, s: dict, shards: Path, test: Path, device) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from monai_peer import train_peer
+
+    slices = s["epochs"] * s["max_batches"] * s["batch"] if s["max_batches"] else None
+    if slices is None:
+        from train.data import SliceStream, StreamConfig
+        from shards.source import ShardSource
+
+        ds = SliceStream(ShardSource(str(shards)), StreamConfig(batch_size=s["batch"]))
+        slices = s["epochs"] * ds.batches_per_epoch(0) * s["batch"]
+    r = train_peer(str(shards), work / "runs" / "monai", slices, seed=0, batch_size=s["batch"], device=str(device))
+    pre = dataclasses.replace(PreprocessConfig.from_dict(r["preprocess"]), tumour_free_fraction=1.0)
+    scores = score(work, "monai", [(r["model"], 0, pre)], r["mask_mode"], None, test, device)
+    return {"recipe": "monai", "scores": scores, "train_seconds": r["seconds"], "slices_per_s": r["slices_per_s"],
+            "slices": slices}
+
+
+def table(results: dict) -> str:
+    """Markdown: Dice (mean +- sd over test patients) and HD95 per region, slices/s."""
+    head = ("| recipe | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r}" for r in REGIONS)
+            + " | train slices/s |\n|---|" + "---|" * 7 + "\n")
+    rows = []
+    for name, r in results.items():
+        sc = r["scores"]
+        dice = " | ".join(f"{sc[f'dice_{g}']['mean']:.3f} ± {sc[f'dice_{g}']['std']:.3f}" for g in REGIONS)
+        hd = " | ".join(f"{sc[f'hd95_{g}']['mean']:.1f}" for g in REGIONS)
+        rate = f"{r['slices_per_s']:.0f}" if "slices_per_s" in r else "—"
+        rows.append(f"| {name} | {dice} | {hd} | {rate} |")
+    return head + "\n".join(rows)
+
+
+def seed_spread(results: dict) -> dict:
+    """For recipes run with seeds 0 and 1: mean Dice per region over the two, and half their gap."""
+    out = {}
+    for base in ("seed", "default"):
+        pair = [results.get(f"{base}/s{i}") for i in (0, 1)]
+        if all(pair):
+            d = {g: [p["scores"][f"dice_{g}"]["mean"] for p in pair] for g in REGIONS}
+            out[base] = {g: {"mean": float(np.mean(v)), "half_range": float(abs(v[0] - v[1]) / 2)} for g, v in d.items()}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    ap.add_argument("--work", default="/tmp/brats-shards-quality")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all, then monai)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-peer", action="store_true", help="skip the MONAI peer")
+    a = ap.parse_args()
+    s = SETTINGS[a.setting]
+    work = Path(a.work) / a.setting
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    shards, test = prepare_data(work, s)
+    todo = recipes(s, TrainConfig())
+    only = set(filter(None, a.only.split(",")))
+    results = {}
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    names = list(todo) + ([] if a.no_peer else ["monai"])
+    for name in names:
+        path = work / "results" / f"{name.replace('/', '_')}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            continue
+        if only and name not in only:
+            continue
+        print(f"== {name}", flush=True)
+        if name == "monai":
+            r = run_peer(work, s, shards, test, device)
+        else:
+            cfg, reuse = todo[name]
+            r = run_recipe(work, name, cfg, reuse, shards, test, device)
+        path.write_text(json.dumps(r, indent=1))
+        results[name] = r
+        print(json.dumps({name: {k: v["mean"] for k, v in r["scores"].items()}}), flush=True)
+    print(table(results))
+    print(json.dumps({"setting": a.setting, "device": str(device), "spread": seed_spread(results),
+                      "recipes": {n: {"scores": r["scores"], "slices_per_s": r.get("slices_per_s")}
+                                  for n, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
