@@ -23,7 +23,7 @@ _RANGES = "epochs, batch size, depth and base channels must be >= 1, workers >= 
 @pytest.mark.parametrize("cls,kw,message", [
     (TrainConfig, dict(model="resnet"), "model must be one of unet, attention-unet, not 'resnet'"),
     (TrainConfig, dict(loss="ce"), "loss must be one of dice, dice-bce, not 'ce'"),
-    (TrainConfig, dict(optimizer="sgd"), "optimizer must be one of adam, adamw, not 'sgd'"),
+    (TrainConfig, dict(optimizer="lamb"), "optimizer must be one of sgd, adam, adamw, not 'lamb'"),
     (TrainConfig, dict(fmt="tar"), "fmt must be one of zarr, wds, not 'tar'"),
     (TrainConfig, dict(device="tpu"), "device must be one of auto, cpu, cuda, not 'tpu'"),
     (TrainConfig, dict(epochs=0), _RANGES),

@@ -23,7 +23,7 @@ from train.metrics import make_loss
 
 # the seed notebook's recipe, as TrainConfig field values
 SEED_RECIPE = {"norm": "batch", "act": "relu", "deep_supervision": False, "targets": "channels",
-               "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "plateau", "warmup_epochs": 0.0,
+               "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "plateau",
                "augment": "off", "fg_fraction": 0.0, "context": 0, "postprocess": False}
 
 
