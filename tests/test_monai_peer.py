@@ -9,9 +9,20 @@ import torch
 
 pytest.importorskip("monai")
 
-from bench.monai_peer import kernels_strides, load_peer, network_kwargs, predict_peer, train_peer  # noqa: E402
+from bench.monai_peer import (augmentation, batch_of, kernels_strides, load_peer, network_kwargs,  # noqa: E402
+                              peer_loss, predict_peer, train_peer)
 from preprocess.discover import discover  # noqa: E402
 from preprocess.nifti import load_volume  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 32x32 networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    competing with other processes made this file 10x slower (measured: 110 s against 10 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +43,28 @@ def test_network_follows_the_slice_size():
     assert network_kwargs(96)["deep_supr_num"] == 3 and network_kwargs(32)["deep_supr_num"] == 2
     with pytest.raises(ValueError, match="slice size 8"):
         kernels_strides(8)
+
+
+def test_loss_pushes_false_positives_down():
+    """Multi-label targets: on a tumour-free slice, calling every pixel positive must cost more than
+    calling none (MONAI's DiceCELoss fails this: its CE is a softmax over the channels)."""
+    loss, y = peer_loss(), torch.zeros(2, 3, 16, 16)
+    assert loss(torch.full_like(y, 5.0), y) > loss(torch.full_like(y, -5.0), y) + 0.5
+
+
+def test_augmentation_moves_image_and_label_together():
+    rng = np.random.default_rng(0)
+    label = np.zeros((64, 3, 32, 32), np.uint8)
+    for i, (r, c) in enumerate(rng.integers(2, 20, (64, 2))):
+        label[i, :, r: r + 9, c: c + 5] = 1  # a box off-centre: flips and zooms move it
+    image = np.repeat(label[:, :1], 4, axis=1).astype(np.float16)
+    x, y = batch_of(augmentation(1), image, label, np.arange(64))
+    assert x.shape == (64, 4, 32, 32) and y.shape == (64, 3, 32, 32) and x.dtype == y.dtype == torch.float32
+    assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+    moved = (y[:, 0] != torch.from_numpy(label[:, 0]).float()).flatten(1).any(1)
+    assert moved.sum() > 16  # most samples were flipped on some axis
+    agree = ((x[:, 0] > 0.5) == (y[:, 0] > 0.5)).float().mean()
+    assert agree > 0.99  # only the edges of a zoomed box (bilinear vs nearest) may differ
 
 
 def test_train_reload_and_predict(cropped_set, release_2020, tmp_path):
