@@ -133,12 +133,14 @@ def _samples_log(run):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_straight_result(shard_set, tmp_path):
+def test_run_killed_mid_epoch_resumes_to_the_straight_result(shard_set, tmp_path):
+    """Mid-epoch checkpoints every 2 steps; killed 3 steps into epoch 2: the resume continues from
+    step 2 of epoch 2 (the loader's position) and ends with the straight run's weights."""
     from shards.source import ShardSource
     from train.data import SliceStream, StreamConfig
 
     cli = ["train", str(shard_set), "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "0",
-           "--epochs", "4", "--lr", "0.003", "--log-samples", "--quiet"]
+           "--epochs", "4", "--lr", "0.003", "--log-samples", "--quiet", "--checkpoint-every", "2"]
     ref = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(tmp_path / "ref")], cwd=REPO,
                          capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -146,13 +148,14 @@ def test_killed_run_resumes_to_the_straight_result(shard_set, tmp_path):
     first, second = stream.batches_per_epoch(0), stream.batches_per_epoch(1)
     assert second >= 3
     run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP, str(first + 2)] + cli + ["--out", str(run)],
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP, str(first + 3)] + cli + ["--out", str(run)],
                             cwd=REPO, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr  # the kill landed: epoch 2 had begun
-    # ... and epoch 2 had not ended: 2 of its batches trained, nothing of it recorded
+    # ... and epoch 2 had not ended: 3 of its batches trained, the first 2 checkpointed with the position
     assert [r["epoch"] for r in _rows(run)] == ["1"]
     assert [e["epoch"] for e in _samples_log(run)] == [1]
-    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 0
+    ck = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert ck["epoch"] == 0 and ck["position"]["epoch"] == 1 and ck["position"]["batch"] == 2
     again = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(run), "--resume"], cwd=REPO,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

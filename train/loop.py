@@ -2,9 +2,13 @@
 
 Read `train` top to bottom: setup -> (resume) -> per epoch: train steps, validate, schedule,
 record. The helpers below it each do one of those steps.
-Determinism: the data order depends on (seed, epoch) only and the torch RNG is reseeded from
-(seed, epoch) at the start of every epoch, so a run killed and resumed from its last checkpoint
-reaches the same result as a straight run.
+Determinism: the data order depends on (seed, epoch) only, augmentation draws on (seed, epoch,
+step), the learning rate on (epoch, step), and the torch RNG is reseeded from (seed, epoch) at the
+start of every epoch, so a run killed and resumed from its last checkpoint reaches the same
+weights as a straight run. Mid-epoch: every `checkpoint_every` steps last.pt also holds the
+loader's position (epoch, steps done, the epoch's running loss); a resume replays that epoch's
+stream from its start and skips the batches already trained on (reading them again, not
+training on them: the loader runs far faster than training), then goes on as the straight run did.
 """
 
 from __future__ import annotations
@@ -71,13 +75,14 @@ class TrainConfig:
     compile: bool = False
     log_samples: bool = False
     max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (last.pt with the loader position); 0: epochs only
 
     def __post_init__(self):
         check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
             raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
-        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0 or self.warmup_epochs < 0:
-            raise ValueError("context and warmup_epochs must be >= 0, fg_fraction in [0, 1]")
+        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0 or self.warmup_epochs < 0 or self.checkpoint_every < 0:
+            raise ValueError("context, warmup_epochs and checkpoint_every must be >= 0, fg_fraction in [0, 1]")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             raise ValueError(f"--folds must be 0 (off) or >= 2 and --fold in [0, folds), not {self.folds}, {self.fold}")
 
@@ -178,10 +183,10 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     model, opt, sched, scaler = (parts[k] for k in STATEFUL)
 
     # -- resume
-    history, start, best = [], 0, -1.0
+    history, start, best, position, post = [], 0, -1.0, None, {}
     last_path = out / "checkpoints" / "last.pt"
     if resume:
-        history, start, best = resume_from(last_path, source, cfg, parts)
+        history, start, best, position, post = resume_from(last_path, source, cfg, parts)
         if start >= cfg.epochs and rank == 0:
             print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
     net = model
@@ -193,7 +198,6 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     loss_fn = recipe.make_recipe_loss(cfg.loss)
     train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.in_channels) % 4  # intensity draws per modality
-    post = {}
     if rank == 0:
         start_run_folder(out, cfg, shards, source, overwrite)
 
@@ -201,15 +205,24 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
         train_ds.set_epoch(epoch)
 
-        # -- train steps
+        # -- train steps (from a mid-epoch position when resuming one)
         t0 = time.perf_counter()
         net.train()
-        loss_sum, n_seen, n_batches, seen_keys = 0.0, 0, 0, []
+        done = position if position and position["epoch"] == epoch else None
+        loss_sum, n_seen, skip, seen_keys = ((done["loss_sum"], done["n_seen"], done["batch"], list(done["keys"]))
+                                             if done else (0.0, 0, 0, []))
+        if done:
+            torch.set_rng_state(done["rng"])
+        n_batches = 0
         n_total = min(train_ds.batches_per_epoch(), cfg.max_batches or float("inf"))
         bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
+        bar.update(skip)
         for batch in _loader(train_ds, cfg.num_workers):
             if cfg.max_batches and n_batches >= cfg.max_batches:
                 break
+            if n_batches < skip:  # trained on before the checkpoint: replayed, not trained on
+                n_batches += 1
+                continue
             if cfg.schedule != "plateau":  # per step, from (epoch, step) alone: a resume lands on the same LR
                 recipe.set_lr(opt, cfg.lr, recipe.lr_factor(cfg.schedule, (epoch + n_batches / n_total) / cfg.epochs,
                                                             cfg.warmup_epochs / cfg.epochs))
@@ -229,6 +242,11 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
             n_batches += 1
             if cfg.log_samples:
                 seen_keys.extend(batch["keys"])
+            if rank == 0 and cfg.checkpoint_every and n_batches % cfg.checkpoint_every == 0 and n_batches < n_total:
+                pos = {"epoch": epoch, "batch": n_batches, "loss_sum": loss_sum, "n_seen": n_seen, "keys": seen_keys,
+                       "rng": torch.get_rng_state()}
+                checkpoint.save(last_path, checkpoint_state(parts, epoch - 1, cfg, source, names, history, best,
+                                                            mask_mode, post, pos))
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
         bar.close()
@@ -387,9 +405,10 @@ def _loader(ds, num_workers):
 
 # ---------------------------------------------------------------- resume and checkpoint
 
-def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) -> tuple[list[dict], int, float]:
+def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) -> tuple:
     """Load the checkpoint at `path` into `parts` (and the torch RNG), once it is known to come
-    from this shard set and these architecture options: (history, next epoch, best mean Dice)."""
+    from this shard set and these architecture options: (history, next epoch, best mean Dice,
+    mid-epoch position or None, post-processing chosen so far)."""
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
     ck = checkpoint.load(path)
@@ -402,18 +421,20 @@ def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) 
     for key in STATEFUL:
         parts[key].load_state_dict(ck[key])
     torch.set_rng_state(ck["rng"])
-    return ck["history"], ck["epoch"] + 1, ck["best_dice"]
+    post = {"config": ck["postprocess"]} if ck.get("postprocess") else {}
+    return ck["history"], ck["epoch"] + 1, ck["best_dice"], ck.get("position"), post
 
 
 def checkpoint_state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
-                     history: list[dict], best: float, mask_mode: str, post: dict) -> dict:
+                     history: list[dict], best: float, mask_mode: str, post: dict, position: dict | None = None) -> dict:
     """What a checkpoint holds: the state of `parts`, the epoch and RNG a resume continues from,
     the config and shard set it was trained with, and what predict needs (preprocess, output
-    channels and their mask mode, context, post-processing thresholds)."""
+    channels and their mask mode, context, post-processing thresholds); mid-epoch, the loader
+    `position` (epoch under way, steps done, running loss, keys seen, torch RNG)."""
     return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
             "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
             "channels": names, "output_mode": mask_mode, "postprocess": post.get("config", {}),
-            "rng": torch.get_rng_state(), "history": history, "best_dice": best}
+            "rng": torch.get_rng_state(), "history": history, "best_dice": best, "position": position}
 
 
 def choose_postprocess(stacks: dict, source: ShardSource) -> dict:

@@ -1,0 +1,281 @@
+"""Experiment tracking (`train --log tensorboard,mlflow`): each epoch's metrics row as scalars
+and the validation overlays as one image, sent to TensorBoard event files and/or MLflow.
+
+Everything here is optional: `make_trackers(out, [])` imports neither TensorBoard nor MLflow,
+and a kind whose package is missing is refused with the pip extra that installs it. Only
+rank 0 tracks; the loop calls `log_epoch` after it has written metrics.csv and `close_all` at
+the end, failed or not.
+
+Resume: a resumed run passes `start_step`, the step (1-based epoch) it logs first.
+TensorBoard then purges the events at steps >= start_step that a killed run left after its
+last checkpoint; MLflow continues the same run (its id kept in OUT/mlflow_run.json) and the
+re-logged steps become the latest values there (MLflow cannot delete logged points).
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from shards import atomic
+from shards.errors import BratsShardsError
+
+KINDS = ("tensorboard", "mlflow")
+RUN_FILE = "mlflow_run.json"  # OUT/mlflow_run.json: the MLflow run a resume continues
+EXPERIMENT = "brats-shards"  # MLflow experiment unless MLFLOW_EXPERIMENT_NAME names one
+
+
+class TrackingError(BratsShardsError):
+    """A --log kind that cannot run here: the message names the pip extra that installs it."""
+
+
+class Tracker(Protocol):
+    def epoch(self, row: dict, step: int) -> None: ...
+
+    def images(self, samples: list[dict], names: list[str], step: int) -> None: ...
+
+    def close(self, ok: bool = True) -> None: ...
+
+
+def make_trackers(out: Path, kinds: list[str], config: dict, run_name: str | None = None,
+                  start_step: int = 1) -> list[Tracker]:
+    """One tracker per --log kind. TensorBoard: event files under OUT/tensorboard/. MLflow: the
+    store MLFLOW_TRACKING_URI names or, by default, a local SQLite store OUT/mlflow.db (artifacts
+    under OUT/mlartifacts/): never a server unless the user set one. `start_step` > 1 is a resume."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise TrackingError(f"--log {','.join(unknown)}: unknown, choose from {', '.join(KINDS)}")
+    out = Path(out)
+    made: list[Tracker] = []
+    try:
+        for kind in dict.fromkeys(kinds):  # once each, in the order given
+            make = TensorBoardTracker if kind == "tensorboard" else MLflowTracker
+            made.append(make(out, config, run_name or out.resolve().name, start_step))
+    except BaseException:
+        close_all(made, ok=False)
+        raise
+    return made
+
+
+def log_epoch(trackers: list[Tracker], row: dict, samples: list[dict], names: list[str]) -> None:
+    """The loop's one call per epoch: the metrics row and, where there are any, the overlays;
+    the step is the row's (1-based) epoch."""
+    for t in trackers:
+        t.epoch(row, row["epoch"])
+        if samples:
+            t.images(samples, names, row["epoch"])
+
+
+def close_all(trackers: list[Tracker], ok: bool = True) -> None:
+    """Close every tracker. After a failure (`ok` False) an error while closing is printed, not
+    raised, so that it cannot hide the failure that ended the run."""
+    first = None
+    for t in trackers:
+        try:
+            t.close(ok)
+        except Exception as e:  # noqa: BLE001 - the others still get closed
+            if ok and first is None:
+                first = e
+            else:
+                print(f"warning: closing {type(t).__name__} failed: {e}", file=sys.stderr)
+    if first is not None:
+        raise first
+
+
+# ---------------------------------------------------------------- pure helpers
+
+# metrics.csv column prefix -> tag group; longest match first (patient_dice_ before dice_)
+_GROUPS = (("patient_dice_", "patient_dice/"), ("dice_sub_", "dice_sub/"), ("dice_", "dice/"),
+           ("prec_", "precision/"), ("recall_", "recall/"))
+_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "mean_dice": "dice/mean", "lr": "lr",
+         "seconds": "throughput/epoch_seconds", "slices_per_s": "throughput/slices_per_s"}
+
+
+def scalar_tags(row: dict) -> dict[str, float]:
+    """The numeric values of a metrics row under grouped tags ('dice_WT' -> 'dice/WT'); the
+    epoch is the step, not a scalar. A column not known here keeps its own name."""
+    tags = {}
+    for key, value in row.items():
+        if key == "epoch" or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        tag = _TAGS.get(key) or next((group + key[len(p):] for p, group in _GROUPS if key.startswith(p)), key)
+        tags[tag] = float(value)
+    return tags
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr': 0.01}} -> {'train.lr': '0.01'}: nested keys joined by '.', values as text."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return flat
+
+
+def overlay_grid(samples: list[dict], alpha: float = 0.5, pad: int = 2) -> np.ndarray:
+    """The validation samples as one RGB image (H, W, 3) uint8: a row per sample, a column per
+    output channel; FLAIR in grey, truth in green, prediction in red (both: yellow). Oriented as
+    plots.predictions draws them: anterior up, the subject's right to the right."""
+    from train.plots import overlay  # the figure's grey scale: FLAIR, 1-99th percentile of the brain
+
+    rows = []
+    for s in samples:
+        grey = overlay(s["image"], s["mask"][:0])[..., 0]  # no mask channels: the grey image (X, Y)
+        panels = []
+        for truth, pred in zip(s["mask"].astype(bool), s["pred"].astype(bool)):
+            colour = np.stack([pred, truth, np.zeros_like(truth)], axis=-1).astype(np.float32)  # (X, Y, 3)
+            marked = (truth | pred)[..., None]
+            rgb = np.where(marked, (1 - alpha) * grey[..., None] + alpha * colour, grey[..., None])
+            panels.append(rgb.transpose(1, 0, 2)[::-1])  # (Y, X, 3), y running up
+        rows.append(_join(panels, axis=1, pad=pad))
+    grid = _join(rows, axis=0, pad=pad)
+    return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
+
+
+def _join(parts: list[np.ndarray], axis: int, pad: int) -> np.ndarray:
+    """Concatenate images along `axis` with `pad` white pixels between them."""
+    gap_shape = list(parts[0].shape)
+    gap_shape[axis] = pad
+    gap = np.ones(gap_shape, np.float32)
+    out = [parts[0]]
+    for p in parts[1:]:
+        out += [gap, p]
+    return np.concatenate(out, axis=axis)
+
+
+def legend(samples: list[dict], names: list[str]) -> str:
+    return (f"rows: {', '.join(s['key'] for s in samples)}; columns: {', '.join(names)}; "
+            f"green: truth, red: prediction, yellow: both")
+
+
+def mlflow_uri(out: Path) -> str:
+    """MLFLOW_TRACKING_URI where the user set one, else a SQLite store inside OUT."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+
+
+def _missing(kind: str, package: str, err: ImportError) -> TrackingError:
+    return TrackingError(f"--log {kind} needs {package}, which is not installed ({err}): "
+                         f"pip install 'brats-shards[{kind}]'")
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+class TensorBoardTracker:
+    """Event files under OUT/tensorboard/; `tensorboard --logdir OUT/tensorboard` shows them."""
+
+    def __init__(self, out: Path, config: dict, run_name: str, start_step: int = 1):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise _missing("tensorboard", "the tensorboard package", e) from None
+        # purge_step: TensorBoard drops the events at steps >= start_step that earlier files
+        # hold, i.e. the epochs a killed run logged after its last checkpoint
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step)
+        table = "\n".join(f"| {k} | {v} |" for k, v in flatten(config).items())
+        self.writer.add_text("config", f"run **{run_name}**\n\n| option | value |\n|---|---|\n{table}", start_step)
+        self.writer.flush()
+
+    def epoch(self, row: dict, step: int) -> None:
+        for tag, value in scalar_tags(row).items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # a killed run keeps every epoch it finished
+
+    def images(self, samples: list[dict], names: list[str], step: int) -> None:
+        self.writer.add_image("predictions", overlay_grid(samples), step, dataformats="HWC")
+        self.writer.add_text("predictions/legend", legend(samples, names), step)
+        self.writer.flush()
+
+    def close(self, ok: bool = True) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------- MLflow
+
+class MLflowTracker:
+    """One MLflow run per training run (a resume continues it): params = the flattened config,
+    metrics with step = epoch, the overlays as images with step."""
+
+    def __init__(self, out: Path, config: dict, run_name: str, start_step: int = 1):
+        uri = mlflow_uri(out)
+        try:
+            from mlflow.tracking import MlflowClient
+            if uri.startswith("sqlite:"):  # the SQL store's own packages (with mlflow-skinny)
+                import alembic  # noqa: F401
+                import sqlalchemy  # noqa: F401
+        except ImportError as e:
+            raise _missing("mlflow", "mlflow (with sqlalchemy and alembic for the local store)", e) from None
+        from mlflow.entities import Param
+
+        self.client, self.run_file, self.closed = MlflowClient(tracking_uri=uri), out / RUN_FILE, False
+        params = flatten(config)
+        self.run_id = self._resumed_run(uri) if start_step > 1 else None
+        if self.run_id:  # params are write-once: log the new ones, tag the changed ones
+            old = self.client.get_run(self.run_id).data.params
+            for k, v in params.items():
+                if k in old and old[k] != _param_value(v):
+                    self.client.set_tag(self.run_id, f"resumed_at_step_{start_step}.{k}", _param_value(v))
+            params = {k: v for k, v in params.items() if k not in old}
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = self._experiment(out)
+            self.run_id = self.client.create_run(experiment, run_name=run_name,
+                                                 tags={"out": str(out.resolve())}).info.run_id
+            atomic.write_json(self.run_file, {"tracking_uri": uri, "run_id": self.run_id})
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def _experiment(self, out: Path) -> str:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        local = not os.environ.get("MLFLOW_TRACKING_URI")  # our store: artifacts beside it, not in the CWD
+        return self.client.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri()
+                                             if local else None)
+
+    def _resumed_run(self, uri: str) -> str | None:
+        """The run OUT/mlflow_run.json names, if it lives in this store."""
+        try:
+            kept = json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if kept.get("tracking_uri") != uri:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(kept["run_id"]).info.run_id
+        except MlflowException:  # deleted from the store since
+            return None
+
+    def epoch(self, row: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(tag, value, now, step) for tag, value in scalar_tags(row).items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def images(self, samples: list[dict], names: list[str], step: int) -> None:
+        self.client.log_image(self.run_id, overlay_grid(samples), key="predictions", step=step)
+        self.client.set_tag(self.run_id, "predictions.legend", legend(samples, names))
+
+    def close(self, ok: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def _param_value(v: str) -> str:
+    return v[:500]  # the oldest supported MLflow's limit on a param value
