@@ -195,12 +195,15 @@ def train(
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'.")] = None,
     log_samples: Annotated[bool, typer.Option(help="Record the sample keys each rank trained on (OUT/samples_rank*.jsonl).")] = False,
     max_batches: Annotated[int, typer.Option(help="Cap batches per epoch (0: no cap).")] = 0,
+    log: Annotated[Optional[list[str]], typer.Option("--log", help="Experiment tracking besides metrics.csv and the plots: tensorboard (OUT/tensorboard/) or mlflow (MLFLOW_TRACKING_URI, default a local store in OUT). Repeatable.")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between mid-epoch checkpoints (last.pt with the loader's position, so --resume continues mid-epoch); 0: at epoch ends only.")] = 500,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
 ):
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
     from train.loop import TrainConfig, train as run
     from train.recipe import SEED_RECIPE
+    from train.tracking import require
 
     if recipe not in ("default", "seed"):
         _fail(f"--recipe must be default or seed, not {recipe!r}")
@@ -220,8 +223,10 @@ def train(
     if opts is not None and not isinstance(opts, dict):
         _fail("--storage-options must be a JSON object")
     with _refusals():
+        require(log or [])  # on every rank, before anything is written: a missing package is refused up front
         history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
-                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout)
+                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,
+                      log=tuple(log or ()), run_name=run_name)
     if history and not quiet:
         typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
 
@@ -246,6 +251,22 @@ def predict(
                 progress=not quiet, postprocess=postprocess)
     typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
     _report_failed(r["failed"])
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt).")],
+    out: Annotated[Path, typer.Argument(help="File to write (OUT.json beside it holds the metadata).")],
+    format: Annotated[str, typer.Option(help="onnx (needs the export extra) or torchscript.")] = "onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset (11-20).")] = 17,
+):
+    """Write the model for deployment, with its preprocessing, channel names and thresholds as metadata."""
+    from train.export import export as run
+
+    with _refusals():
+        meta = run(checkpoint, out, format, opset)
+    typer.echo(f"{out}: {format}, input {meta['input']['name']} {meta['input']['shape']}, "
+               f"output {meta['output']['name']} {meta['output']['channels']}; metadata also in {out}.json")
 
 
 @app.command()

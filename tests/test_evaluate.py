@@ -7,7 +7,7 @@ import pytest
 
 from preprocess.nifti import save_volume
 from shards.domain import RELEASES
-from train.evaluate import EMPTY_HD95, evaluate, hd95, patient_metrics
+from train.evaluate import COLUMNS, EMPTY_HD95, evaluate, hd95, patient_metrics
 
 R2020, R2023 = RELEASES["2020"], RELEASES["2023"]
 
@@ -48,6 +48,19 @@ def test_hand_computed_values():
     assert m["dice_WT"] == pytest.approx(2 * 1 / (1 + 3))
     assert m["dice_TC"] == pytest.approx(2 * 1 / (1 + 2))
     assert m["dice_ET"] == 0.0 and m["dice_sub_NCR/NET"] == 0.0
+
+
+def test_lesion_wise_columns_penalise_a_missed_lesion():
+    """Two enhancing lesions of 64 voxels far apart, one predicted: globally Dice 2*64/(128+64);
+    lesion-wise (1 + 0) / 2 and HD95 (0 + 374) / 2, in WT and TC too (ET lies in both)."""
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[2:6, 2:6, 2:6] = ref[13:17, 13:17, 2:6] = 3
+    pred = np.where(np.arange(20)[:, None, None] < 10, ref, 0).astype(np.uint8)
+    m = patient_metrics(pred, ref, (1, 1, 1), R2023)
+    assert list(m) == COLUMNS[1:]
+    assert m["dice_ET"] == pytest.approx(2 / 3)
+    for r in ("WT", "TC", "ET"):
+        assert m[f"lesion_dice_{r}"] == 0.5 and m[f"lesion_hd95_{r}"] == 187.0
 
 
 def test_hd95_pools_both_directions():
@@ -93,4 +106,10 @@ def test_folders_missing_prediction_and_2023_labels(tmp_path):
                           "--quiet"], cwd=REPO, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert "dice_WT" in cli.stdout and "scored as empty: BraTS-GLI-00002-000" in cli.stdout
-    assert (tmp_path / "pred" / "metrics.csv").read_text().startswith("patient,dice_WT,dice_TC,dice_ET,hd95_WT")
+    assert "lesion-wise" in cli.stdout and "lesion_hd95_ET" in cli.stdout
+    header = (tmp_path / "pred" / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("patient,dice_WT,dice_TC,dice_ET,hd95_WT") and header == ",".join(COLUMNS)
+    assert header.endswith("lesion_dice_WT,lesion_dice_TC,lesion_dice_ET,lesion_hd95_WT,lesion_hd95_TC,lesion_hd95_ET")
+    # every lesion here (WT 50 voxels, TC and ET 8) is at most 50 mm^3: not scored, even when
+    # missed -> lesion-wise 1 / 0
+    assert rows["BraTS-GLI-00002-000"]["lesion_dice_ET"] == 1.0 and rows["BraTS-GLI-00002-000"]["lesion_hd95_ET"] == 0.0

@@ -81,6 +81,7 @@ def test_onnx_matches_torch_and_carries_metadata(checkpoints, tmp_path, context)
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_matches_torch_and_carries_metadata(checkpoints, tmp_path):
     out = tmp_path / "model.pt"
     meta = export(checkpoints[0], out, "torchscript")
@@ -164,3 +165,20 @@ def test_deep_supervision_outputs_are_refused(checkpoints, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="does not return one"):
         export(checkpoints[0], tmp_path / "model.pt", "torchscript")
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_export_torchscript_and_refusal(checkpoints, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ck = next(iter(checkpoints.values()))
+    out = tmp_path / "model.ts"
+    r = subprocess.run([sys.executable, "cli.py", "export", str(ck), str(out), "--format", "torchscript"], cwd=repo,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and json.loads((tmp_path / "model.ts.json").read_text())["format"] == "torchscript"
+    bad = subprocess.run([sys.executable, "cli.py", "export", str(ck), str(tmp_path / "m.x"), "--format", "tflite"],
+                         cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "tflite" in bad.stderr

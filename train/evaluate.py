@@ -2,17 +2,29 @@
 
 Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (labels 1, 2, ET),
 TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET (columns `dice_sub_NCR/NET`,
-...). Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
+...), then the lesion-wise Dice and HD95 of each region (`lesion_dice_WT`, ..., `lesion_hd95_ET`).
+Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
 names; for a flat folder of <pid>.nii.gz files, from the label values (`release_of_values`).
 
-Definitions follow the official BraTS evaluation package (brats-evaluation, built on panoptica):
-Dice and HD95 of each region as a whole ("global" metrics). HD95 is the 95th percentile of the
-pooled surface distances in both directions; surface voxels are a region minus its erosion with
-a 6-connected (face) neighbourhood; distances in mm by Euclidean distance transform with the
-file's voxel spacing (the official package assumes 1 mm; BraTS volumes are 1 mm isotropic, so
-the two agree). Checked side by side: bench/official_eval_check.py, figures in BENCHMARKS.md.
+Global metrics follow the official BraTS evaluation package (brats-evaluation, built on
+panoptica): Dice and HD95 of each region as a whole. HD95 is the 95th percentile of the pooled
+surface distances in both directions; surface voxels are a region minus its erosion with a
+6-connected (face) neighbourhood; distances in mm by Euclidean distance transform with the
+file's voxel spacing (`train.lesionwise.hd95`). Checked side by side:
+bench/official_eval_check.py, figures in BENCHMARKS.md.
 
-Empty-set conventions (those of the BraTS 2018-2021 evaluation):
+Lesion-wise metrics (`train.lesionwise`, rules `LESION_PARAMS`): those the BraTS 2023 and 2024
+challenges ranked on (github.com/rachitsaluja/BraTS-2023-Metrics, the BraTS-GLI parameters).
+A lesion is a 26-connected component of the region; reference lesions whose 3-voxel dilations
+(18-connected element) touch are one lesion; a lesion is found by every predicted component
+touching its 3-voxel dilation and scored with Dice and HD95 against their union. A missed
+lesion and a predicted component touching no lesion each score Dice 0 and HD95 374 mm;
+reference lesions of at most 50 mm^3 are not scored. The patient's value is the sum over
+lesions divided by the count of found + missed + false lesions; none of any kind: Dice 1,
+HD95 0. (The current official package reports instead the mean over one-to-one matched lesions
+without penalties; `train.lesionwise.BRATS_EVALUATION` computes that one.)
+
+Empty-set conventions of the global metrics (those of the BraTS 2018-2021 evaluation):
   * Dice: reference and prediction both empty -> 1; exactly one empty -> 0.
   * HD95: both empty -> 0; exactly one empty -> 373.13 mm, the diagonal of the 240x240x155
     BraTS volume at 1 mm.
@@ -40,11 +52,13 @@ from preprocess.nifti import load_volume
 from preprocess.steps import apply_ornt, canonical_ornt
 from shards.domain import REGIONS, SEG, SUBREGIONS, Release, release_of_values, subregion_channels, to_regions
 from shards.errors import BratsShardsError
+from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
 from train.metrics import dice
 
-EMPTY_HD95 = 373.12866  # sqrt(240**2 + 240**2 + 155**2)
+LESION_PARAMS = BRATS_2023  # the rules of the lesion-wise columns
 COLUMNS = (["patient"] + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
-           + [f"dice_sub_{r}" for r in SUBREGIONS])
+           + [f"dice_sub_{r}" for r in SUBREGIONS]
+           + [f"lesion_dice_{r}" for r in REGIONS] + [f"lesion_hd95_{r}" for r in REGIONS])
 # Two grids are the same when every voxel centre of one lies within this fraction of a voxel of
 # the other's: header float32 rounding moves them by ~1e-5 mm, a real shift by a voxel or more.
 GRID_TOLERANCE = 0.01
@@ -56,29 +70,6 @@ class EvaluateError(BratsShardsError, ValueError):
 
 class PatientFailed(Exception):
     """One patient cannot be scored; the one-line message names the file and why."""
-
-
-def surface(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
-    return mask & ~eroded
-
-
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
-    """95th-percentile Hausdorff distance in mm (pooled both directions), with the empty-set rules."""
-    from scipy import ndimage
-
-    pred, ref = pred.astype(bool), ref.astype(bool)
-    if not pred.any() and not ref.any():
-        return 0.0
-    if not pred.any() or not ref.any():
-        return EMPTY_HD95
-    sp, sr = surface(pred), surface(ref)
-    # distance of every voxel to the nearest surface voxel of the other region
-    d_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
-    d_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return float(np.percentile(np.hstack((d_to_ref[sp], d_to_pred[sr])), 95))
 
 
 def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) -> dict:
@@ -94,6 +85,11 @@ def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) ->
         row[f"hd95_{r}"] = hd95(rp[i], rr[i], spacing)
     for i, name in enumerate(SUBREGIONS):
         row[f"dice_sub_{name}"] = dice(sp[i], sr[i])
+    lesion = [lesion_metrics(rp[i], rr[i], spacing, LESION_PARAMS) for i in range(len(REGIONS))]
+    for i, r in enumerate(REGIONS):
+        row[f"lesion_dice_{r}"] = lesion[i]["dice"]
+    for i, r in enumerate(REGIONS):
+        row[f"lesion_hd95_{r}"] = lesion[i]["hd95"]
     return row
 
 
@@ -228,5 +224,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 def format_summary(summary: dict, n: int) -> str:
     lines = [f"{n} patient(s)          mean     median        std"]
     for k, v in summary.items():
+        if k == f"lesion_dice_{REGIONS[0]}":
+            lines.append(f"  lesion-wise ({LESION_PARAMS.name} rules):")
         lines.append(f"  {k:16s} {v['mean']:9.4f} {v['median']:10.4f} {v['std']:10.4f}")
     return "\n".join(lines)

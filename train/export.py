@@ -140,7 +140,7 @@ def input_channel_names(k: int) -> list[str]:
 # right), instance norm has no running statistics to switch off, and these tracing APIs are
 # deprecated (they are what torch 2.13 offers for an exact opset): all expected, none actionable
 _EXPECTED_WARNINGS = (r".*Converting a tensor to a Python .*", r".*legacy TorchScript-based ONNX export.*",
-                      r".*The feature will be removed.*", r".*`torch\.jit\.trace.*` is deprecated.*",
+                      r".*The feature will be removed.*", r".*`torch\.jit\.\w+` is deprecated.*",
                       r".*instance_norm' is set to train=True.*")
 
 
@@ -174,7 +174,7 @@ def write_onnx(model, example, out: Path, meta_json: str, opset: int) -> None:
 def write_torchscript(model, example, out: Path, meta_json: str) -> None:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(model, example)
-    with atomic.atomic_path(out) as tmp:
+    with atomic.atomic_path(out) as tmp, _quiet():
         torch.jit.save(traced, str(tmp), _extra_files={META_KEY + ".json": meta_json})
 
 
@@ -183,7 +183,8 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if zipfile.is_zipfile(path):
         files = {META_KEY + ".json": ""}
-        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+        with _quiet():
+            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         return json.loads(files[META_KEY + ".json"])
     import onnx
 

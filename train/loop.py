@@ -31,7 +31,7 @@ from shards import atomic
 from shards.domain import REGIONS, SUBREGIONS, subregions_of, to_regions
 from shards.errors import BratsShardsError
 from shards.source import ShardSource
-from train import checkpoint, plots, recipe
+from train import checkpoint, plots, recipe, tracking
 from shards.config import check_choices, from_known_fields
 from train.augment import AugmentConfig, augment_batch
 from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
@@ -155,6 +155,9 @@ def clear_run(out: Path) -> None:
     the new run's (both are appended to), so its files go before the new run writes any."""
     for path in run_files(out):
         path.unlink(missing_ok=True)
+    if (out / "tensorboard").is_dir():  # the event files a run's --log tensorboard wrote
+        for path in (out / "tensorboard").glob("events.out.tfevents.*"):
+            path.unlink(missing_ok=True)
 
 
 def set_mode_of(source: ShardSource) -> str:
@@ -164,8 +167,10 @@ def set_mode_of(source: ShardSource) -> str:
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           cache_dir: str | None = None, storage_options: dict | None = None,
-          cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0) -> list[dict]:
-    """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it)."""
+          cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0,
+          log: tuple[str, ...] = (), run_name: str | None = None) -> list[dict]:
+    """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it).
+    `log`: experiment trackers besides metrics.csv and the plots ("tensorboard", "mlflow")."""
     # -- setup
     rank, world, distributed = _dist()
     out = Path(out)
@@ -198,90 +203,98 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     loss_fn = recipe.make_recipe_loss(cfg.loss)
     train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.in_channels) % 4  # intensity draws per modality
+    trackers = []
     if rank == 0:
         start_run_folder(out, cfg, shards, source, overwrite)
+        trackers = tracking.make_trackers(out, list(log), {"train": cfg.to_dict(), "shards": str(shards),
+                                          "manifest_sha256": source.manifest_sha256}, run_name, start_step=start + 1)
+    ok = False
+    try:  # the trackers are closed however the loop ends (MLflow marks a failed run)
+        for epoch in range(start, cfg.epochs):
+            torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
+            train_ds.set_epoch(epoch)
 
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch") % 2**63)
-        train_ds.set_epoch(epoch)
-
-        # -- train steps (from a mid-epoch position when resuming one)
-        t0 = time.perf_counter()
-        net.train()
-        done = position if position and position["epoch"] == epoch else None
-        loss_sum, n_seen, skip, seen_keys = ((done["loss_sum"], done["n_seen"], done["batch"], list(done["keys"]))
-                                             if done else (0.0, 0, 0, []))
-        if done:
-            torch.set_rng_state(done["rng"])
-        n_batches = 0
-        n_total = min(train_ds.batches_per_epoch(), cfg.max_batches or float("inf"))
-        bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
-        bar.update(skip)
-        for batch in _loader(train_ds, cfg.num_workers):
-            if cfg.max_batches and n_batches >= cfg.max_batches:
-                break
-            if n_batches < skip:  # trained on before the checkpoint: replayed, not trained on
+            # -- train steps (from a mid-epoch position when resuming one)
+            t0 = time.perf_counter()
+            net.train()
+            done = position if position and position["epoch"] == epoch else None
+            loss_sum, n_seen, skip, seen_keys = ((done["loss_sum"], done["n_seen"], done["batch"], list(done["keys"]))
+                                                 if done else (0.0, 0, 0, []))
+            if done:
+                torch.set_rng_state(done["rng"])
+            n_batches = 0
+            n_total = min(train_ds.batches_per_epoch(), cfg.max_batches or float("inf"))
+            bar = _bar(n_total, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
+            bar.update(skip)
+            for batch in _loader(train_ds, cfg.num_workers):
+                if cfg.max_batches and n_batches >= cfg.max_batches:
+                    break
+                if n_batches < skip:  # trained on before the checkpoint: replayed, not trained on
+                    n_batches += 1
+                    continue
+                if cfg.schedule != "plateau":  # per step, from (epoch, step) alone: a resume lands on the same LR
+                    recipe.set_lr(opt, cfg.lr, recipe.lr_factor(cfg.schedule, (epoch + n_batches / n_total) / cfg.epochs,
+                                                                cfg.warmup_epochs / cfg.epochs))
+                x, y = to_device(batch, device)  # (B, 4(2K+1), H, W), (B, 3, H, W)
+                y = recipe.to_targets(y, cfg.targets, set_mode)
+                if cfg.augment == "nnunet":  # on the training device; draws from (seed, epoch, step, rank)
+                    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, n_batches, rank, "aug") % 2**63)
+                    x, y = augment_batch(x, y, gen, aug_cfg, groups.to(x.device))
+                with autocast(device):
+                    loss = loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.item() * len(batch["keys"])
+                n_seen += len(batch["keys"])
                 n_batches += 1
-                continue
-            if cfg.schedule != "plateau":  # per step, from (epoch, step) alone: a resume lands on the same LR
-                recipe.set_lr(opt, cfg.lr, recipe.lr_factor(cfg.schedule, (epoch + n_batches / n_total) / cfg.epochs,
-                                                            cfg.warmup_epochs / cfg.epochs))
-            x, y = to_device(batch, device)  # (B, 4(2K+1), H, W), (B, 3, H, W)
-            y = recipe.to_targets(y, cfg.targets, set_mode)
-            if cfg.augment == "nnunet":  # on the training device; draws from (seed, epoch, step, rank)
-                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, n_batches, rank, "aug") % 2**63)
-                x, y = augment_batch(x, y, gen, aug_cfg, groups.to(x.device))
-            with autocast(device):
-                loss = loss_fn(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.item() * len(batch["keys"])
-            n_seen += len(batch["keys"])
-            n_batches += 1
+                if cfg.log_samples:
+                    seen_keys.extend(batch["keys"])
+                if rank == 0 and cfg.checkpoint_every and n_batches % cfg.checkpoint_every == 0 and n_batches < n_total:
+                    pos = {"epoch": epoch, "batch": n_batches, "loss_sum": loss_sum, "n_seen": n_seen, "keys": seen_keys,
+                           "rng": torch.get_rng_state()}
+                    checkpoint.save(last_path, checkpoint_state(parts, epoch - 1, cfg, source, names, history, best,
+                                                                mask_mode, post, pos))
+                bar.update()
+                bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
             if cfg.log_samples:
-                seen_keys.extend(batch["keys"])
-            if rank == 0 and cfg.checkpoint_every and n_batches % cfg.checkpoint_every == 0 and n_batches < n_total:
-                pos = {"epoch": epoch, "batch": n_batches, "loss_sum": loss_sum, "n_seen": n_seen, "keys": seen_keys,
-                       "rng": torch.get_rng_state()}
-                checkpoint.save(last_path, checkpoint_state(parts, epoch - 1, cfg, source, names, history, best,
-                                                            mask_mode, post, pos))
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", slices_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        if cfg.log_samples:
-            _log_samples(out, rank, epoch, n_batches, seen_keys)
+                _log_samples(out, rank, epoch, n_batches, seen_keys)
 
-        # -- validate
-        val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, (cfg.targets, set_mode),
-                       keep=4 if rank == 0 else 0, collect=cfg.postprocess)
-        stats = _reduce(loss_sum, n_seen, val, distributed)
-        row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
+            # -- validate
+            val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, (cfg.targets, set_mode),
+                           keep=4 if rank == 0 else 0, collect=cfg.postprocess)
+            stats = _reduce(loss_sum, n_seen, val, distributed)
+            row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
 
-        # -- schedule
-        if cfg.schedule == "plateau":
-            sched.step(row["mean_dice"])
-        history.append(row)
-        is_best = row["mean_dice"] > best
-        best = max(best, row["mean_dice"])
-        if is_best and cfg.postprocess:  # thresholds of the best model, on this rank's validation patients
-            post = choose_postprocess(val["stacks"], source)
+            # -- schedule
+            if cfg.schedule == "plateau":
+                sched.step(row["mean_dice"])
+            history.append(row)
+            is_best = row["mean_dice"] > best
+            best = max(best, row["mean_dice"])
+            if is_best and cfg.postprocess:  # thresholds of the best model, on this rank's validation patients
+                post = choose_postprocess(val["stacks"], source)
 
-        # -- record (rank 0 alone writes)
-        if rank == 0:
-            state = checkpoint_state(parts, epoch, cfg, source, names, history, best, mask_mode, post)
-            checkpoint.save(last_path, state)
-            if is_best:
-                checkpoint.save(out / "checkpoints" / "best.pt", state)
-            write_metrics(out, history)
-            write_val_patients(out, stats["patients"], epoch)
-            plots.curves(history, names, out / "plots")
-            if val["samples"]:
-                plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
-            if progress:
-                print(_summary(row, names), flush=True)
+            # -- record (rank 0 alone writes)
+            if rank == 0:
+                state = checkpoint_state(parts, epoch, cfg, source, names, history, best, mask_mode, post)
+                checkpoint.save(last_path, state)
+                if is_best:
+                    checkpoint.save(out / "checkpoints" / "best.pt", state)
+                write_metrics(out, history)
+                write_val_patients(out, stats["patients"], epoch)
+                plots.curves(history, names, out / "plots")
+                if val["samples"]:
+                    plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
+                tracking.log_epoch(trackers, row, val["samples"], names)
+                if progress:
+                    print(_summary(row, names), flush=True)
+        ok = True
+    finally:
+        tracking.close_all(trackers, ok)
     if distributed:
         _barrier(device)
     return history

@@ -49,9 +49,7 @@ def make_trackers(out: Path, kinds: list[str], config: dict, run_name: str | Non
     """One tracker per --log kind. TensorBoard: event files under OUT/tensorboard/. MLflow: the
     store MLFLOW_TRACKING_URI names or, by default, a local SQLite store OUT/mlflow.db (artifacts
     under OUT/mlartifacts/): never a server unless the user set one. `start_step` > 1 is a resume."""
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise TrackingError(f"--log {','.join(unknown)}: unknown, choose from {', '.join(KINDS)}")
+    require(kinds)
     out = Path(out)
     made: list[Tracker] = []
     try:
@@ -163,6 +161,38 @@ def mlflow_uri(out: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
 
 
+def require(kinds: list[str]) -> None:
+    """Refuse unknown kinds and kinds whose packages are missing, before any work is done: the
+    CLI calls this up front (on every rank), so a run never starts to fail at its first epoch."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise TrackingError(f"--log {','.join(unknown)}: unknown, choose from {', '.join(KINDS)}")
+    for kind in kinds:
+        if kind == "tensorboard":
+            _import_tensorboard()
+        else:
+            _import_mlflow()
+
+
+def _import_tensorboard():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise _missing("tensorboard", "the tensorboard package", e) from None
+    return SummaryWriter
+
+
+def _import_mlflow():
+    try:
+        from mlflow.tracking import MlflowClient
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # the local SQLite store's packages (beside mlflow-skinny)
+            import alembic  # noqa: F401
+            import sqlalchemy  # noqa: F401
+    except ImportError as e:
+        raise _missing("mlflow", "mlflow (with sqlalchemy and alembic for the local store)", e) from None
+    return MlflowClient
+
+
 def _missing(kind: str, package: str, err: ImportError) -> TrackingError:
     return TrackingError(f"--log {kind} needs {package}, which is not installed ({err}): "
                          f"pip install 'brats-shards[{kind}]'")
@@ -174,10 +204,7 @@ class TensorBoardTracker:
     """Event files under OUT/tensorboard/; `tensorboard --logdir OUT/tensorboard` shows them."""
 
     def __init__(self, out: Path, config: dict, run_name: str, start_step: int = 1):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise _missing("tensorboard", "the tensorboard package", e) from None
+        SummaryWriter = _import_tensorboard()
         # purge_step: TensorBoard drops the events at steps >= start_step that earlier files
         # hold, i.e. the epochs a killed run logged after its last checkpoint
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step)
@@ -206,14 +233,7 @@ class MLflowTracker:
     metrics with step = epoch, the overlays as images with step."""
 
     def __init__(self, out: Path, config: dict, run_name: str, start_step: int = 1):
-        uri = mlflow_uri(out)
-        try:
-            from mlflow.tracking import MlflowClient
-            if uri.startswith("sqlite:"):  # the SQL store's own packages (with mlflow-skinny)
-                import alembic  # noqa: F401
-                import sqlalchemy  # noqa: F401
-        except ImportError as e:
-            raise _missing("mlflow", "mlflow (with sqlalchemy and alembic for the local store)", e) from None
+        uri, MlflowClient = mlflow_uri(out), _import_mlflow()
         from mlflow.entities import Param
 
         self.client, self.run_file, self.closed = MlflowClient(tracking_uri=uri), out / RUN_FILE, False
@@ -239,6 +259,8 @@ class MLflowTracker:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
         found = self.client.get_experiment_by_name(name)
         if found:
+            if found.lifecycle_stage == "deleted":  # a deleted experiment takes no runs until restored
+                self.client.restore_experiment(found.experiment_id)
             return found.experiment_id
         local = not os.environ.get("MLFLOW_TRACKING_URI")  # our store: artifacts beside it, not in the CWD
         return self.client.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri()
