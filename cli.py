@@ -276,7 +276,7 @@ def evaluate(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Per-patient CSV (default PRED_DIR/metrics.csv).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
-    """Dice and HD95 of the BraTS regions WT/TC/ET (and sub-region Dice), per patient and summarised."""
+    """Dice and HD95 of the BraTS regions WT/TC/ET (global and lesion-wise, BraTS 2023 rules) and sub-region Dice, per patient and summarised."""
     from train.evaluate import evaluate as run, format_summary
 
     csv_path = csv_path or pred_dir / "metrics.csv"
