@@ -213,3 +213,36 @@ def test_predict_refuses_an_ensemble_of_different_preprocessing(default_run, tmp
     checkpoint.save(other, ck)
     with pytest.raises(PredictError, match="mask_mode"):
         predict([run / "checkpoints" / "best.pt", other], release_2020, tmp_path / "p", progress=False)
+
+
+def test_predict_cli_ensemble_and_no_postprocess(default_run, release_2020, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run, _ = default_run
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "cli.py", "predict", str(run / "checkpoints" / "best.pt"), str(release_2020),
+                        str(tmp_path / "p"), "--ensemble", str(run / "checkpoints" / "last.pt"), "--no-postprocess",
+                        "--quiet"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "6 prediction(s) written, 0 failed" in r.stdout
+
+
+def test_postprocess_thresholds_change_predictions(default_run, release_2020, tmp_path):
+    """A checkpoint whose stored ET threshold exceeds any ET volume writes no ET label; without
+    post-processing the same model's ET (where it predicts one) is written."""
+    run, _ = default_run
+    ck = checkpoint.load(run / "checkpoints" / "best.pt")
+    ck["postprocess"] = {"et_min_mm3": 1e9, "min_component_mm3": 0.0}
+    strict = tmp_path / "strict.pt"
+    checkpoint.save(strict, ck)
+    predict(strict, release_2020, tmp_path / "pp", progress=False)
+    predict(strict, release_2020, tmp_path / "raw", progress=False, postprocess=False)
+    pids = [pf.pid for pf in discover(release_2020).patients]
+    with_pp = [load_volume(tmp_path / "pp" / f"{p}.nii.gz").data for p in pids]
+    without = [load_volume(tmp_path / "raw" / f"{p}.nii.gz").data for p in pids]
+    assert not any((v == 4).any() for v in with_pp)
+    assert sum(int((a > 0).sum()) for a in with_pp) == sum(int((b > 0).sum()) for b in without)  # ET -> NCR, WT kept
+    assert any((v == 4).any() for v in without)  # the tiny model does predict some ET ...
+    assert any(((a == 1) & (b == 4)).any() for a, b in zip(with_pp, without))  # ... which became NCR/NET
