@@ -82,7 +82,6 @@ def _problems(m: dict):
     if "mask_channels" in cfg and _names_problem(cfg["mask_channels"], None, 16):
         yield f"config.mask_channels {str(cfg['mask_channels'])[:80]!r} is not a list of at most 16 names"
         return
-    n_mask = len(set_channels(m)[1])
     patients, splits, files, failed = (m.get(k) for k in ("patients", "splits", "files", "failed"))
     if not isinstance(patients, dict) or not isinstance(splits, dict) or not isinstance(files, list) \
             or not isinstance(failed, list):
@@ -97,8 +96,8 @@ def _problems(m: dict):
             yield f"patient {pid}: split, n_slices or pixels missing or out of range"
             return
         mp = p.get("mask_pixels")
-        if not (isinstance(mp, list) and len(mp) == n_mask and all(_count(c, p["pixels"]) for c in mp)):
-            yield f"patient {pid}: mask_pixels is not a list of {n_mask} counts (one per mask channel) within its pixels"
+        if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
+            yield f"patient {pid}: mask_pixels is not a list of counts within its pixels"
             return
     listed = []
     for split, pids in splits.items():
@@ -341,7 +340,8 @@ def summary(m: dict) -> dict:
     by_format = {}
     for f in m["files"]:
         by_format[f["format"]] = by_format.get(f["format"], 0) + f["bytes"]
-    channels = list(set_channels(m)[1])[:n_chan]
+    channels = list(set_channels(m)[1])
+    channels = (channels + [f"channel {c}" for c in range(len(channels), n_chan)])[:n_chan]
     return {"format": m["format"], "splits": splits, "mask_channels": channels, "bytes": by_format,
             "failed": m["failed"], "config": m["config"]}
 
