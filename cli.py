@@ -66,7 +66,7 @@ def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic release into.")],
     patients: Annotated[int, typer.Option(help="Number of cases.")] = 8,
     shape: Annotated[str, typer.Option(help="Volume shape X,Y,Z (BraTS: 240,240,155).")] = "240,240,155",
-    release: Annotated[str, typer.Option(help="File layout and labels: 2020 (0/1/2/4) or 2023 (0/1/2/3).")] = "2020",
+    release: Annotated[str, typer.Option(help="File layout and labels: 2020 (0/1/2/4) or 2023 (0/1/2/3); with --kind toy any release of the table (gli-2024, men, met, ssa, ped-2023, ped-2024, men-rt, msd).")] = "2020",
     orientation: Annotated[str, typer.Option(help="Stored orientation: lps (as BraTS ships) or ras.")] = "lps",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same cases.")] = 0,
     start: Annotated[int, typer.Option(help="Index of the first case.")] = 1,
@@ -74,6 +74,7 @@ def make_demo_data(
 ):
     """Write synthetic BraTS-format cases (brain, tumour sub-regions, four modalities)."""
     from preprocess.synthetic import make_demo_data as make_toy
+    from shards.domain import RELEASES
 
     if orientation not in ("lps", "ras"):
         _fail(f"--orientation must be lps or ras, not {orientation!r}")
@@ -83,6 +84,15 @@ def make_demo_data(
         from preprocess.realistic import make_realistic_data as make
     else:
         make = make_toy
+    if kind == "toy" and release not in ("2020", "2023"):
+        from preprocess.synthetic_releases import write_release
+
+        if release not in RELEASES:
+            _fail(f"unknown release {release!r}; known: {', '.join(RELEASES)}")
+        ids = write_release(out, release, patients, shape=_shape(shape), seed=seed, start=start,
+                            defaced=release in ("ped-2023", "ped-2024", "men-rt"))
+        typer.echo(f"wrote {len(ids)} {kind} cases ({release} layout) to {out}")
+        return
     try:
         ids = make(out, patients, shape=_shape(shape), release=release, seed=seed, orientation=orientation,
                    start=start, progress=True)
@@ -106,11 +116,13 @@ def build_shards(
     codec: Annotated[str, typer.Option(help="Zarr compressor: blosc-zstd, blosc-lz4, zstd or none, with optional :LEVEL.")] = "blosc-lz4:5",
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: CPU count; 0: no Dask, in-process).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    release: Annotated[Optional[str], typer.Option(help="Read the input as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
     from preprocess.pipeline import PreprocessConfig
     from preprocess.build import BuildConfig, build
+    from shards.domain import RELEASES
 
     formats = {"both": ("zarr", "wds"), "zarr": ("zarr",), "wds": ("wds",)}.get(format)
     if formats is None:
@@ -120,11 +132,12 @@ def build_shards(
     cfg = _config(BuildConfig, preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats,
                   codec=codec)
     with _refusals():
-        r = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet)
+        r = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet, release=release)
     m = r.manifest
     n = {s: len(p) for s, p in m["splits"].items()}
     typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
                f"({r.built} built, {r.reused} already done), {len(m['failed'])} failed")
+    typer.echo(f"release: {m['config']['convention']} ({RELEASES[m['config']['convention']].description.split(' (')[0]})")
     _report_failed({f["patient"]: f["reason"] for f in m["failed"]})
 
 
@@ -241,6 +254,7 @@ def predict(
     postprocess: Annotated[bool, typer.Option("--postprocess/--no-postprocess", help="Apply the post-processing thresholds stored in the (first) checkpoint.")] = True,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    release: Annotated[Optional[str], typer.Option(help="Read the input as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Segment every patient and write label maps in the input's geometry and label convention."""
@@ -248,7 +262,7 @@ def predict(
 
     with _refusals():
         r = run([checkpoint, *(ensemble or [])], input, output, device=device, batch_size=batch_size, tta=tta,
-                progress=not quiet, postprocess=postprocess)
+                progress=not quiet, postprocess=postprocess, release=release)
     typer.echo(f"{output}: {len(r['written'])} prediction(s) written, {len(r['failed'])} failed")
     _report_failed(r["failed"])
 
@@ -274,6 +288,7 @@ def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of <patient>.nii.gz predictions.")],
     ref_dir: Annotated[Path, typer.Argument(help="BraTS-layout folder with segmentations, or flat <patient>.nii.gz files.")],
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Per-patient CSV (default PRED_DIR/metrics.csv).")] = None,
+    release: Annotated[Optional[str], typer.Option(help="Read the input as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Dice and HD95 of the BraTS regions WT/TC/ET (global and lesion-wise, BraTS 2023 rules) and sub-region Dice, per patient and summarised."""
@@ -281,7 +296,7 @@ def evaluate(
 
     csv_path = csv_path or pred_dir / "metrics.csv"
     with _refusals():
-        r = run(pred_dir, ref_dir, csv_path, progress=not quiet)
+        r = run(pred_dir, ref_dir, csv_path, progress=not quiet, release=release)
     if r["rows"]:
         typer.echo(format_summary(r["summary"], len(r["rows"])))
         typer.echo(f"per-patient metrics: {csv_path}")

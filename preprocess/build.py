@@ -45,6 +45,7 @@ from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, wds_io, zarr_io
 from shards.atomic import TMP_NAME, dumps, sha256_file, write_json
+from shards.domain import MASK_CHANNELS, MODALITIES
 from shards.errors import BratsShardsError
 from shards.manifest import ManifestError, load_manifest, parse_manifest
 from shards.names import patient_id_problem, relpath_problem
@@ -175,8 +176,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     paths = plan_paths(pf.pid, split)
     files = []
     attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
-             "modalities": ["t1", "t1gd", "t2", "flair"],
-             "mask_channels": ["NCR/NET", "ED", "ET"] if cfg.preprocess.mask == "subregions" else ["WT", "TC", "ET"]}
+             "modalities": list(pf.release.modalities), "mask_channels": list(pf.release.channels(cfg.preprocess.mask))}
     if "zarr" in cfg.formats:
         with _writing(out / paths["zarr"]):
             written = zarr_io.write_patient(out / paths["zarr"], ps.image, ps.mask, attrs, cfg.codec)
@@ -189,7 +189,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     record = {
         "pid": pf.pid, "split": split, "n_slices": len(ps.slice_index), "slice_index": ps.slice_index,
         "label_voxels": ps.label_voxels,
-        "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], 3, -1).sum(axis=(0, 2))],
+        "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], ps.mask.shape[1], -1).sum(axis=(0, 2))],
         "pixels": int(ps.mask.shape[0] * ps.mask.shape[2] * ps.mask.shape[3]),
         "sources": ps.sources, "geometry": ps.geometry.to_dict(), "nonfinite_voxels": ps.nonfinite_voxels,
         "notes": list(pf.notes), "files": files,
@@ -410,8 +410,19 @@ def _val_fallback(done: dict, cfg: BuildConfig) -> str | None:
     return min(sorted(done), key=lambda p: split_score(p, cfg.split_seed))
 
 
+def set_channels(disc, cfg: BuildConfig) -> dict:
+    """The set's image and mask channels, for the manifest's config: written only where they differ
+    from the 2018-2023 glioma sets' (4 modalities; [NCR/NET, ED, ET] or [WT, TC, ET]), so those
+    sets keep their bytes; `shards.manifest.set_channels` reads both."""
+    rel = disc.patients[0].release
+    mods, chans = list(rel.modalities), list(rel.channels(cfg.preprocess.mask))
+    if mods == list(MODALITIES) and chans == list(MASK_CHANNELS[cfg.preprocess.mask]):
+        return {}
+    return {"modalities": mods, "mask_channels": chans}
+
+
 def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, workers: int | None = None,
-          scheduler: str | None = None, progress: bool = True) -> BuildResult:
+          scheduler: str | None = None, progress: bool = True, release: str | None = None) -> BuildResult:
     """Build (or complete) a shard set; returns a BuildResult (the manifest and this run's figures).
     Raises BuildError if it cannot start or cannot write; a patient whose input is bad is recorded
     in `failed`.
@@ -423,7 +434,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
 
     in_root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     try:
-        disc = discover(in_root)
+        disc = discover(in_root, release=release)
     except DiscoveryError as e:
         raise BuildError(str(e)) from None
     _check_output(out)
@@ -432,7 +443,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
     except OSError as e:
         raise BuildError(f"cannot create output folder {out}: {e.strerror or e}") from None
     workers = os.cpu_count() if workers is None else workers
-    config = dict(cfg.to_dict(), convention=disc.convention)
+    config = dict(cfg.to_dict(), convention=disc.convention, **set_channels(disc, cfg))
     with OutputLock(out):
         previous, owned = _previous_records(out, config)
         with _writing(out / ".build" / "config.json"):

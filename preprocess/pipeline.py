@@ -2,17 +2,21 @@
 
 Steps, in order (each a pure function from `preprocess.steps`; the index-space ones, 2, 6 and 7,
 through `preprocess.geometry.Geometry`, which holds their inverse beside them):
-  1. load the four modalities and the segmentation (reads bounded: see `preprocess.nifti`);
+  1. load the release's modalities (four, or MEN-RT's one; MSD's 4D volume split in its order)
+     and the segmentation (reads bounded: see `preprocess.nifti`);
      validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
      the release's set); NaN/Inf image voxels become 0 (counted)
   2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
-  3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped)
+  3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped). Rule for
+     defaced, not skull-stripped data (PED, MEN-RT): the same, so the "brain" is the head (every
+     nonzero voxel), as nnU-Net's nonzero mask is; slices with head are kept and z-score
+     statistics come from the head. Zero air stays background
   4. keep axial slices that contain brain; optionally keep only a fraction of tumour-free ones
   5. normalise each modality (z-score over the whole volume's brain voxels, background 0;
      or per slice) -- statistics always come from the full volume or slice, not a crop
   6. optionally crop in-plane to the brain's square bounding box (recorded for the way back)
   7. resize in-plane to size x size (antialiased linear for images, nearest for labels)
-  8. encode the mask as [NCR/NET, ED, ET] sub-regions or [WT, TC, ET] regions
+  8. encode the mask as the release's sub-regions (glioma: [NCR/NET, ED, ET]) or regions ([WT, TC, ET])
 No NaN/Inf is ever written: a normalised image with values beyond float16 fails the patient.
 """
 
@@ -25,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import steps
-from preprocess.discover import PatientFiles
+from preprocess.discover import IMAGE4D, PatientFiles
 from preprocess.geometry import Geometry
-from preprocess.nifti import load_volume
+from preprocess.nifti import RawVolume, load_volume
 from shards.config import from_known_fields
-from shards.domain import MASK_CHANNELS, MODALITIES, SEG, encode_mask
+from shards.domain import MASK_CHANNELS, MSD_ORDER, SEG, encode_mask
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class PatientSlices:
     pid: str
-    image: np.ndarray  # (S, 4, H, W) float16
-    mask: np.ndarray  # (S, 3, H, W) uint8
+    image: np.ndarray  # (S, M, H, W) float16, M the release's modalities
+    mask: np.ndarray  # (S, K, H, W) uint8, K its channels in the mask mode
     slice_index: list[int]  # source axial index (canonical RAS z) of each slice
     geometry: Geometry  # what it takes to map slices back onto the source volume (stored: .to_dict())
     label_voxels: dict  # source label -> voxel count (whole volume)
@@ -72,7 +76,7 @@ class PatientSlices:
 
 
 def load_patient(pf: PatientFiles, root: Path | None = None):
-    """Read the five files; returns (volumes by modality and "seg", sources dict)."""
+    """Read the patient's files; returns (volumes by modality and "seg", sources dict)."""
     if pf.slices:
         from preprocess.h5slices import load_volumes
 
@@ -83,7 +87,7 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
         except (OSError, ValueError, KeyError) as e:
             raise steps.InputError(f"{type(e).__name__}: {e}") from e
     vols, sources = {}, {}
-    for name in list(MODALITIES) + [SEG]:
+    for name in [IMAGE4D] + list(pf.release.modalities) + [SEG]:
         path = pf.files.get(name)
         if path is None:
             continue
@@ -95,7 +99,18 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
             raise steps.InputError(f"cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
         rel = str(Path(path).relative_to(root)) if root else str(path)
         sources[name] = {"path": rel, "sha256": vols[name].sha256, "bytes": vols[name].nbytes}
+    if IMAGE4D in vols:
+        vols.update(split_4d(vols.pop(IMAGE4D), Path(pf.files[IMAGE4D]).name))
     return vols, sources
+
+
+def split_4d(vol: RawVolume, name: str) -> dict:
+    """An MSD 4D image (X, Y, Z, 4) -> one volume per modality, in the task's order (MSD_ORDER)."""
+    if vol.data.ndim != 4 or vol.data.shape[3] != len(MSD_ORDER):
+        raise steps.InputError(f"{name} has shape {vol.data.shape}; an MSD image is 4D with "
+                               f"{len(MSD_ORDER)} volumes ({', '.join(MSD_ORDER)})")
+    return {m: RawVolume(np.ascontiguousarray(vol.data[..., i]), vol.affine, vol.sha256, vol.nbytes)
+            for i, m in enumerate(MSD_ORDER)}
 
 
 def _name(pf: PatientFiles, modality: str) -> str:
@@ -115,7 +130,7 @@ def affine_problem(affine: np.ndarray) -> str | None:
 
 
 def validate(pf: PatientFiles, vols: dict) -> None:
-    ref_name = "t1"
+    ref_name = pf.release.modalities[0]
     ref = vols[ref_name]
     for name, v in vols.items():
         fname = _name(pf, name)
@@ -167,7 +182,7 @@ def select_slices(pid: str, brain: np.ndarray, seg: np.ndarray | None, cfg: Prep
 
 def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
     """No NaN/Inf is ever written to a shard: z-scores beyond float16's range (65504) become Inf."""
-    bad = [m for c, m in enumerate(MODALITIES) if not np.isfinite(image[:, c]).all()]
+    bad = [m for c, m in enumerate(pf.release.modalities) if not np.isfinite(image[:, c]).all()]
     if bad:
         raise steps.InputError(f"{pf.pid}: normalised {', '.join(_name(pf, m) for m in bad)} has values beyond "
                                f"the float16 range (+-65504) of the shards: refused")
@@ -175,11 +190,12 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
 
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
     """Steps 2-8 on loaded, validated volumes."""
-    ref = vols["t1"]
+    rel = pf.release
+    ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
     nonfinite = 0
     images = []
-    for m in MODALITIES:
+    for m in rel.modalities:
         v, n = steps.nonfinite_to_zero(vols[m].data)
         nonfinite += n
         images.append(geo.to_canonical(v))  # (X, Y, Z) in RAS order
@@ -197,7 +213,7 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
         return geo.to_slices(vol, z_keep, cfg.size)
 
     b_small = small(brain.view(np.uint8))
-    n_brain = int(np.count_nonzero(brain))  # shared by the four modalities' statistics
+    n_brain = int(np.count_nonzero(brain))  # shared by the modalities' statistics
     chans = []
     for img in images:
         if cfg.normalize == "volume":
@@ -209,15 +225,15 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
         chans.append((small(img) - mean * b_small) / std)
     with np.errstate(over="ignore"):  # overflow to Inf is caught, named, right below
-        image = np.stack(chans, axis=1).astype(np.float16)  # (S, 4, H, W)
+        image = np.stack(chans, axis=1).astype(np.float16)  # (S, M, H, W)
     _check_finite(pf, image)
 
     if has_seg:
         seg_s = geo.to_slices(seg, z_keep, cfg.size, labels=True)  # (S, H, W)
-        mask = np.moveaxis(encode_mask(seg_s, pf.release, cfg.mask), 0, 1)  # (S, 3, H, W)
+        mask = np.moveaxis(encode_mask(seg_s, rel, cfg.mask), 0, 1)  # (S, K, H, W)
         label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
     else:
-        mask = np.zeros((len(z_keep), len(MASK_CHANNELS[cfg.mask]), cfg.size, cfg.size), np.uint8)
+        mask = np.zeros((len(z_keep), len(rel.channels(cfg.mask)), cfg.size, cfg.size), np.uint8)
         label_voxels = {}
     return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
                          slice_index=[int(z) for z in z_keep], geometry=geo,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.domain import RELEASES
+from shards.domain import release_of_values
 from shards.domain import encode_mask as domain_encode_mask
 from shards.errors import EXIT_PATIENTS_FAILED, BratsShardsError
 
@@ -239,8 +239,7 @@ def resize_labels(arr: np.ndarray, size: int) -> np.ndarray:
 def encode_mask(seg: np.ndarray, et_label: int, mode: str = "subregions") -> np.ndarray:
     """Old spelling of `shards.domain.encode_mask`, kept for train/show.py until it passes the
     patient's release (`encode_mask(seg, pf.release, mode)`)."""
-    (rel,) = [r for r in RELEASES.values() if r.et_label == et_label]
-    return domain_encode_mask(seg, rel, mode)
+    return domain_encode_mask(seg, release_of_values({et_label}), mode)  # 2018-2021 or 2023 glioma
 
 
 def label_counts(seg: np.ndarray, allowed: tuple[int, ...], name: str = "segmentation") -> dict[str, int]:

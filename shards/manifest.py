@@ -30,6 +30,25 @@ class ManifestError(BratsShardsError, ValueError):
     pass
 
 
+# a set without `config.modalities` / `config.mask_channels` is a 2018-2023 glioma set (the build
+# writes them only where they differ from these), so older sets read as they always did
+DEFAULT_MODALITIES = ("t1", "t1gd", "t2", "flair")
+DEFAULT_MASK_CHANNELS = {"subregions": ("NCR/NET", "ED", "ET"), "regions": ("WT", "TC", "ET")}
+
+
+def set_channels(m: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(image modalities, mask channel names) of a shard set: M and K of its (S, M, H, W) images
+    and (S, K, H, W) masks."""
+    c = m["config"]
+    return (tuple(c.get("modalities", DEFAULT_MODALITIES)),
+            tuple(c.get("mask_channels", DEFAULT_MASK_CHANNELS[c["preprocess"]["mask"]])))
+
+
+def _names_problem(v, allowed: tuple | None, most: int) -> bool:
+    return not (isinstance(v, list) and 1 <= len(v) <= most and all(isinstance(x, str) and len(x) <= 40 for x in v)
+                and len(set(v)) == len(v) and (allowed is None or all(x in allowed for x in v)))
+
+
 def check_format(m: dict, where: str = "") -> dict:
     fmt = m.get("format") if isinstance(m, dict) else None
     if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
@@ -56,6 +75,13 @@ def _problems(m: dict):
     if not isinstance(pre, dict) or pre.get("mask") not in ("subregions", "regions") \
             or not (type(pre.get("size")) is int and 8 <= pre["size"] <= 1024):
         yield "config.preprocess is missing or has no valid mask/size"
+        return
+    if "modalities" in cfg and _names_problem(cfg["modalities"], DEFAULT_MODALITIES, 4):
+        yield f"config.modalities {str(cfg['modalities'])[:80]!r} is not a list of distinct modalities"
+        return
+    if "mask_channels" in cfg and _names_problem(cfg["mask_channels"], None, 16):
+        yield f"config.mask_channels {str(cfg['mask_channels'])[:80]!r} is not a list of at most 16 names"
+        return
     patients, splits, files, failed = (m.get(k) for k in ("patients", "splits", "files", "failed"))
     if not isinstance(patients, dict) or not isinstance(splits, dict) or not isinstance(files, list) \
             or not isinstance(failed, list):
@@ -314,8 +340,8 @@ def summary(m: dict) -> dict:
     by_format = {}
     for f in m["files"]:
         by_format[f["format"]] = by_format.get(f["format"], 0) + f["bytes"]
-    channels = ["NCR/NET", "ED", "ET"] if m["config"]["preprocess"]["mask"] == "subregions" else ["WT", "TC", "ET"]
-    channels = (channels + [f"channel {c}" for c in range(3, n_chan)])[:n_chan]
+    channels = list(set_channels(m)[1])
+    channels = (channels + [f"channel {c}" for c in range(len(channels), n_chan)])[:n_chan]
     return {"format": m["format"], "splits": splits, "mask_channels": channels, "bytes": by_format,
             "failed": m["failed"], "config": m["config"]}
 

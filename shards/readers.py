@@ -7,7 +7,8 @@ is a blosc/zstd frame of one slice. Tested against zarr itself.
 
 Shard sets are shared between colleagues: every byte read here is untrusted. Each read is bounded
 by what the caller (from the manifest) promises, `n_slices`, and by the contract: image float16
-(S, 4, H, W), mask uint8 (S, C<=16, H, W), H = W <= 1024, one chunk per slice, one storage shard
+(S, M<=4, H, W), mask uint8 (S, K<=16, H, W) (M and K the set's, checked against its manifest by
+`shards.source.ShardSource.read_patient`), H = W <= 1024, one chunk per slice, one storage shard
 per array; a tar holds exactly `{key}.image.npy`, `{key}.mask.npy`, `{key}.meta.json` per slice,
 in order. Metadata is checked once per patient, every chunk's size before it is decoded, so a
 malformed file is a `ShardFormatError` (one line, naming the file) and never a memory blow-up,
@@ -27,7 +28,7 @@ from shards import layout
 from shards.errors import BratsShardsError
 
 _EMPTY = 2**64 - 1
-IMAGE_CHANNELS = 4
+MAX_IMAGE_CHANNELS = 4  # the modalities T1, T1Gd, T2, FLAIR, or a subset (MEN-RT: T1Gd alone)
 MAX_MASK_CHANNELS = 16
 MAX_SIDE = 1024
 MAX_META_BYTES = layout.MAX_META_BYTES
@@ -51,8 +52,8 @@ def slice_shape_problem(name: str, shape) -> str | None:
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(type(v) is int for v in shape)):
         return f"shape {_short(shape)} is not three integers (channels, H, W)"
     c, h, w = shape
-    if name == "image" and c != IMAGE_CHANNELS:
-        return f"{name} has {c} channels; the contract has {IMAGE_CHANNELS}"
+    if name == "image" and not 1 <= c <= MAX_IMAGE_CHANNELS:
+        return f"{name} has {c} channels; the contract has 1 to {MAX_IMAGE_CHANNELS}"
     if name == "mask" and not 1 <= c <= MAX_MASK_CHANNELS:
         return f"{name} has {c} channels; the contract has 1 to {MAX_MASK_CHANNELS}"
     if h != w or not 1 <= h <= MAX_SIDE:

@@ -31,7 +31,7 @@ import numpy as np
 from shards import MANIFEST, layout
 from shards.atomic import NotRegularFile, open_regular, write_bytes
 from shards.errors import BratsShardsError
-from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local
+from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local, set_channels
 
 _CHUNK = 1 << 20  # one streamed read of a download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -329,7 +329,7 @@ class ShardSource:
     # -- the one way to read a patient
     def read_patient(self, pid: str, fmt: str, per_slice: bool = False):
         """(image, mask, keys) of patient `pid` from the set's `fmt` files ('zarr' or 'wds'): image
-        (S, 4, H, W) float16, mask (S, K, H, W) uint8, keys `sample_key(pid, i)`; per_slice=True
+        (S, M, H, W) float16, mask (S, K, H, W) uint8 (M, K: `shards.manifest.set_channels`), keys `sample_key(pid, i)`; per_slice=True
         gives lists of (C, H, W) arrays that each own their memory (a slice kept in a shuffle
         buffer does not pin its patient). Read bounded by the manifest's n_slices: content that
         does not match it or the contract is a ShardFormatError naming the file."""
@@ -344,8 +344,9 @@ class ShardSource:
         n = p["n_slices"]
         if fmt == "zarr":
             group = layout.zarr_group(p["split"], pid)
-            image, mask = read_zarr_patient(self.read_buffer, group, per_slice=per_slice, n_slices=n,
-                                            where=f"{self.location}/{group}")
+            where = f"{self.location}/{group}"
+            image, mask = read_zarr_patient(self.read_buffer, group, per_slice=per_slice, n_slices=n, where=where)
+            self._check_channels(image, mask, where)
             return image, mask, [sample_key(pid, i) for i in range(n)]
         rel = self._wds.get(pid)
         if rel is None:
@@ -354,9 +355,21 @@ class ShardSource:
         if data is None:
             raise ShardFormatError(f"{self.location}/{rel}: not listed in the manifest")
         images, masks, keys = read_wds_patient(data, n_slices=n, pid=pid, where=f"{self.location}/{rel}")
+        self._check_channels(images, masks, f"{self.location}/{rel}")
         if per_slice:
             return images, masks, keys
         if not images:  # no slices: the shapes come from the manifest
-            size, k = self.manifest["config"]["preprocess"]["size"], len(p["mask_pixels"])
-            return np.zeros((0, 4, size, size), np.float16), np.zeros((0, k, size, size), np.uint8), keys
+            size, (mods, chans) = self.manifest["config"]["preprocess"]["size"], set_channels(self.manifest)
+            return (np.zeros((0, len(mods), size, size), np.float16), np.zeros((0, len(chans), size, size), np.uint8),
+                    keys)
         return np.stack(images), np.stack(masks), keys
+
+    def _check_channels(self, image, mask, where: str) -> None:
+        """The image and mask channels the manifest promises (M modalities, K mask channels)."""
+        from shards.readers import ShardFormatError
+
+        mods, chans = set_channels(self.manifest)
+        if len(image) and (image[0].shape[-3] != len(mods) or mask[0].shape[-3] != len(chans)):
+            raise ShardFormatError(f"{where}: image/mask slices have {image[0].shape[-3]}/{mask[0].shape[-3]} "
+                                   f"channels, the manifest says {len(mods)} ({', '.join(mods)}) / "
+                                   f"{len(chans)} ({', '.join(chans)})")

@@ -7,7 +7,7 @@ from shards.domain import (MASK_CHANNELS, RELEASES, REGIONS, SUBREGIONS, encode_
                            to_labels, to_regions)
 
 
-@pytest.mark.parametrize("name", sorted(RELEASES))
+@pytest.mark.parametrize("name", ["2020", "2023"])  # the 3-channel glioma sets; others: test_releases.py
 def test_labels_to_channels_to_labels(name):
     rel = RELEASES[name]
     seg = np.array(rel.label_values, np.uint8)  # one voxel of each label: background first

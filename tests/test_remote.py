@@ -81,7 +81,9 @@ def assert_same_run(remote: Path, hist_remote: list[dict], local: Path, hist_loc
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    # every state tensor, whatever the optimizer (SGD's momentum_buffer by default, Adam's exp_avg, ...)
+    assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+    assert all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])) for i in sa for k in sa[i])
 
 
 WDS_RUN = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=1, epochs=2, fmt="wds")

@@ -4,7 +4,10 @@ Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (label
 TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET (columns `dice_sub_NCR/NET`,
 ...), then the lesion-wise Dice and HD95 of each region (`lesion_dice_WT`, ..., `lesion_hd95_ET`).
 Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
-names; for a flat folder of <pid>.nii.gz files, from the label values (`release_of_values`).
+names; for a flat folder of <pid>.nii.gz files, from the ids (`release_of_id`), else from the label
+values (`release_of_values`, 2018-2021 vs 2023 glioma only). Releases other than the glioma sets
+are scored on their own regions and sub-regions (gli-2024: WT, TC, ET and RC; MEN-RT: GTV), as
+their official configs group them; the columns then name those.
 
 Global metrics follow the official BraTS evaluation package (brats-evaluation, built on
 panoptica): Dice and HD95 of each region as a whole. HD95 is the 95th percentile of the pooled
@@ -50,7 +53,8 @@ from preprocess.geometry import spacing_of
 from preprocess.pipeline import affine_problem
 from preprocess.nifti import load_volume
 from preprocess.steps import apply_ornt, canonical_ornt
-from shards.domain import REGIONS, SEG, SUBREGIONS, Release, release_of_values, subregion_channels, to_regions
+from shards.domain import (REGIONS, SEG, SUBREGIONS, Release, release_of_id, release_of_values, subregion_channels,
+                           to_regions)
 from shards.errors import BratsShardsError
 from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
 from train.metrics import dice
@@ -76,24 +80,24 @@ def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) ->
     """Label maps in the labels of `rel` -> one row of the columns in COLUMNS (less `patient`)."""
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from the reference's {ref.shape}")
-    sp, sr = subregion_channels(pred, rel), subregion_channels(ref, rel)  # (3, X, Y, Z) [NCR/NET, ED, ET]
-    rp, rr = to_regions(sp, "subregions"), to_regions(sr, "subregions")  # (3, X, Y, Z) [WT, TC, ET]
+    sp, sr = subregion_channels(pred, rel), subregion_channels(ref, rel)  # (K, X, Y, Z) glioma [NCR/NET, ED, ET]
+    rp, rr = to_regions(sp, "subregions", 0, rel), to_regions(sr, "subregions", 0, rel)  # glioma [WT, TC, ET]
     row = {}
-    for i, r in enumerate(REGIONS):
+    for i, r in enumerate(rel.regions):
         row[f"dice_{r}"] = dice(rp[i], rr[i])
-    for i, r in enumerate(REGIONS):
+    for i, r in enumerate(rel.regions):
         row[f"hd95_{r}"] = hd95(rp[i], rr[i], spacing)
-    for i, name in enumerate(SUBREGIONS):
+    for i, name in enumerate(rel.subregions):
         row[f"dice_sub_{name}"] = dice(sp[i], sr[i])
-    lesion = [lesion_metrics(rp[i], rr[i], spacing, LESION_PARAMS) for i in range(len(REGIONS))]
-    for i, r in enumerate(REGIONS):
+    lesion = [lesion_metrics(rp[i], rr[i], spacing, LESION_PARAMS) for i in range(len(rel.regions))]
+    for i, r in enumerate(rel.regions):
         row[f"lesion_dice_{r}"] = lesion[i]["dice"]
-    for i, r in enumerate(REGIONS):
+    for i, r in enumerate(rel.regions):
         row[f"lesion_hd95_{r}"] = lesion[i]["hd95"]
     return row
 
 
-def _references(ref_dir: Path) -> dict[str, tuple[Path, Release | None]]:
+def _references(ref_dir: Path, release: str | None = None) -> dict[str, tuple[Path, Release | None]]:
     """pid -> (segmentation path, release; None: read from the label values): a BraTS-layout
     folder or flat <pid>.nii.gz files."""
     if not ref_dir.is_dir():
@@ -103,10 +107,10 @@ def _references(ref_dir: Path) -> dict[str, tuple[Path, Release | None]]:
         out = {}
         for p in flat:
             pid = re.sub(r"(_seg)?\.nii(\.gz)?$", "", p.name)
-            out[pid] = (p, None)  # release read from the label values, in score_patient
+            out[pid] = (p, release_of_id(pid))  # None: read from the label values, in score_patient
         return out
     try:
-        disc = discover(ref_dir, need_seg=True)
+        disc = discover(ref_dir, need_seg=True, release=release)
     except DiscoveryError as e:
         raise EvaluateError(str(e)) from e
     return {p.pid: (p.files[SEG], p.release) for p in disc.patients if SEG in p.files}
@@ -177,13 +181,13 @@ def score_patient(pid: str, ref_path: Path, rel: Release | None, pred_path: Path
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, release: str | None = None) -> dict:
     """Score every reference patient. Returns {"rows": [...], "summary": {...}, "missing": [pid]
     (scored as empty), "failed": {pid: reason}}; EvaluateError when nothing can be scored."""
     from tqdm import tqdm
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    refs = _references(ref_dir)
+    refs = _references(ref_dir, release)
     if not refs:
         raise EvaluateError(f"no reference segmentations found in {ref_dir}")
     preds = _predictions(pred_dir, refs, ref_dir)
@@ -224,7 +228,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 def format_summary(summary: dict, n: int) -> str:
     lines = [f"{n} patient(s)          mean     median        std"]
     for k, v in summary.items():
-        if k == f"lesion_dice_{REGIONS[0]}":
+        if k.startswith("lesion_") and not any(j.startswith("lesion_") for j in list(summary)[:list(summary).index(k)]):
             lines.append(f"  lesion-wise ({LESION_PARAMS.name} rules):")
         lines.append(f"  {k:16s} {v['mean']:9.4f} {v['median']:10.4f} {v['std']:10.4f}")
     return "\n".join(lines)

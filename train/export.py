@@ -4,11 +4,11 @@ a deployer needs to feed it and read its output, in the file and beside it (OUT.
 The exported graph is the eval-mode model (one output whatever the recipe: deep supervision's
 extra outputs exist only in train mode):
 
-  input  "image"  (N, 4 * (2k+1), size, size) float32: channel (o+k)*4 + m holds modality m
-                  (T1, T1Gd, T2, FLAIR) of the axial slice at offset o in -k..k, preprocessed as
-                  the checkpoint records (metadata "preprocess", "context");
-  output "logits" (N, 3, size, size) float32: sigmoid(logits) > 0.5 gives the channels named in
-                  metadata "output.channels" (WT/TC/ET or NCR/NET/ED/ET, "output.mask_mode").
+  input  "image"  (N, M * (2k+1), size, size) float32: channel (o+k)*M + m holds modality m of
+                  the set's M (T1, T1Gd, T2, FLAIR; MEN-RT: T1Gd alone) of the axial slice at
+                  offset o in -k..k, preprocessed as the checkpoint records ("preprocess", "context");
+  output "logits" (N, K, size, size) float32: sigmoid(logits) > 0.5 gives the K channels named in
+                  metadata "output.channels" (WT/TC/ET or NCR/NET/ED/ET, gli-2024 adds RC, ...).
 
 N is dynamic. H and W are fixed to the training size: the decoder pads odd sizes by amounts that
 tracing turns into constants, so another size is not guaranteed to be right; resize to `size`.
@@ -31,7 +31,7 @@ from typing import Literal, get_args
 import torch
 
 from shards import atomic
-from shards.domain import MASK_CHANNELS, MODALITIES, MODALITY_NAMES, RELEASES, SUBREGIONS
+from shards.domain import MASK_CHANNELS, MODALITIES, MODALITY_NAMES, RELEASES
 from shards.errors import BratsShardsError
 
 Format = Literal["onnx", "torchscript"]
@@ -105,15 +105,21 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
         raise ExportError(f"{checkpoint} is not a usable checkpoint ({type(e).__name__}: {e})") from e
     model = m["model"].float().eval()
     cfg = TrainConfig.from_dict(raw["config"])
+    from shards.manifest import set_channels
+
+    mods = set_channels({"config": raw["preprocess"]})[0]
     in_ch, k, size = model.inc.net[0].in_channels, m["context"], m["preprocess"].size
-    if in_ch != 4 * (2 * k + 1):
-        raise ExportError(f"{checkpoint}: the model reads {in_ch} channels, context {k} gives {4 * (2 * k + 1)}")
+    if in_ch != len(mods) * (2 * k + 1):
+        raise ExportError(f"{checkpoint}: the model reads {in_ch} channels, {len(mods)} modalities and context "
+                          f"{k} give {len(mods) * (2 * k + 1)}")
+    rel = m["release"]
     mode = m["mask_mode"]
     meta = {
         "format_version": FORMAT_VERSION,
         "input": {"name": INPUT_NAME, "shape": ["N", in_ch, size, size], "dtype": "float32",
-                  "channels": input_channel_names(k)},
-        "output": {"name": OUTPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32", "kind": "logits",
+                  "channels": input_channel_names(k, mods)},
+        "output": {"name": OUTPUT_NAME, "shape": ["N", model.head.out_channels, size, size], "dtype": "float32",
+                   "kind": "logits",
                    "channels": list(raw.get("channels") or MASK_CHANNELS[mode]), "mask_mode": mode,
                    "activation": "sigmoid", "threshold": THRESHOLD},
         "preprocess": m["preprocess"].to_dict(),  # as predict applies it: every brain slice kept
@@ -121,7 +127,8 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
         "postprocess": {**m["postprocess"].to_dict(),
                         "rule": "train/postprocess.py, on the 3D prediction mapped back to the source grid"},
         "labels": {"rule": LABEL_RULE,
-                   "releases": {n: {s: r.label_of(s) for s in SUBREGIONS} for n, r in RELEASES.items()}},
+                   "releases": {n: {s: r.label_of(s) for s in r.subregions} for n, r in RELEASES.items()
+                                if r.subregions == rel.subregions}},
         "train_config": cfg.to_dict(),
         "source": {"checkpoint": checkpoint.name, "checkpoint_sha256": atomic.sha256_file(checkpoint),
                    "manifest_sha256": raw.get("manifest_sha256"), "epoch": raw.get("epoch")},
@@ -130,10 +137,10 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     return model, meta
 
 
-def input_channel_names(k: int) -> list[str]:
+def input_channel_names(k: int, modalities=MODALITIES) -> list[str]:
     """["T1@-1", "T1Gd@-1", ..., "FLAIR@0", ..., "FLAIR@+1"] for k=1: offset-major, as `with_context`."""
     return [f"{MODALITY_NAMES[mod]}@{o:+d}" if o else f"{MODALITY_NAMES[mod]}@0"
-            for o in range(-k, k + 1) for mod in MODALITIES]
+            for o in range(-k, k + 1) for mod in modalities]
 
 
 # tracing warns that the decoder's odd-size check becomes a constant (H, W are fixed, so it is

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from shards import atomic
-from shards.domain import REGIONS, SUBREGIONS, subregions_of, to_regions
+from shards.domain import REGIONS, RELEASES, Release, subregions_of, to_regions
+from shards.manifest import set_channels
 from shards.errors import BratsShardsError
 from shards.source import ShardSource
 from train import checkpoint, plots, recipe, tracking
@@ -99,7 +100,12 @@ class TrainConfig:
 
     @property
     def in_channels(self) -> int:
-        return 4 * (2 * self.context + 1)
+        """Input channels of a 4-modality set; `input_channels(M)` for any set."""
+        return self.input_channels(4)
+
+    def input_channels(self, n_modalities: int) -> int:
+        """The model's input: the set's M modalities of the slice and of `context` neighbours each side."""
+        return n_modalities * (2 * self.context + 1)
 
 
 # architecture-defining fields: a resume must not change them
@@ -165,6 +171,26 @@ def set_mode_of(source: ShardSource) -> str:
     return source.manifest["config"]["preprocess"]["mask"]
 
 
+def release_of_set(config: dict) -> Release:
+    """The release a shard set (its manifest's `config`) was built from: its sub-regions and
+    regions are what training scores (sets from before the table grew are 2018-2023 glioma)."""
+    return RELEASES.get(config.get("convention"), RELEASES["2020"])
+
+
+def model_channels(config: dict, cfg: "TrainConfig") -> tuple[int, int]:
+    """(in, out) channels of the model for a set's manifest `config`: M x (2 context + 1) inputs,
+    one output per training target (the release's regions, or the set's own mask channels)."""
+    mods, chans = set_channels({"config": config})
+    rel = release_of_set(config)
+    out = len(rel.regions) if cfg.targets == "regions" else len(chans)
+    return cfg.input_channels(len(mods)), out
+
+
+def chooses_postprocess(rel: Release) -> bool:
+    """Post-processing (ET->NCR, small components) is defined on the glioma regions [WT, TC, ET]."""
+    return tuple(rel.regions) == REGIONS
+
+
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           cache_dir: str | None = None, storage_options: dict | None = None,
           cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0,
@@ -181,10 +207,11 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout)
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
-    set_mode = set_mode_of(source)
-    mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode)
+    set_mode, rel = set_mode_of(source), release_of_set(source.manifest["config"])
+    mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel)
+    n_mod = len(set_channels(source.manifest)[0])
     train_pids, val_pids = split_patients(source, cfg, shards)
-    parts = training_parts(cfg, device)
+    parts = training_parts(cfg, device, *model_channels(source.manifest["config"], cfg))
     model, opt, sched, scaler = (parts[k] for k in STATEFUL)
 
     # -- resume
@@ -202,7 +229,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         net = torch.compile(net)
     loss_fn = recipe.make_recipe_loss(cfg.loss)
     train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
-    aug_cfg, groups = AugmentConfig(), torch.arange(cfg.in_channels) % 4  # intensity draws per modality
+    aug_cfg, groups = AugmentConfig(), torch.arange(cfg.input_channels(n_mod)) % n_mod  # intensity draws per modality
     trackers = []
     if rank == 0:
         start_run_folder(out, cfg, shards, source, overwrite)
@@ -235,8 +262,8 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
                 if cfg.schedule != "plateau":  # per step, from (epoch, step) alone: a resume lands on the same LR
                     recipe.set_lr(opt, cfg.lr, recipe.lr_factor(cfg.schedule, (epoch + n_batches / n_total) / cfg.epochs,
                                                                 cfg.warmup_epochs / cfg.epochs))
-                x, y = to_device(batch, device)  # (B, 4(2K+1), H, W), (B, 3, H, W)
-                y = recipe.to_targets(y, cfg.targets, set_mode)
+                x, y = to_device(batch, device)  # (B, M(2k+1), H, W), (B, K, H, W)
+                y = recipe.to_targets(y, cfg.targets, set_mode, rel)
                 if cfg.augment == "nnunet":  # on the training device; draws from (seed, epoch, step, rank)
                     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, n_batches, rank, "aug") % 2**63)
                     x, y = augment_batch(x, y, gen, aug_cfg, groups.to(x.device))
@@ -265,9 +292,9 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
 
             # -- validate
             val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, (cfg.targets, set_mode),
-                           keep=4 if rank == 0 else 0, collect=cfg.postprocess)
+                           keep=4 if rank == 0 else 0, collect=cfg.postprocess and chooses_postprocess(rel), rel=rel)
             stats = _reduce(loss_sum, n_seen, val, distributed)
-            row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world)
+            row = epoch_record(epoch, stats, names, opt.param_groups[0]["lr"], train_seconds, n_seen * world, rel)
 
             # -- schedule
             if cfg.schedule == "plateau":
@@ -275,7 +302,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
             history.append(row)
             is_best = row["mean_dice"] > best
             best = max(best, row["mean_dice"])
-            if is_best and cfg.postprocess:  # thresholds of the best model, on this rank's validation patients
+            if is_best and cfg.postprocess and chooses_postprocess(rel):  # thresholds of the best model, on this rank's validation patients
                 post = choose_postprocess(val["stacks"], source)
 
             # -- record (rank 0 alone writes)
@@ -285,13 +312,13 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
                 if is_best:
                     checkpoint.save(out / "checkpoints" / "best.pt", state)
                 write_metrics(out, history)
-                write_val_patients(out, stats["patients"], epoch)
+                write_val_patients(out, stats["patients"], epoch, tuple(rel.regions))
                 plots.curves(history, names, out / "plots")
                 if val["samples"]:
                     plots.predictions(val["samples"], names, out / "plots", title=f"epoch {epoch + 1}")
                 tracking.log_epoch(trackers, row, val["samples"], names)
                 if progress:
-                    print(_summary(row, names), flush=True)
+                    print(_summary(row, names, tuple(rel.regions)), flush=True)
         ok = True
     finally:
         tracking.close_all(trackers, ok)
@@ -347,11 +374,13 @@ def autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda")
 
 
-def training_parts(cfg: TrainConfig, device: torch.device) -> dict:
+def training_parts(cfg: TrainConfig, device: torch.device, in_channels: int | None = None,
+                   out_channels: int = 3) -> dict:
     """Model, optimizer, LR schedule and loss scaler, keyed as in STATEFUL. The initial weights
-    depend on the seed alone."""
+    depend on the seed alone. Channels: `model_channels` of the set (default: 4 modalities, 3 outputs)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.base_channels, cfg.depth, cfg.in_channels, 3, cfg.norm, cfg.act,
+    in_channels = cfg.in_channels if in_channels is None else in_channels
+    model = build_model(cfg.model, cfg.base_channels, cfg.depth, in_channels, out_channels, cfg.norm, cfg.act,
                         cfg.deep_supervision).to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -470,35 +499,35 @@ def slice_voxel_mm3(geometry: dict, size: int) -> float:
 
 @torch.no_grad()
 def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str], keep: int = 0,
-             collect: bool = False) -> dict:
+             collect: bool = False, rel: Release = RELEASES["2020"]) -> dict:
     """Loss, per-channel confusion over all slices, per-patient region confusion (3D Dice), up to
     `keep` slices for the overlay figure and, with `collect`, each patient's predicted and true
     regions (3, S, H, W) for choosing post-processing. `modes`: (targets, the set's mask mode)."""
     net.eval()
     targets, set_mode = modes
     mask_mode = recipe.output_mode(targets, set_mode)
-    conf = torch.zeros(3, 3, dtype=torch.long)
-    sub_conf = torch.zeros(3, 3, dtype=torch.long)  # the sub-regions, whatever the outputs are
+    conf = torch.zeros(len(recipe.output_names(targets, set_mode, rel)), 3, dtype=torch.long)
+    sub_conf = torch.zeros(len(rel.subregions), 3, dtype=torch.long)  # the sub-regions, whatever the outputs are
     patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
     samples: dict[str, dict] = {}
     slices: dict[str, list] = {}
     loss_sum, n = 0.0, 0
     for batch in batches:
         x, y = to_device(batch, device)
-        y = recipe.to_targets(y, targets, set_mode)
+        y = recipe.to_targets(y, targets, set_mode, rel)
         with autocast(device):
             logits = net(x)
         loss_sum += loss_fn(logits, y).item() * len(batch["keys"])
         n += len(batch["keys"])
-        pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, 3, H, W) bool
+        pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, K, H, W) bool
         conf += confusion(pred, truth)
-        sub_conf += confusion(*(torch.from_numpy(subregions_of(to_regions(t.numpy(), mask_mode, axis=1), axis=1))
+        sub_conf += confusion(*(torch.from_numpy(subregions_of(to_regions(t.numpy(), mask_mode, 1, rel), 1, rel))
                                 for t in (pred, truth)))
-        _count_patient_regions(patients, pred, truth, batch["patients"], mask_mode)
+        _count_patient_regions(patients, pred, truth, batch["patients"], mask_mode, rel)
         if keep:
-            _keep_largest_tumour(samples, batch, pred, truth)
+            _keep_largest_tumour(samples, batch, pred, truth, len(rel.modalities))
         if collect:
-            pr, tr = to_regions(pred.numpy(), mask_mode, axis=1), to_regions(truth.numpy(), mask_mode, axis=1)
+            pr, tr = to_regions(pred.numpy(), mask_mode, 1, rel), to_regions(truth.numpy(), mask_mode, 1, rel)
             for i, pid in enumerate(batch["patients"]):
                 slices.setdefault(pid, []).append((pr[i], tr[i]))
     samples = sorted(samples.values(), key=lambda s: s["key"])[:keep]
@@ -509,25 +538,26 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
 
 
 def _count_patient_regions(patients: dict, pred: torch.Tensor, truth: torch.Tensor, pids: list[str],
-                           mask_mode: str) -> None:
+                           mask_mode: str, rel: Release = RELEASES["2020"]) -> None:
     """Add a batch's region (TP, FP, FN) to each patient's running counts."""
-    pr = to_regions(pred.numpy(), mask_mode, axis=1).reshape(len(pids), 3, -1)  # (B, 3 regions, H*W)
-    tr = to_regions(truth.numpy(), mask_mode, axis=1).reshape(len(pids), 3, -1)
+    n = len(rel.regions)
+    pr = to_regions(pred.numpy(), mask_mode, 1, rel).reshape(len(pids), n, -1)  # (B, R regions, H*W)
+    tr = to_regions(truth.numpy(), mask_mode, 1, rel).reshape(len(pids), n, -1)
     for pid, p, t in zip(pids, pr, tr):  # ids come with the batch: keys map '.' to '_' and cannot give them
-        c = patients.setdefault(pid, np.zeros((3, 3), np.int64))
+        c = patients.setdefault(pid, np.zeros((n, 3), np.int64))
         c[:, 0] += (p & t).sum(1)
         c[:, 1] += (p & ~t).sum(1)
         c[:, 2] += (~p & t).sum(1)
 
 
-def _keep_largest_tumour(samples: dict, batch: dict, pred: torch.Tensor, truth: torch.Tensor) -> None:
-    """Keep, per patient, the slice with the most tumour seen so far."""
+def _keep_largest_tumour(samples: dict, batch: dict, pred: torch.Tensor, truth: torch.Tensor, n_mod: int = 4) -> None:
+    """Keep, per patient, the slice with the most tumour seen so far (its own M modalities)."""
     area = truth.flatten(1).sum(1)
     for i, (key, pid) in enumerate(zip(batch["keys"], batch["patients"])):
         if area[i] > 0 and (pid not in samples or area[i] > samples[pid]["area"]):
             image = batch["image"][i].numpy()
-            mid = image.shape[0] // 2 - 2  # with context: the centre slice's 4 modalities
-            samples[pid] = {"key": key, "image": image[mid:mid + 4], "mask": truth[i].numpy(),
+            mid = (image.shape[0] - n_mod) // 2  # with context: the centre slice's modalities
+            samples[pid] = {"key": key, "image": image[mid:mid + n_mod], "mask": truth[i].numpy(),
                             "pred": pred[i].numpy(), "area": int(area[i])}
 
 
@@ -555,17 +585,18 @@ def _reduce(loss_sum, n_seen, val, distributed) -> dict:
 
 # ---------------------------------------------------------------- record
 
-def epoch_record(epoch: int, stats: dict, names: list[str], lr: float, seconds: float, slices: int) -> dict:
+def epoch_record(epoch: int, stats: dict, names: list[str], lr: float, seconds: float, slices: int,
+                 rel: Release = RELEASES["2020"]) -> dict:
     """One metrics.csv row: losses, per-channel slice Dice/precision/recall, per-patient region Dice."""
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"]}
-    per = [scores(*stats["confusion"][c].tolist()) for c in range(3)]
+    per = [scores(*stats["confusion"][c].tolist()) for c in range(len(names))]
     row["mean_dice"] = float(np.mean([p["dice"] for p in per]))
     for key, metric in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
         for name, p in zip(names, per):
             row[f"{key}_{name}"] = p[metric]
-    for name, c in zip(SUBREGIONS, stats["sub_confusion"]):
+    for name, c in zip(rel.subregions, stats["sub_confusion"]):
         row[f"dice_sub_{name}"] = scores(*c.tolist())["dice"]
-    for r, region in enumerate(REGIONS):
+    for r, region in enumerate(rel.regions):
         d = [scores(*c[r].tolist())["dice"] for c in stats["patients"].values()]
         row[f"patient_dice_{region}"] = float(np.mean(d)) if d else float("nan")
     row.update(lr=lr, seconds=seconds, slices_per_s=slices / seconds if seconds else 0.0)
@@ -586,7 +617,7 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     atomic.write_bytes(out / "metrics.csv", _csv_bytes(list(history[0]), rows))
 
 
-def write_val_patients(out: Path, patients: dict, epoch: int) -> None:
+def write_val_patients(out: Path, patients: dict, epoch: int, regions: tuple = REGIONS) -> None:
     """val_patients.csv: per epoch and validation patient, the 3D Dice of each region. Earlier
     epochs' rows are kept; rows of this epoch left by a killed run are replaced."""
     path = out / "val_patients.csv"
@@ -597,8 +628,8 @@ def write_val_patients(out: Path, patients: dict, epoch: int) -> None:
     for pid in sorted(patients):
         c = patients[pid]
         rows.append({"epoch": epoch + 1, "patient": pid,
-                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(REGIONS)}})
-    atomic.write_bytes(path, _csv_bytes(["epoch", "patient"] + [f"dice_{r}" for r in REGIONS], rows))
+                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(regions)}})
+    atomic.write_bytes(path, _csv_bytes(["epoch", "patient"] + [f"dice_{r}" for r in regions], rows))
 
 
 def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str]) -> None:
@@ -607,9 +638,9 @@ def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[st
         f.write(json.dumps({"epoch": epoch + 1, "batches": n_batches, "keys": keys}) + "\n")
 
 
-def _summary(row: dict, names: list[str]) -> str:
+def _summary(row: dict, names: list[str], regions: tuple = REGIONS) -> str:
     per = " ".join(f"{n} {row[f'dice_{n}']:.3f}" for n in names)
-    reg = " ".join(f"{r} {row[f'patient_dice_{r}']:.3f}" for r in REGIONS)
+    reg = " ".join(f"{r} {row[f'patient_dice_{r}']:.3f}" for r in regions)
     return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
             f"mean Dice {row['mean_dice']:.3f} ({per}) | per-patient 3D Dice {reg} | "
             f"{row['slices_per_s']:.0f} slices/s, lr {row['lr']:.2g}")

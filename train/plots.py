@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from shards.atomic import atomic_path
-from shards.domain import REGIONS
 
 
 def _plt():
@@ -40,10 +39,8 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     for c in channels:
         ax.plot(ep, [h[f"dice_{c}"] for h in history], "o-", label=c)
     ax.plot(ep, [h["mean_dice"] for h in history], "k--", label="mean")
-    for r in REGIONS:
-        key = f"patient_dice_{r}"
-        if key in history[0]:
-            ax.plot(ep, [h[key] for h in history], ":", label=f"{r} (3D, per patient)")
+    for key in [k for k in history[0] if k.startswith("patient_dice_")]:  # the release's regions
+        ax.plot(ep, [h[key] for h in history], ":", label=f"{key[len('patient_dice_'):]} (3D, per patient)")
     ax.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -56,15 +53,15 @@ COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2]])  # chann
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """FLAIR (channel 3) in grey with mask channels coloured: (H, W, 3) RGB."""
-    g = image[3].astype(np.float32)
+    """The last modality (FLAIR; MEN-RT's T1Gd) in grey with mask channels coloured: (H, W, 3) RGB."""
+    g = image[-1].astype(np.float32)
     brain = np.any(image != 0, axis=0)
     lo, hi = np.percentile(g[brain], [1, 99]) if brain.any() else (0.0, 1.0)
     g = np.where(brain, np.clip((g - lo) / (hi - lo + 1e-6), 0, 1), 0)  # background black
     rgb = np.repeat(g[..., None], 3, axis=-1)
     for c in range(mask.shape[0]):
         m = mask[c].astype(bool)
-        rgb[m] = (1 - alpha) * rgb[m] + alpha * COLOURS[c]
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * COLOURS[c % len(COLOURS)]
     return rgb
 
 

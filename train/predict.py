@@ -11,8 +11,12 @@ Channels -> one label map (documented rule):
     positive channel, in the order ET > NCR/NET > ED (ET and NCR/NET are the tumour core;
     oedema surrounds it), else 0;
   * region channels [WT, TC, ET] (nested): ET -> enhancing label, else TC -> 1, else WT -> 2.
-(`shards.domain.to_labels`.) Labels follow the input release (`shards.domain.RELEASES`):
-enhancing tumour 4 for 2020/2021-style, 3 for 2023-style. The way back is `Geometry.inverse`.
+  * any release: the same rule on its own channels (`shards.domain.to_labels`), so gli-2024
+    writes RC as 4, MSD writes 1 oedema / 2 non-enhancing / 3 enhancing, MEN-RT 1 = GTV.
+Labels follow the input release (`shards.domain.RELEASES`), detected from its names (or
+`release=`): enhancing tumour 4 for 2020/2021-style, 3 for 2023-style. An input whose release has
+other modalities or channels than the checkpoint's training set is refused per patient, named.
+The way back is `Geometry.inverse`; outputs have the input's grid (any shape) and affine.
 
 Post-processing (`train.postprocess`), on the source grid before the labels are written: the
 ET->NCR and small-component thresholds the training run chose on its validation patients and
@@ -32,7 +36,7 @@ from preprocess.discover import PatientFiles, discover
 from preprocess.nifti import save_volume
 from preprocess.geometry import spacing_of
 from preprocess.pipeline import PreprocessConfig, load_patient, process_volumes, validate
-from shards.domain import SEG, to_labels, to_regions
+from shards.domain import REGIONS, SEG, to_labels, to_regions
 from shards.errors import BratsShardsError
 from train import checkpoint as ckpt
 from train.data import with_context
@@ -50,19 +54,20 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     """What predicting with a checkpoint needs (weights_only load): the model in eval mode, the
     preprocessing, the output mask mode, the 2.5D context and the post-processing thresholds.
     Checkpoints from before these options read as the seed recipe (`TrainConfig.from_dict`)."""
-    from train.loop import TrainConfig
+    from train.loop import TrainConfig, model_channels, release_of_set
 
     ck = ckpt.load(path)
     cfg = TrainConfig.from_dict(ck["config"])
-    model = build_model(cfg.model, cfg.base_channels, cfg.depth, cfg.in_channels, 3, cfg.norm, cfg.act,
+    built = ck["preprocess"]
+    n_in, n_out = model_channels(built, cfg)
+    model = build_model(cfg.model, cfg.base_channels, cfg.depth, n_in, n_out, cfg.norm, cfg.act,
                         cfg.deep_supervision)
     model.load_state_dict(ck["model"])
     model.to(device).eval()
-    built = ck["preprocess"]
     pre = replace(PreprocessConfig.from_dict(built["preprocess"]), tumour_free_fraction=1.0)
     return {"model": model, "preprocess": pre, "mask_mode": ck.get("output_mode", built["preprocess"]["mask"]),
             "context": cfg.context, "postprocess": PostprocessConfig.from_dict(ck.get("postprocess") or {}),
-            "path": str(path)}
+            "path": str(path), "release": release_of_set(built)}
 
 
 def load_model(path: str | Path, device: torch.device):
@@ -75,31 +80,45 @@ def check_ensemble(members: list[dict]) -> None:
     """An ensemble's checkpoints must agree on what they read and what they output."""
     first = members[0]
     for m in members[1:]:
-        for key in ("preprocess", "mask_mode"):
+        for key in ("preprocess", "mask_mode", "release"):
             if m[key] != first[key]:
                 raise PredictError(f"{m['path']} and {first['path']} differ in {key}: they cannot form an ensemble")
 
 
 @torch.no_grad()
 def predict_slices(model, image: np.ndarray, device, batch_size: int = 32, tta: bool = False) -> np.ndarray:
-    """(S, 4, H, W) float16 -> (S, 3, H, W) float32 probabilities."""
-    out = np.empty((image.shape[0], 3) + image.shape[2:], np.float32)
+    """(S, M(2k+1), H, W) float16 -> (S, K, H, W) float32 probabilities, K the model's outputs."""
+    out = None  # (S, K, H, W), K from the model's first output
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
     for i in range(0, image.shape[0], batch_size):
         x = torch.from_numpy(image[i: i + batch_size].astype(np.float32)).to(device)
-        p = torch.zeros((x.shape[0], 3) + x.shape[2:], device=device)
+        p = 0
         for f in flips:  # average of the predictions on flipped copies, flipped back
             pf = torch.sigmoid(model(x.flip(f) if f else x)).float()
-            p += pf.flip(f) if f else pf
+            p = p + (pf.flip(f) if f else pf)
+        if out is None:
+            out = np.empty((image.shape[0], p.shape[1]) + image.shape[2:], np.float32)
         out[i: i + batch_size] = (p / len(flips)).cpu().numpy()
-    return out
+    return out if out is not None else np.zeros((0, 3) + image.shape[2:], np.float32)
+
+
+def check_release(pf: PatientFiles, trained) -> None:
+    """The input's release must have the modalities and channels the model was trained on (its
+    label values may differ: 2020 and 2023 glioma share channels; labels follow the input)."""
+    rel = pf.release
+    if trained is not None and (rel.modalities != trained.modalities or rel.subregions != trained.subregions
+                                or tuple(rel.regions) != tuple(trained.regions)):
+        raise steps.InputError(f"{pf.pid} is {rel.name} ({', '.join(rel.modalities)} -> {', '.join(rel.subregions)}); "
+                               f"the checkpoint was trained on {trained.name} ({', '.join(trained.modalities)} -> "
+                               f"{', '.join(trained.subregions)})")
 
 
 def predict_patient(model, pre: PreprocessConfig, mask_mode: str, pf: PatientFiles, device, batch_size=32,
                     tta=False, context: int = 0, post: PostprocessConfig | None = None,
-                    ensemble: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    ensemble: list | None = None, trained=None) -> tuple[np.ndarray, np.ndarray]:
     """(label map, affine) of one patient. `model` may be one model or, with `ensemble`, ignored
     in favour of a list of (model, context) pairs whose probabilities are averaged."""
+    check_release(pf, trained)
     ps, affine = prepare_patient(pf, pre)
     labels = segment(ps, ensemble or [(model, context)], mask_mode, pf.release, affine, device, batch_size, tta, post)
     return labels, affine
@@ -112,7 +131,7 @@ def prepare_patient(pf: PatientFiles, pre: PreprocessConfig):
     pf = replace(pf, files={k: v for k, v in pf.files.items() if k != SEG})  # never look at a reference
     vols, _ = load_patient(pf)
     validate(pf, vols)
-    return process_volumes(pf, vols, pre), vols["t1"].affine
+    return process_volumes(pf, vols, pre), vols[pf.release.modalities[0]].affine
 
 
 def segment(ps, members: list, mask_mode: str, release, affine, device, batch_size: int = 32, tta: bool = False,
@@ -121,16 +140,17 @@ def segment(ps, members: list, mask_mode: str, release, affine, device, batch_si
     probabilities averaged, mapped back, thresholded, post-processed, labelled in `release`'s convention."""
     prob = sum(predict_slices(m, with_context(ps.image, ps.slice_index, k), device, batch_size, tta)
                for m, k in members) / len(members)
-    prob = ps.geometry.inverse(prob, ps.slice_index)  # (3, X, Y, Z) as the source is stored
+    prob = ps.geometry.inverse(prob, ps.slice_index)  # (K, X, Y, Z) as the source is stored
     positive = prob > THRESHOLD
-    if post is not None and (post.et_min_mm3 or post.min_component_mm3):
+    if post is not None and (post.et_min_mm3 or post.min_component_mm3) and tuple(release.regions) == REGIONS:
         positive = postprocess(to_regions(positive, mask_mode), post, float(np.prod(spacing_of(affine))))
         mask_mode = "regions"
     return to_labels(positive, mask_mode, release)
 
 
 def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: str = "auto",
-            batch_size: int = 32, tta: bool = False, progress: bool = True, postprocess: bool = True) -> dict:
+            batch_size: int = 32, tta: bool = False, progress: bool = True, postprocess: bool = True,
+            release: str | None = None) -> dict:
     """Write OUTPUT/<pid>.nii.gz for every patient; returns {'written': [...], 'failed': {pid: reason}}.
     `checkpoint`: one path, or a list of paths (an ensemble: probabilities averaged)."""
     from tqdm import tqdm
@@ -143,14 +163,14 @@ def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: s
     pre, mask_mode = members[0]["preprocess"], members[0]["mask_mode"]
     post = members[0]["postprocess"] if postprocess else None
     ensemble = [(m["model"], m["context"]) for m in members]
-    disc = discover(input_dir, need_seg=False)
+    disc = discover(input_dir, need_seg=False, release=release)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, failed = [], {}
     for pf in tqdm(disc.patients, desc="patients", unit="patient", disable=None if progress else True):
         try:
             labels, affine = predict_patient(None, pre, mask_mode, pf, dev, batch_size, tta, post=post,
-                                             ensemble=ensemble)
+                                             ensemble=ensemble, trained=members[0]["release"])
         except Exception as e:  # named and counted; the other patients are still written
             failed[pf.pid] = str(e) if isinstance(e, steps.InputError) else f"{type(e).__name__}: {e}"
             continue

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shards.domain import MASK_CHANNELS, REGIONS
+from shards.domain import RELEASES, Release
 from train.metrics import make_loss
 
 # the seed notebook's recipe, as TrainConfig field values
@@ -34,17 +34,20 @@ def output_mode(targets: str, set_mode: str) -> str:
     return "regions" if targets == "regions" else set_mode
 
 
-def output_names(targets: str, set_mode: str) -> list[str]:
-    return list(REGIONS) if targets == "regions" else list(MASK_CHANNELS[set_mode])
+def output_names(targets: str, set_mode: str, rel: Release = RELEASES["2020"]) -> list[str]:
+    """The model's output channels: the release's regions (glioma [WT, TC, ET]; gli-2024 adds RC,
+    which is scored on its own; MEN-RT [GTV]) or the set's own mask channels."""
+    return list(rel.regions) if targets == "regions" else list(rel.channels(set_mode))
 
 
-def to_targets(mask: torch.Tensor, targets: str, set_mode: str) -> torch.Tensor:
-    """Batch masks (B, 3, H, W) of the set's mode -> the training targets: with 'regions', the
-    nested WT/TC/ET derived from sub-regions [NCR/NET, ED, ET] at train time."""
+def to_targets(mask: torch.Tensor, targets: str, set_mode: str, rel: Release = RELEASES["2020"]) -> torch.Tensor:
+    """Batch masks (B, K, H, W) of the set's mode -> the training targets: with 'regions', the
+    release's regions derived from its sub-regions at train time, each the union (max) of its
+    members (glioma: [NCR/NET, ED, ET] -> [WT, TC, ET])."""
     if targets != "regions" or set_mode == "regions":
         return mask
-    ncr, ed, et = mask.unbind(1)
-    return torch.stack([torch.maximum(torch.maximum(ncr, ed), et), torch.maximum(ncr, et), et], dim=1)
+    idx = [[rel.subregions.index(s) for s in subs] for subs in rel.regions.values()]
+    return torch.stack([mask[:, i].amax(dim=1) for i in idx], dim=1)
 
 
 # ---------------------------------------------------------------- loss

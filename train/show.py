@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.domain import MODALITIES, encode_mask
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem
 from train.plots import _plt, _save, overlay
@@ -73,10 +74,14 @@ def _volume_from_raw(src: Path, patient: str | None):
         validate(pf, vols)
     except InputError as e:
         raise ShowError(f"{pf.pid}: {e}") from None
+    rel = pf.release
+    if rel.modalities != MODALITIES or len(rel.subregions) != MASK_CHANNELS:
+        raise ShowError(f"{pf.pid} is {rel.name} ({len(rel.modalities)} modalities, {len(rel.subregions)} "
+                        f"sub-regions); show draws the four-modality, three-channel sets")
     ornt = steps.canonical_ornt(vols["t1"].affine)
     images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in ("t1", "t1gd", "t2", "flair")])
     seg = steps.apply_ornt(vols["seg"].data, ornt) if "seg" in vols else np.zeros(images.shape[1:], np.uint8)
-    mask = steps.encode_mask(seg, pf.labels[-1])  # (3, X, Y, Z)
+    mask = encode_mask(seg, rel)  # (3, X, Y, Z)
     return pf.pid, images.astype(np.float32), mask, disc
 
 
@@ -231,7 +236,6 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
     import torch
 
-    from shards.domain import MASK_CHANNELS
     from train.plots import predictions
     from shards.domain import regions_of
     from train.data import with_context
@@ -245,7 +249,7 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     model, mask_mode, context = member["model"], member["mask_mode"], member["context"]
     src = ShardSource(shards)
     set_mode = src.manifest["config"]["preprocess"]["mask"]
-    names = list(MASK_CHANNELS[mask_mode])
+    names = list(member["release"].channels(mask_mode))
     paths = []
     for pid in src.patients("val"):
         if src.n_slices(pid) == 0:
@@ -253,7 +257,7 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
         image, mask = _read_patient(src, pid, shards)
         _png(out, f"run_{pid}.png")
         if mask_mode != set_mode:  # a region-trained model on a sub-region set: compare regions
-            mask = regions_of(mask, axis=1).astype(np.uint8)
+            mask = regions_of(mask, 1, member["release"]).astype(np.uint8)
         prob = predict_slices(model, with_context(image, src.manifest["patients"][pid]["slice_index"], context),
                               torch.device(device))
         area = mask.reshape(len(mask), -1).sum(1, dtype=np.int64)
