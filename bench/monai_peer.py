@@ -213,28 +213,15 @@ def predict_peer(model, shards_preprocess: dict, input_dir: Path, out_dir: Path,
     Returns {'written': [...], 'failed': {pid: reason}}."""
     import torch
 
-    from preprocess import steps
     from preprocess.discover import discover
-    from preprocess.nifti import save_volume
     from preprocess.pipeline import PreprocessConfig
-    from train.predict import predict_patient
+    from train.predict import predict_patient, write_predictions
 
     dev = torch.device(device)
     model = model.to(dev).eval()
     pre = replace(PreprocessConfig.from_dict(shards_preprocess), tumour_free_fraction=1.0)  # every brain slice
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written, failed = [], {}
-    for pf in discover(input_dir, need_seg=False).patients:
-        try:
-            labels, affine = predict_patient(model, pre, "regions", pf, dev, 32, tta)
-        except Exception as e:  # named and counted, as `predict` does; the other patients are still written
-            failed[pf.pid] = str(e) if isinstance(e, steps.InputError) else f"{type(e).__name__}: {e}"
-            continue
-        path = out / f"{pf.pid}.nii.gz"
-        save_volume(path, labels, affine)
-        written.append(str(path))
-    return {"written": written, "failed": failed}
+    return write_predictions(discover(input_dir, need_seg=False).patients, out_dir, False,
+                             lambda pf: predict_patient(model, pre, "regions", pf, dev, 32, tta))
 
 
 def main(argv=None) -> None:

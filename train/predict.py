@@ -153,8 +153,6 @@ def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: s
             release: str | None = None) -> dict:
     """Write OUTPUT/<pid>.nii.gz for every patient; returns {'written': [...], 'failed': {pid: reason}}.
     `checkpoint`: one path, or a list of paths (an ensemble: probabilities averaged)."""
-    from tqdm import tqdm
-
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -164,13 +162,21 @@ def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: s
     post = members[0]["postprocess"] if postprocess else None
     ensemble = [(m["model"], m["context"]) for m in members]
     disc = discover(input_dir, need_seg=False, release=release)
+    return write_predictions(disc.patients, output_dir, progress, lambda pf: predict_patient(
+        None, pre, mask_mode, pf, dev, batch_size, tta, post=post, ensemble=ensemble, trained=members[0]["release"]))
+
+
+def write_predictions(patients, output_dir: str | Path, progress: bool, label_map) -> dict:
+    """OUTPUT/<pid>.nii.gz from `label_map(pf) -> (labels, affine)` for every patient; a failing
+    patient is named with its reason and the others are still written."""
+    from tqdm import tqdm
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, failed = [], {}
-    for pf in tqdm(disc.patients, desc="patients", unit="patient", disable=None if progress else True):
+    for pf in tqdm(patients, desc="patients", unit="patient", disable=None if progress else True):
         try:
-            labels, affine = predict_patient(None, pre, mask_mode, pf, dev, batch_size, tta, post=post,
-                                             ensemble=ensemble, trained=members[0]["release"])
+            labels, affine = label_map(pf)
         except Exception as e:  # named and counted; the other patients are still written
             failed[pf.pid] = str(e) if isinstance(e, steps.InputError) else f"{type(e).__name__}: {e}"
             continue
