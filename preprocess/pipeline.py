@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess import steps
+from preprocess import kernel, steps
 from preprocess.discover import IMAGE4D, PatientFiles
 from preprocess.geometry import Geometry
 from preprocess.nifti import RawVolume, load_volume
@@ -209,12 +209,8 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     # Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the
     # brain mask, so resizing x and B and then combining equals normalising then resizing
     # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
-    def small(vol):  # (X, Y, Z) -> (S, size, size) float32
-        return geo.to_slices(vol, z_keep, cfg.size)
-
-    b_small = small(brain.view(np.uint8))
     n_brain = int(np.count_nonzero(brain))  # shared by the modalities' statistics
-    chans = []
+    means, stds = [], []
     for img in images:
         if cfg.normalize == "volume":
             mean, std = steps.brain_stats(img, brain, n_brain)
@@ -223,9 +219,12 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
             stats = [steps.brain_stats(img[:, :, z], brain[:, :, z]) for z in z_keep]
             mean = np.array([m for m, _ in stats], np.float32)[:, None, None]
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
-        chans.append((small(img) - mean * b_small) / std)
+        means.append(mean)
+        stds.append(std)
+    # gather, resize and normalise in one kernel (compiled when numba is installed; same bytes)
+    small = kernel.normalised_slices(images, brain, geo.crop_box, z_keep, cfg.size, means, stds)
     with np.errstate(over="ignore"):  # overflow to Inf is caught, named, right below
-        image = np.stack(chans, axis=1).astype(np.float16)  # (S, M, H, W)
+        image = small.astype(np.float16)  # (S, M, H, W)
     _check_finite(pf, image)
 
     if has_seg:
