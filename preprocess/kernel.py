@@ -38,14 +38,21 @@ CHOICES = ("auto", "numba", "numpy")
 
 
 @functools.cache
-def _numba_kernel():
-    """The compiled kernel, or None when numba is not installed (compiled on first call; cached
-    on disk next to this module, so each worker process loads it instead of compiling)."""
+def _numba_kernels():
+    """The compiled kernels (slices, brain-and-sums), or None when numba is not installed
+    (compiled on first call; cached on disk next to this module, so each worker process loads
+    them instead of compiling)."""
     try:
         import numba
     except ImportError:
         return None
-    return numba.njit(cache=True, nogil=True)(_slices_kernel)
+    jit = numba.njit(cache=True, nogil=True)
+    return jit(_slices_kernel), jit(_brain_sums_kernel)
+
+
+def _numba_kernel():
+    kernels = _numba_kernels()
+    return None if kernels is None else kernels[0]
 
 
 def which() -> str:
@@ -184,3 +191,47 @@ def normalised_slices(images: list[np.ndarray], brain: np.ndarray, box, slice_in
         for c, (img, m, s) in enumerate(zip(images, means, stds)):
             _resize_numba(kern, img, box, z, size, out, c, b_small, _per_slice(m, S), _per_slice(s, S))
     return out
+
+
+# ---------------------------------------------------------------- brain mask and exact sums
+
+def _brain_sums_kernel(flat, brain):
+    """brain |= flat != 0; returns the exact int64 (sum, sum of squares) of `flat` (integers of at
+    most 16 bits: |v|**2 < 2**32, so up to 2**31 values cannot overflow; integer adds are exact,
+    so any order, vectorised or not, gives the same sums)."""
+    s = 0
+    s2 = 0
+    for i in range(flat.shape[0]):
+        v = np.int64(flat[i])
+        s += v
+        s2 += v * v
+        brain[i] |= v != 0
+    return s, s2
+
+
+def _flat_layout(vols: list[np.ndarray]) -> str | None:
+    """'C' or 'F' when every volume is contiguous that way with the same shape (so their flat
+    views line up voxel for voxel), None otherwise."""
+    shape = vols[0].shape
+    for order, flag in (("F", "F_CONTIGUOUS"), ("C", "C_CONTIGUOUS")):
+        if all(v.shape == shape and v.flags[flag] for v in vols):
+            return order
+    return None
+
+
+def brain_and_sums(vols: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+    """The brain mask (voxels nonzero in any volume, `pipeline.brain_mask`) in the volumes' own
+    axis order, and per volume its exact (sum, sum of squares) -- one compiled pass per volume
+    when numba is in use and the volumes are contiguous integers of at most 16 bits; otherwise
+    (None for the sums) the caller computes the statistics itself (`steps.brain_stats`)."""
+    from preprocess.pipeline import brain_mask
+
+    kernels = _numba_kernels() if which() == "numba" else None
+    order = _flat_layout(vols)
+    if kernels is None or order is None or any(v.dtype.kind not in "iu" or v.dtype.itemsize > 2 for v in vols) \
+            or vols[0].size >= 2**31:
+        return brain_mask(vols), None
+    brain = np.zeros(vols[0].shape, np.uint8, order=order)
+    flat_brain = brain.ravel(order=order)  # a view
+    sums = [tuple(int(x) for x in kernels[1](v.ravel(order=order), flat_brain)) for v in vols]
+    return brain.view(np.bool_), sums

@@ -194,15 +194,18 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
     nonfinite = 0
-    images = []
+    stored = []
     for m in rel.modalities:
         v, n = steps.nonfinite_to_zero(vols[m].data)
         nonfinite += n
-        images.append(geo.to_canonical(v))  # (X, Y, Z) in RAS order
+        stored.append(v)
+    images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
     has_seg = SEG in vols
     seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if has_seg else None
 
-    brain = brain_mask(images)
+    # the brain mask, and (compiled kernel, integer volumes) each volume's exact sums in one pass
+    brain, sums = kernel.brain_and_sums(stored)
+    brain = geo.to_canonical(brain)
     z_keep = select_slices(pf.pid, brain, seg, cfg)
     if cfg.crop:
         geo = geo.cropped(steps.square_box(brain.any(axis=2)))
@@ -211,9 +214,12 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
     n_brain = int(np.count_nonzero(brain))  # shared by the modalities' statistics
     means, stds = [], []
-    for img in images:
+    for c, img in enumerate(images):
         if cfg.normalize == "volume":
-            mean, std = steps.brain_stats(img, brain, n_brain)
+            if sums is not None:  # images are 0 outside the brain: whole-volume sums are the brain's
+                mean, std = steps.mean_std_of_sums(*sums[c], n_brain) if n_brain else (0.0, 1.0)
+            else:
+                mean, std = steps.brain_stats(img, brain, n_brain)
             mean, std = np.float32(mean), np.float32(std if std > 1e-8 else 1.0)
         else:
             stats = [steps.brain_stats(img[:, :, z], brain[:, :, z]) for z in z_keep]
