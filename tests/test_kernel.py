@@ -156,6 +156,15 @@ def test_fallback_selection(monkeypatch):
     assert out.shape == (2, 1, 6, 6) and out.dtype == np.float32
 
 
+def test_bad_choice_refuses_the_build(monkeypatch, release_2020, tmp_path):
+    from preprocess.build import BuildError
+
+    monkeypatch.setenv(kernel.ENV, "fastest")
+    with pytest.raises(BuildError, match="BRATS_SHARDS_KERNEL='fastest'"):
+        build(release_2020, tmp_path / "s", BuildConfig(), workers=0, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 @needs_numba
 def test_auto_prefers_numba(monkeypatch):
     monkeypatch.delenv(kernel.ENV, raising=False)
