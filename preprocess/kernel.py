@@ -27,6 +27,7 @@ innocuous. The float32 -> float16 cast stays in numpy (round-to-nearest-even on 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import numpy as np
@@ -39,15 +40,14 @@ CHOICES = ("auto", "numba", "numpy")
 
 @functools.cache
 def _numba_kernels():
-    """The compiled kernels (slices, brain-and-sums), or None when numba is not installed
-    (compiled on first call; cached on disk next to this module, so each worker process loads
-    them instead of compiling)."""
-    try:
-        import numba
-    except ImportError:
+    """The compiled kernels (preprocess/kernel_numba.py: slices, brain-and-sums), or None when
+    numba is not installed (compiled on first call; cached on disk next to the module, so each
+    worker process loads them instead of compiling)."""
+    if importlib.util.find_spec("numba") is None:
         return None
-    jit = numba.njit(cache=True, nogil=True)
-    return jit(_slices_kernel), jit(_brain_sums_kernel)
+    from preprocess import kernel_numba
+
+    return kernel_numba.slices_kernel, kernel_numba.brain_sums_kernel
 
 
 def _numba_kernel():
@@ -82,71 +82,25 @@ def _identity_taps(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(size, dtype=np.int64)[:, None], np.ones((size, 1), np.float32)
 
 
-def _slices_kernel(vol, x0, y0, bx, by, zs, iy, wy, ix, wx, brain, mean, std, normalise, out, c):
-    """out[s, c] = resize(vol[x0:x0+bx, y0:y0+by, zs[s]]) (float32), then when `normalise`:
-    (out - mean[s] * brain[s, 0]) / std[s]. Loops are ordered so the inner one runs over
-    independent pixels (vectorisable) while each pixel's taps are added in the fixed order."""
-    W, Ty = iy.shape
-    H, Tx = ix.shape
-    g = np.empty((by, bx), np.float32)  # the slice, transposed: X contiguous for the Y pass
-    ty = np.empty((W, bx), np.float32)  # after the Y pass, transposed
-    t = np.empty((bx, W), np.float32)  # after the Y pass
-    row = np.empty(W, np.float32)
-    for s in range(zs.shape[0]):
-        z = zs[s]
-        for yy in range(by):
-            for xx in range(bx):
-                g[yy, xx] = np.float32(vol[x0 + xx, y0 + yy, z])
-        for j in range(W):  # along Y
-            k = iy[j, 0]
-            w = wy[j, 0]
-            for xx in range(bx):
-                ty[j, xx] = g[k, xx] * w
-            for tap in range(1, Ty):
-                k = iy[j, tap]
-                w = wy[j, tap]
-                for xx in range(bx):
-                    ty[j, xx] = ty[j, xx] + g[k, xx] * w
-        for xx in range(bx):
-            for j in range(W):
-                t[xx, j] = ty[j, xx]
-        m = mean[s]
-        sd = std[s]
-        for i in range(H):  # along X
-            k = ix[i, 0]
-            w = wx[i, 0]
-            for j in range(W):
-                row[j] = t[k, j] * w
-            for tap in range(1, Tx):
-                k = ix[i, tap]
-                w = wx[i, tap]
-                for j in range(W):
-                    row[j] = row[j] + t[k, j] * w
-            if normalise:
-                for j in range(W):
-                    out[s, c, i, j] = (row[j] - m * brain[s, 0, i, j]) / sd
-            else:
-                for j in range(W):
-                    out[s, c, i, j] = row[j]
-
-
 def _axis_taps(n_in: int, other_in: int, size: int):
     if (n_in, other_in) == (size, size):
         return _identity_taps(size)
     return _taps_of(n_in, size)
 
 
-def _resize_numba(kern, canonical, box, z, size, out, c, brain=None, mean=None, std=None):
+def _resize_numba(kern, canonical, box, z, size, out32, c, brain=None, mean=None, std=None, out16=None):
+    """Run the compiled kernel: resized float32 into out32[:, c], or (with brain, mean, std) the
+    normalised float16 bits into out16[:, c]."""
     x0, x1, y0, y1 = box
     bx, by = x1 - x0, y1 - y0
     iy, wy = _axis_taps(by, bx, size)
     ix, wx = _axis_taps(bx, by, size)
     if canonical.dtype == np.bool_:
         canonical = canonical.view(np.uint8)
-    normalise = brain is not None
-    if not normalise:
-        brain, mean, std = out[:0], np.zeros(len(z), np.float32), np.ones(len(z), np.float32)
-    kern(canonical, x0, y0, bx, by, z, iy, wy, ix, wx, brain, mean, std, normalise, out, c)
+    if brain is None:
+        brain, mean, std = out32[:0], np.zeros(len(z), np.float32), np.ones(len(z), np.float32)
+        out16 = np.empty((0,) + out32.shape[1:], np.uint16)
+    kern(canonical, x0, y0, bx, by, z, iy, wy, ix, wx, brain, mean, std, out32, out16, c)
 
 
 def _per_slice(v, n: int) -> np.ndarray:
@@ -173,41 +127,30 @@ def resize_slices(canonical: np.ndarray, box, slice_index, size: int) -> np.ndar
 
 def normalised_slices(images: list[np.ndarray], brain: np.ndarray, box, slice_index, size: int,
                       means: list, stds: list) -> np.ndarray:
-    """(S, M, size, size) float32: for each canonical image, its slices resized, then
-    (x - mean * B) / std with B the resized brain mask. `means[c]`, `stds[c]`: float32 scalars
-    (volume statistics) or (S, 1, 1) float32 arrays (per slice). Resizing before normalising is
+    """(S, M, size, size) float16: for each canonical image, its slices resized, then
+    (x - mean * B) / std with B the resized brain mask, cast to float16 (values beyond its range
+    become Inf, which the caller refuses). `means[c]`, `stds[c]`: float32 scalars (volume
+    statistics) or (S, 1, 1) float32 arrays (per slice). Resizing before normalising is
     `process_volumes`' choice (a quarter of the pixels); this function does exactly its arithmetic."""
     z = np.asarray(slice_index, np.int64).reshape(-1)
     kern = _numba_kernel() if which() == "numba" else None
     if kern is None:
         b_small = resize_slices(brain.view(np.uint8), box, z, size)
         chans = [(resize_slices(img, box, z, size) - m * b_small) / s for img, m, s in zip(images, means, stds)]
-        return np.stack(chans, axis=1)
+        with np.errstate(over="ignore"):
+            return np.stack(chans, axis=1).astype(np.float16)
     S = len(z)
     b_small = np.empty((S, 1, size, size), np.float32)
-    out = np.empty((S, len(images), size, size), np.float32)
+    out = np.empty((S, len(images), size, size), np.float16)
     if S:
         _resize_numba(kern, brain, box, z, size, b_small, 0)
         for c, (img, m, s) in enumerate(zip(images, means, stds)):
-            _resize_numba(kern, img, box, z, size, out, c, b_small, _per_slice(m, S), _per_slice(s, S))
+            _resize_numba(kern, img, box, z, size, b_small, c, b_small, _per_slice(m, S), _per_slice(s, S),
+                          out.view(np.uint16))
     return out
 
 
 # ---------------------------------------------------------------- brain mask and exact sums
-
-def _brain_sums_kernel(flat, brain):
-    """brain |= flat != 0; returns the exact int64 (sum, sum of squares) of `flat` (integers of at
-    most 16 bits: |v|**2 < 2**32, so up to 2**31 values cannot overflow; integer adds are exact,
-    so any order, vectorised or not, gives the same sums)."""
-    s = 0
-    s2 = 0
-    for i in range(flat.shape[0]):
-        v = np.int64(flat[i])
-        s += v
-        s2 += v * v
-        brain[i] |= v != 0
-    return s, s2
-
 
 def _flat_layout(vols: list[np.ndarray]) -> str | None:
     """'C' or 'F' when every volume is contiguous that way with the same shape (so their flat

@@ -227,10 +227,9 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
         means.append(mean)
         stds.append(std)
-    # gather, resize and normalise in one kernel (compiled when numba is installed; same bytes)
-    small = kernel.normalised_slices(images, brain, geo.crop_box, z_keep, cfg.size, means, stds)
-    with np.errstate(over="ignore"):  # overflow to Inf is caught, named, right below
-        image = small.astype(np.float16)  # (S, M, H, W)
+    # gather, resize, normalise and cast in one kernel (compiled when numba is installed; same
+    # bytes); overflow to Inf is caught, named, right below
+    image = kernel.normalised_slices(images, brain, geo.crop_box, z_keep, cfg.size, means, stds)  # (S, M, H, W) f16
     _check_finite(pf, image)
 
     if has_seg:

@@ -66,9 +66,8 @@ def test_kernel_gives_the_numpy_bytes(monkeypatch, shape, box, size, dtype, per_
     args = (images, brain, box, z, size, means, stds)
     a = _with(monkeypatch, "numpy", kernel.normalised_slices, *args)
     b = _with(monkeypatch, "numba", kernel.normalised_slices, *args)
-    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (len(z), 4, size, size)
+    assert a.dtype == b.dtype == np.float16 and a.shape == b.shape == (len(z), 4, size, size)
     assert a.tobytes() == b.tobytes()
-    assert a.astype(np.float16).tobytes() == b.astype(np.float16).tobytes()
     for img in images[:2]:  # Geometry.to_slices' path
         r = _with(monkeypatch, "numpy", kernel.resize_slices, img, box, z, size)
         s = _with(monkeypatch, "numba", kernel.resize_slices, img, box, z, size)
@@ -121,14 +120,16 @@ def test_kernel_machine_code_has_no_fma():
 
     rng = np.random.default_rng(0)
     images = _volumes(rng, (40, 40, 3), np.int16)
+    from preprocess import kernel_numba
+
     iy, wy = kernel._taps_of(40, 16)
     out = np.empty((2, 1, 16, 16), np.float32)
     args = (images[0], 0, 0, 40, 40, np.array([0, 2]), iy, wy, iy, wy, out, np.ones(2, np.float32),
-            np.full(2, 2, np.float32), True, out, 0)
+            np.full(2, 2, np.float32), out, np.empty((2, 1, 16, 16), np.uint16), 0)
     fma = re.compile(r"\bvfn?m(add|sub)")
 
     def asm_of(**opts):
-        f = numba.njit(**opts)(kernel._slices_kernel)  # not cached: inspect_asm needs a fresh compile
+        f = numba.njit(**opts)(kernel_numba.slices_kernel.py_func)  # not cached: inspect_asm needs a fresh compile
         f(*args)
         return "\n".join(f.inspect_asm().values())
 
@@ -136,6 +137,31 @@ def test_kernel_machine_code_has_no_fma():
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file() and "fma" in cpuinfo.read_text().split():
         assert fma.search(asm_of(fastmath=True))
+
+
+@needs_numba
+def test_half_conversion_is_numpys():
+    """kernel_numba.half_bits against numpy's float32 -> float16 cast: every float32 whose exponent
+    lies where halves are subnormal, normal-boundary or overflow (the hard cases: every 7th
+    mantissa, and the lowest and highest 2**13, where ties and carries are), and a stride through all 2**32 bit patterns. (All 2**32 were compared once,
+    by hand: the finite ones all agree; NaN becomes Inf, and the recipe refuses both.)"""
+    from preprocess.kernel_numba import half_bits_array
+
+    exps = list(range(101, 115)) + [142, 143]
+    mantissas = np.concatenate([np.arange(0, 2**23, 7), np.arange(2**13), 2**23 - 1 - np.arange(2**13)])
+    parts = [mantissas.astype(np.uint32) | np.uint32(e << 23) for e in exps]
+    parts.append(np.arange(0, 2**32, 65537, dtype=np.uint64).astype(np.uint32))
+    bits = np.concatenate(parts)
+    bits = np.concatenate([bits, bits | np.uint32(2**31)])  # both signs
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    out = np.empty(x.shape, np.uint16)
+    half_bits_array(x, out)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out, x.astype(np.float16).view(np.uint16))
+    special = np.array([np.nan, np.inf, -np.inf, 65519.99, 65520.0, -65520.0], np.float32)
+    half_bits_array(special, out[:6])
+    assert out[:6].tolist() == [0x7C00, 0x7C00, 0xFC00, 0x7BFF, 0x7C00, 0xFC00]
 
 
 def test_fallback_selection(monkeypatch):
@@ -153,7 +179,7 @@ def test_fallback_selection(monkeypatch):
     monkeypatch.setenv(kernel.ENV, "auto")
     img = np.arange(2 * 10 * 10 * 3, dtype=np.int16).reshape(10, 10, 6)
     out = kernel.normalised_slices([img], img != 0, (0, 10, 0, 10), [1, 4], 6, [np.float32(3)], [np.float32(2)])
-    assert out.shape == (2, 1, 6, 6) and out.dtype == np.float32
+    assert out.shape == (2, 1, 6, 6) and out.dtype == np.float16
 
 
 def test_bad_choice_refuses_the_build(monkeypatch, release_2020, tmp_path):
