@@ -12,7 +12,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_jit = numba.njit(cache=True, nogil=True)
+
+
+def _jit(f):
+    try:
+        return numba.njit(cache=True, nogil=True)(f)
+    except RuntimeError:  # numba finds no writable cache folder: compile in each process instead
+        return numba.njit(nogil=True)(f)
 
 
 @_jit
