@@ -1,6 +1,7 @@
 """The per-slice image kernel of the recipe: gather the kept slices inside the crop box, resample
 them in-plane (antialiased linear, `steps.resize_image`), normalise ((x - mean*B) / std, B the
-resampled brain mask) into one float32 (S, M, size, size) buffer.
+resampled brain mask) and cast to float16: the (S, M, size, size) image of a patient's shards.
+Also the brain mask with each volume's exact integer sums (`brain_and_sums`).
 
 Two implementations that give identical bytes:
   * "numba": one compiled pass per slice (optional dependency: `pip install brats-shards[fast]`);
@@ -15,13 +16,17 @@ by the same sequence of IEEE-754 binary32 operations as in numpy, each correctly
      t in `_taps_of`'s order (the numpy path's taps, zero-weight ones included: they decide signed
      zeros), acc = p_0, then acc = float32(acc + p_t) -- one accumulator per pixel, never a
      reduction across pixels, so vectorising the pixel loop (any SIMD width) cannot reorder it;
-  3. float32(float32(x - float32(mean * B)) / std).
+  3. float32(float32(x - float32(mean * B)) / std);
+  4. the cast to float16, round-to-nearest-even, done in integer arithmetic on the float32's bits
+     (`kernel_numba.half_bits`; numba has no CPU float16): for every finite float32 it gives
+     numpy's bits (all 2**32 bit patterns compared once; tests compare a dense sample), so it has
+     no CPU dependence at all. NaN and overflow become Inf, which the recipe refuses either way.
 The kernel is compiled without fastmath, so LLVM may not reassociate, use reciprocals or contract
 a multiply and an add into an FMA (fusion needs the `contract` fast-math flag, which numba only
 sets under fastmath; tests/test_kernel.py also checks the machine code holds no FMA instruction).
 Even where a numba version would widen a float32 division to float64, the rounding back to float32
 gives the same value: float64 carries more than 2*24+2 bits, so double rounding of +, -, *, / is
-innocuous. The float32 -> float16 cast stays in numpy (round-to-nearest-even on every CPU).
+innocuous. The numpy path's numpy cast to float16 is itself correctly rounded on every CPU.
 """
 
 from __future__ import annotations
