@@ -96,7 +96,9 @@ def main():
               f"s/patient={r['s_per_patient']:.3f} task mean={r['task_s_mean']:.3f}s "
               f"peak RSS/worker={r['peak_rss_mb_per_worker']:.0f} MB", flush=True)
     main_run = next((r for r in runs if r["patients"] == args.patients and r["workers"] == args.workers), runs[-1])
-    result = dict(main_run, machine=f"{os.cpu_count()} cores", runs=runs)
+    from preprocess.kernel import which
+
+    result = dict(main_run, machine=f"{os.cpu_count()} cores", kernel=which(), runs=runs)
     if args.scaling:
         per = {w: [r for r in runs if r["workers"] == w] for w in (1, 2)}
         sp = {w: (per[w][-1]["build_s"] - per[w][0]["build_s"]) / (per[w][-1]["patients"] - per[w][0]["patients"])

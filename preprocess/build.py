@@ -432,6 +432,12 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
     names, e.g. `wds/val-{pid}.tar`)."""
     from preprocess.discover import DiscoveryError
 
+    from preprocess import kernel
+
+    try:  # a bad BRATS_SHARDS_KERNEL is one refusal, not every patient failing
+        kernel.which()
+    except (ValueError, RuntimeError) as e:
+        raise BuildError(str(e)) from None
     in_root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     try:
         disc = discover(in_root, release=release)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from preprocess import steps
+from preprocess import kernel, steps  # kernel: numba's or numpy's resize, the same bytes
 from shards.domain import RELEASES
 
 
@@ -162,10 +162,7 @@ class Geometry:
         x0, x1, y0, y1 = self.crop_box
         if labels:
             return steps.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0), size)
-        stack = np.empty((len(slice_index), x1 - x0, y1 - y0), np.float32)
-        for i, z in enumerate(slice_index):  # gather the kept slices and cast in one pass
-            stack[i] = canonical[x0:x1, y0:y1, z]
-        return steps.resize_image(stack, size)
+        return kernel.resize_slices(canonical, self.crop_box, slice_index, size)
 
     def forward(self, vol: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
         """Steps 1-3: source (X, Y, Z) -> (S, size, size)."""

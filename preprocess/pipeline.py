@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess import steps
+from preprocess import kernel, steps
 from preprocess.discover import IMAGE4D, PatientFiles
 from preprocess.geometry import Geometry
 from preprocess.nifti import RawVolume, load_volume
@@ -194,38 +194,42 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
     nonfinite = 0
-    images = []
+    stored = []
     for m in rel.modalities:
         v, n = steps.nonfinite_to_zero(vols[m].data)
         nonfinite += n
-        images.append(geo.to_canonical(v))  # (X, Y, Z) in RAS order
+        stored.append(v)
+    images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
     has_seg = SEG in vols
     seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if has_seg else None
 
-    brain = brain_mask(images)
+    # the brain mask, and (compiled kernel, integer volumes) each volume's exact sums in one pass
+    brain, sums = kernel.brain_and_sums(stored)
+    brain = geo.to_canonical(brain)
     z_keep = select_slices(pf.pid, brain, seg, cfg)
     if cfg.crop:
         geo = geo.cropped(steps.square_box(brain.any(axis=2)))
     # Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the
     # brain mask, so resizing x and B and then combining equals normalising then resizing
     # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
-    def small(vol):  # (X, Y, Z) -> (S, size, size) float32
-        return geo.to_slices(vol, z_keep, cfg.size)
-
-    b_small = small(brain.view(np.uint8))
     n_brain = int(np.count_nonzero(brain))  # shared by the modalities' statistics
-    chans = []
-    for img in images:
+    means, stds = [], []
+    for c, img in enumerate(images):
         if cfg.normalize == "volume":
-            mean, std = steps.brain_stats(img, brain, n_brain)
+            if sums is not None:  # images are 0 outside the brain: whole-volume sums are the brain's
+                mean, std = steps.mean_std_of_sums(*sums[c], n_brain) if n_brain else (0.0, 1.0)
+            else:
+                mean, std = steps.brain_stats(img, brain, n_brain)
             mean, std = np.float32(mean), np.float32(std if std > 1e-8 else 1.0)
         else:
             stats = [steps.brain_stats(img[:, :, z], brain[:, :, z]) for z in z_keep]
             mean = np.array([m for m, _ in stats], np.float32)[:, None, None]
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
-        chans.append((small(img) - mean * b_small) / std)
-    with np.errstate(over="ignore"):  # overflow to Inf is caught, named, right below
-        image = np.stack(chans, axis=1).astype(np.float16)  # (S, M, H, W)
+        means.append(mean)
+        stds.append(std)
+    # gather, resize, normalise and cast in one kernel (compiled when numba is installed; same
+    # bytes); overflow to Inf is caught, named, right below
+    image = kernel.normalised_slices(images, brain, geo.crop_box, z_keep, cfg.size, means, stds)  # (S, M, H, W) f16
     _check_finite(pf, image)
 
     if has_seg:

@@ -99,6 +99,12 @@ def _integer_mean_std(values: np.ndarray, n: int) -> tuple[float, float]:
     sq_dtype = np.int32 if values.dtype.itemsize == 1 or values.dtype == np.int16 else np.int64
     s = int(values.sum(dtype=np.int64))
     s2 = int(np.square(values, dtype=sq_dtype).sum(dtype=np.int64))
+    return mean_std_of_sums(s, s2, n)
+
+
+def mean_std_of_sums(s: int, s2: int, n: int) -> tuple[float, float]:
+    """Mean and std from the exact sum and sum of squares of `n` integer values (the sums may
+    come from anywhere, e.g. preprocess/kernel.py: exact integers give the same floats)."""
     mean = s / n
     var = max((s2 - s * s / n) / n, 0.0)
     return mean, float(np.sqrt(var))

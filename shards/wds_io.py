@@ -29,29 +29,67 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _header(name: str, size: int) -> bytes:
+    """A member's ustar header: fixed mtime/owner/mode, so the bytes depend on the name and size only."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.size, info.mtime, info.mode = size, 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def tar_bytes(members: list[tuple[str, list]]) -> bytearray:
+    """An uncompressed ustar archive of `members` (name, payload buffers) in one buffer, laid out
+    as `tarfile` writes it: per member a 512-byte header, the payload, NULs to a 512-byte boundary;
+    then two zero blocks, and NULs to a multiple of tarfile's 10240-byte record."""
+    heads = [_header(name, _size(bufs)) for name, bufs in members]
+    total = sum(len(h) + _padded(_size(bufs)) for h, (_, bufs) in zip(heads, members)) + 2 * tarfile.BLOCKSIZE
+    total += -total % tarfile.RECORDSIZE
+    out = bytearray(total)  # zeros: the padding and the end blocks come free
+    view, pos = memoryview(out), 0
+    for h, (_, bufs) in zip(heads, members):
+        view[pos:pos + len(h)] = h
+        pos += len(h)
+        start = pos
+        for b in bufs:
+            b = memoryview(b).cast("B")
+            view[pos:pos + b.nbytes] = b
+            pos += b.nbytes
+        pos = start + _padded(pos - start)
+    return out
+
+
+def _size(bufs) -> int:
+    return sum(memoryview(b).nbytes for b in bufs)
+
+
+def _padded(n: int) -> int:
+    return n + (-n % tarfile.BLOCKSIZE)
 
 
 def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.ndarray,
                   slice_index: list[int]) -> tuple[Path, str]:
     """Write one patient's slices as one tar, atomically; returns (path, sha256). The tar is
-    assembled in memory (one patient) so it is hashed without reading the file back."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, z in enumerate(slice_index):
-            key = sample_key(pid, i)
-            meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
-            _add(tar, f"{key}.image.npy", npy_bytes(image[i]))
-            _add(tar, f"{key}.mask.npy", npy_bytes(mask[i]))
-            _add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
-    data = buf.getbuffer()
+    assembled in memory (one patient) in one buffer -- each slice's bytes copied once, after the
+    `.npy` header that all its slices share -- so it is hashed without reading the file back."""
+    image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
+    members = []
+    if len(slice_index):
+        img_head, mask_head = _npy_header(image[0]), _npy_header(mask[0])
+    for i, z in enumerate(slice_index):
+        key = sample_key(pid, i)
+        meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
+        members += [(f"{key}.image.npy", [img_head, image[i]]), (f"{key}.mask.npy", [mask_head, mask[i]]),
+                    (f"{key}.meta.json", [json.dumps(meta, sort_keys=True).encode()])]
+    data = tar_bytes(members)
     write_bytes(path, data)
     return path, hashlib.sha256(data).hexdigest()
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    """The `.npy` header of an array like `arr` (`npy_bytes` minus the data)."""
+    full = npy_bytes(arr)
+    return full[:len(full) - arr.nbytes]
 
 
 def read_npy(data: bytes, where: str = ".npy payload") -> np.ndarray:

@@ -212,6 +212,7 @@ def test_integer_statistics_are_exact_where_int64_squares_overflow():
 def test_non_finite_normalised_image_fails_the_patient(release_copy, tmp_path, monkeypatch):
     """Whatever goes wrong upstream, no Inf reaches a shard: a z-score beyond float16 fails the patient."""
     monkeypatch.setattr(steps, "brain_stats", lambda vol, brain, n=None: (0.0, 1e-6))
+    monkeypatch.setattr(steps, "mean_std_of_sums", lambda s, s2, n: (0.0, 1e-6))  # the compiled kernel's sums
     pf = discover(release_copy).patients[0]
     with pytest.raises(InputError, match=rf"{pf.pid}: normalised .*_t1.nii.gz.* float16 range") as e:
         process_patient(pf, PreprocessConfig(size=32))
