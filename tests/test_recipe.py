@@ -2,7 +2,6 @@
 context, folds, and the recipe end to end (train -> checkpoint -> predict, ensembles)."""
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest

@@ -521,13 +521,12 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
         n += len(batch["keys"])
         pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, K, H, W) bool
         conf += confusion(pred, truth)
-        sub_conf += confusion(*(torch.from_numpy(subregions_of(to_regions(t.numpy(), mask_mode, 1, rel), 1, rel))
-                                for t in (pred, truth)))
-        _count_patient_regions(patients, pred, truth, batch["patients"], mask_mode, rel)
+        pr, tr = to_regions(pred.numpy(), mask_mode, 1, rel), to_regions(truth.numpy(), mask_mode, 1, rel)  # once
+        sub_conf += confusion(torch.from_numpy(subregions_of(pr, 1, rel)), torch.from_numpy(subregions_of(tr, 1, rel)))
+        _count_patient_regions(patients, pr, tr, batch["patients"])
         if keep:
             _keep_largest_tumour(samples, batch, pred, truth, len(rel.modalities))
         if collect:
-            pr, tr = to_regions(pred.numpy(), mask_mode, 1, rel), to_regions(truth.numpy(), mask_mode, 1, rel)
             for i, pid in enumerate(batch["patients"]):
                 slices.setdefault(pid, []).append((pr[i], tr[i]))
     samples = sorted(samples.values(), key=lambda s: s["key"])[:keep]
@@ -537,12 +536,12 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
             "samples": samples, "stacks": stacks}
 
 
-def _count_patient_regions(patients: dict, pred: torch.Tensor, truth: torch.Tensor, pids: list[str],
-                           mask_mode: str, rel: Release = RELEASES["2020"]) -> None:
-    """Add a batch's region (TP, FP, FN) to each patient's running counts."""
-    n = len(rel.regions)
-    pr = to_regions(pred.numpy(), mask_mode, 1, rel).reshape(len(pids), n, -1)  # (B, R regions, H*W)
-    tr = to_regions(truth.numpy(), mask_mode, 1, rel).reshape(len(pids), n, -1)
+def _count_patient_regions(patients: dict, pred_regions: np.ndarray, true_regions: np.ndarray,
+                           pids: list[str]) -> None:
+    """Add a batch's region (TP, FP, FN), from bool (B, R, H, W) regions, to each patient's counts."""
+    n = pred_regions.shape[1]
+    pr = pred_regions.reshape(len(pids), n, -1)  # (B, R regions, H*W)
+    tr = true_regions.reshape(len(pids), n, -1)
     for pid, p, t in zip(pids, pr, tr):  # ids come with the batch: keys map '.' to '_' and cannot give them
         c = patients.setdefault(pid, np.zeros((n, 3), np.int64))
         c[:, 0] += (p & t).sum(1)
