@@ -18,7 +18,8 @@ Recipes:
   default     TrainConfig's defaults, seeds 0 and 1
   -<part>     the default with one ingredient switched back to the seed's (seed 0)
   -postprocess  the default's seed-0 model predicted without post-processing (no retraining)
-  +context    the default with one neighbouring slice on each side (when the default has none)
+  +context    the default with one neighbouring slice on each side (when the default has none),
+              seeds 0 and 1
   monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
 
 Results are kept per recipe under WORK/results/, so a stopped run continues where it was. Last
@@ -97,8 +98,9 @@ def recipes(s: dict, default: TrainConfig) -> dict[str, tuple[TrainConfig | None
         cfg = dataclasses.replace(base, **fields)
         if cfg != base:  # an ingredient the default does not use has nothing to ablate
             out[f"-{part}"] = (cfg, None)
-    if base.context == 0:  # measured as an addition instead
-        out["+context"] = (dataclasses.replace(base, context=1), None)
+    if base.context == 0:  # measured as an addition instead, with both seeds
+        for seed in (0, 1):
+            out[f"+context/s{seed}"] = (dataclasses.replace(base, context=1, seed=seed), None)
     out["-postprocess"] = (None, "default/s0")
     return out
 
@@ -178,7 +180,7 @@ def table(results: dict) -> str:
 def seed_spread(results: dict) -> dict:
     """For recipes run with seeds 0 and 1: mean Dice per region over the two, and half their gap."""
     out = {}
-    for base in ("seed", "default"):
+    for base in ("seed", "default", "+context"):
         pair = [results.get(f"{base}/s{i}") for i in (0, 1)]
         if all(pair):
             d = {g: [p["scores"][f"dice_{g}"]["mean"] for p in pair] for g in REGIONS}

@@ -129,7 +129,9 @@ def affine_problem(affine: np.ndarray) -> str | None:
     return None
 
 
-def validate(pf: PatientFiles, vols: dict) -> None:
+def validate(pf: PatientFiles, vols: dict) -> dict[str, int] | None:
+    """Refuse inconsistent volumes, naming the file; returns the segmentation's voxels per label
+    (None without one), counted once here and reused by `process_volumes`."""
     ref_name = pf.release.modalities[0]
     ref = vols[ref_name]
     for name, v in vols.items():
@@ -146,7 +148,8 @@ def validate(pf: PatientFiles, vols: dict) -> None:
         seg = vols[SEG].data
         if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
             raise steps.InputError(f"{_name(pf, 'seg')} holds NaN/Inf values")
-        steps.label_counts(seg, pf.labels, _name(pf, SEG))
+        return steps.label_counts(seg, pf.labels, _name(pf, SEG))
+    return None
 
 
 def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarray:
@@ -188,8 +191,9 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
                                f"the float16 range (+-65504) of the shards: refused")
 
 
-def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None) -> PatientSlices:
-    """Steps 2-8 on loaded, validated volumes."""
+def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None,
+                    label_voxels: dict[str, int] | None = None) -> PatientSlices:
+    """Steps 2-8 on loaded, validated volumes (`label_voxels`: `validate`'s counts, when at hand)."""
     rel = pf.release
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
@@ -235,7 +239,8 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
     if has_seg:
         seg_s = geo.to_slices(seg, z_keep, cfg.size, labels=True)  # (S, H, W)
         mask = np.moveaxis(encode_mask(seg_s, rel, cfg.mask), 0, 1)  # (S, K, H, W)
-        label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
+        if label_voxels is None:
+            label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
     else:
         mask = np.zeros((len(z_keep), len(rel.channels(cfg.mask)), cfg.size, cfg.size), np.uint8)
         label_voxels = {}
@@ -249,5 +254,5 @@ def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None =
     if pf.problem:
         raise steps.InputError(pf.problem)
     vols, sources = load_patient(pf, root)
-    validate(pf, vols)
-    return process_volumes(pf, vols, cfg, sources)
+    counts = validate(pf, vols)
+    return process_volumes(pf, vols, cfg, sources, label_voxels=counts)

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -119,6 +120,60 @@ def test_same_bytes_whatever_the_worker_count(release_2020, tmp_path):
     assert a == b and "_run" not in a
     assert json.loads((tmp_path / "a" / "manifest.json").read_bytes()) == a  # what was written is what came back
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_local_workers_start_without_dask_malloc_trim(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap threshold, re-faulting every
+    patient's arrays; the build's own workers start without it unless the user set it."""
+    from dask.distributed import Client
+
+    from preprocess.build import _local_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with _local_cluster(1) as cluster, Client(cluster) as c:
+        assert list(c.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+        assert list(c.run(os.environ.get, "OMP_NUM_THREADS").values()) == ["1"]  # Dask's other settings stay
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    with _local_cluster(1) as cluster, Client(cluster) as c:
+        assert list(c.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == ["131072"]
+
+
+def test_labels_are_counted_once_per_patient(release_2020, monkeypatch):
+    from preprocess import steps
+
+    calls = []
+    real = steps.label_counts
+    monkeypatch.setattr(steps, "label_counts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pf = discover(release_2020).patients[0]
+    ps = process_patient(pf, PreprocessConfig(size=32))
+    assert len(calls) == 1
+    seg = np.asarray(nib.load(pf.files["seg"]).dataobj)
+    assert ps.label_voxels == {str(v): int((seg == v).sum()) for v in (0, 1, 2, 4) if (seg == v).any()}
+
+
+def test_failed_zarr_write_waits_for_the_tar_and_leaves_no_temporaries(release_2020, tmp_path, monkeypatch):
+    """The tar is written on a second thread while the Zarr arrays are encoded: when the Zarr
+    write fails, the build stops naming it, no temporary is left behind, and a re-run completes
+    to a fresh build's bytes."""
+    import errno
+
+    from shards import zarr_io
+    from shards.atomic import TMP_NAME
+
+    def full(path, *a, **kw):
+        time.sleep(0.2)  # the tar thread is still busy when this fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zarr_io, "write_patient", full)
+    out = tmp_path / "s"
+    with pytest.raises(BuildError, match=r"cannot write .*/zarr/.*BraTS20_Training_001.*: No space left"):
+        _build(release_2020, out)
+    assert [p for p in out.rglob("*") if TMP_NAME.match(p.name)] == []
+    assert not (out / ".build" / "done" / "BraTS20_Training_001.json").exists()
+    monkeypatch.undo()
+    _build(release_2020, out)
+    _build(release_2020, tmp_path / "fresh")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
 
 
 @pytest.mark.parametrize("kw, why", [
