@@ -160,8 +160,10 @@ class Geometry:
         """Steps 2-3: canonical (X, Y, Z) -> (S, size, size) of the kept slices inside the box:
         float32 by antialiased linear resampling, or (labels=True) the input dtype by nearest."""
         x0, x1, y0, y1 = self.crop_box
-        if labels:
-            return steps.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0), size)
+        if labels:  # the gather leaves (S, size, size) laid out slice-last: made contiguous once
+            # here (2 MB), which spares every later per-channel step a transposing copy
+            return np.ascontiguousarray(steps.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0),
+                                                            size))
         return kernel.resize_slices(canonical, self.crop_box, slice_index, size)
 
     def forward(self, vol: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
