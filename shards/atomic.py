@@ -55,7 +55,8 @@ def tmp_name(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk (for writers that renamed it into place unsynced)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -64,16 +65,21 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", sync: bool = True) -> Iterator[Path]:
     """Yield the temporary file path to write `path`'s content to; when the block ends normally
     it is flushed to disk and renamed over `path` (its folder is created first). If the block
-    raises, the temporary file is removed and `path` is left as it was."""
+    raises, the temporary file is removed and `path` is left as it was.
+
+    `sync=False` renames without waiting for the disk: still never half-written under its final
+    name if the process dies, but after a power loss it may be; the caller then owns durability
+    (the build flushes such files with `fsync_file` before recording them as finished)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path, suffix)
     try:
         yield tmp
-        _fsync(tmp)
+        if sync:
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -81,9 +87,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | os.PathLike, data) -> None:
-    """`data` (bytes or any buffer) as the whole content of `path`, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def write_bytes(path: str | os.PathLike, data, sync: bool = True) -> None:
+    """`data` (bytes or any buffer) as the whole content of `path`, atomically (`sync`: see
+    `atomic_path`)."""
+    with atomic_path(path, sync=sync) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 

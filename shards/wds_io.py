@@ -68,10 +68,11 @@ def _padded(n: int) -> int:
 
 
 def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.ndarray,
-                  slice_index: list[int]) -> tuple[Path, str]:
+                  slice_index: list[int], sync: bool = True) -> tuple[Path, str]:
     """Write one patient's slices as one tar, atomically; returns (path, sha256). The tar is
     assembled in memory (one patient) in one buffer -- each slice's bytes copied once, after the
-    `.npy` header that all its slices share -- so it is hashed without reading the file back."""
+    `.npy` header that all its slices share -- so it is hashed without reading the file back.
+    `sync=False`: renamed into place without waiting for the disk (`shards.atomic.atomic_path`)."""
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
     members = []
     if len(slice_index):
@@ -82,7 +83,7 @@ def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.
         members += [(f"{key}.image.npy", [img_head, image[i]]), (f"{key}.mask.npy", [mask_head, mask[i]]),
                     (f"{key}.meta.json", [json.dumps(meta, sort_keys=True).encode()])]
     data = tar_bytes(members)
-    write_bytes(path, data)
+    write_bytes(path, data, sync=sync)
     return path, hashlib.sha256(data).hexdigest()
 
 

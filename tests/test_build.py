@@ -176,6 +176,51 @@ def test_failed_zarr_write_waits_for_the_tar_and_leaves_no_temporaries(release_2
     assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
 
 
+def test_done_records_are_written_only_after_their_files_are_on_disk(release_2020, tmp_path, monkeypatch):
+    """Files are renamed into place unsynced and flushed on a background thread; a patient's done
+    record (which a re-run trusts) follows the flush of every one of its files, Zarr and tar."""
+    import preprocess.build as b
+
+    log = []
+    real_fsync, real_json = b.fsync_file, b.write_json
+    monkeypatch.setattr(b, "fsync_file", lambda p: (log.append(("fsync", Path(p))), real_fsync(p))[1])
+    monkeypatch.setattr(b, "write_json", lambda p, o: (log.append(("json", Path(p))), real_json(p, o))[1])
+    out = tmp_path / "s"
+    m = _build(release_2020, out)
+    for pid in m["patients"]:
+        done = next(i for i, (k, p) in enumerate(log) if k == "json" and p.name == f"{pid}.json")
+        synced = {p for k, p in log[:done] if k == "fsync"}
+        files = {out / f["path"] for f in m["files"] if f["patient"] == pid}
+        assert len(files) >= 6 and files <= synced  # zarr.json x3, two storage shards, the tar
+        assert any(p.suffix == ".tar" for p in files) and any("/c/" in p.as_posix() for p in files)
+
+
+def test_a_failed_flush_stops_the_build_and_the_patient_is_redone(release_2020, tmp_path, monkeypatch):
+    import errno
+
+    import preprocess.build as b
+
+    real = b.fsync_file
+
+    def failing(p):
+        if Path(p).name.endswith("BraTS20_Training_002.tar"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(p))
+        real(p)
+
+    monkeypatch.setattr(b, "fsync_file", failing)
+    out = tmp_path / "s"
+    with pytest.raises(BuildError, match=r"cannot write .*BraTS20_Training_002\.tar: Input/output error$"):
+        _build(release_2020, out)
+    assert not (out / "manifest.json").exists()
+    assert not (out / ".build" / "done" / "BraTS20_Training_002.json").exists()
+    assert (out / ".build" / "done" / "BraTS20_Training_001.json").exists()
+    monkeypatch.undo()
+    r = _run(release_2020, out)
+    assert r.built == 1 and r.reused == 5  # only the patient whose flush failed is built again
+    _build(release_2020, tmp_path / "fresh")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
+
+
 @pytest.mark.parametrize("kw, why", [
     (dict(formats=("zarr", "parquet")), "formats must be"), (dict(formats=()), "formats must be"),
     (dict(formats=("wds", "wds")), "formats must be"), (dict(formats="zarr"), "formats must be"),
