@@ -84,8 +84,9 @@ def prepare_data(work: Path, s: dict) -> tuple[Path, Path]:
     return shards, test
 
 
-def recipes(s: dict, default: TrainConfig) -> dict[str, tuple[TrainConfig | None, str | None]]:
-    """name -> (training config, or None for a predict-only variant; the model it reuses)."""
+def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dict[str, tuple[TrainConfig | None, str | None]]:
+    """name -> (training config, or None for a predict-only variant; the model it reuses).
+    `extra`: names like "-deep-supervision/s1" -- an ablation trained with another seed."""
     common = dict(base_channels=s["base"], depth=s["depth"], batch_size=s["batch"], epochs=s["epochs"],
                   max_batches=s["max_batches"], num_workers=1)
     seed_cfg = dataclasses.replace(TrainConfig(**common), **SEED_RECIPE)
@@ -102,6 +103,10 @@ def recipes(s: dict, default: TrainConfig) -> dict[str, tuple[TrainConfig | None
         for seed in (0, 1):
             out[f"+context/s{seed}"] = (dataclasses.replace(base, context=1, seed=seed), None)
     out["-postprocess"] = (None, "default/s0")
+    for name in sorted(extra):
+        part, _, seed = name.rpartition("/s")
+        if name not in out and part in out and out[part][0] is not None and seed.isdigit():
+            out[name] = (dataclasses.replace(out[part][0], seed=int(seed)), None)
     return out
 
 
@@ -178,10 +183,14 @@ def table(results: dict) -> str:
 
 
 def seed_spread(results: dict) -> dict:
-    """For recipes run with seeds 0 and 1: mean Dice per region over the two, and half their gap."""
+    """For recipes run with seeds 0 and 1 (an ablation's seed 0 is its plain name): mean Dice per
+    region over the two, and half their gap."""
     out = {}
-    for base in ("seed", "default", "+context"):
-        pair = [results.get(f"{base}/s{i}") for i in (0, 1)]
+    for name in results:
+        if not name.endswith("/s1"):
+            continue
+        base = name[:-3]
+        pair = [results.get(f"{base}/s0", results.get(base)), results[name]]
         if all(pair):
             d = {g: [p["scores"][f"dice_{g}"]["mean"] for p in pair] for g in REGIONS}
             out[base] = {g: {"mean": float(np.mean(v)), "half_range": float(abs(v[0] - v[1]) / 2)} for g, v in d.items()}
@@ -192,7 +201,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     ap.add_argument("--work", default="/tmp/brats-shards-quality")
-    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all, then monai)")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all, then monai); "
+                    "an ablation with another seed is NAME/sK, e.g. -deep-supervision/s1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-peer", action="store_true", help="skip the MONAI peer")
     a = ap.parse_args()
@@ -201,8 +211,8 @@ def main():
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     shards, test = prepare_data(work, s)
-    todo = recipes(s, TrainConfig())
     only = set(filter(None, a.only.split(",")))
+    todo = recipes(s, TrainConfig(), only)
     results = {}
     (work / "results").mkdir(parents=True, exist_ok=True)
     names = list(todo) + ([] if a.no_peer else ["monai"])
