@@ -202,7 +202,8 @@ def main():
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     ap.add_argument("--work", default="/tmp/brats-shards-quality")
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all, then monai); "
-                    "an ablation with another seed is NAME/sK, e.g. -deep-supervision/s1")
+                    "an ablation with another seed is NAME/sK; names starting with '-' need the = form: "
+                    "--only=-deep-supervision,-deep-supervision/s1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-peer", action="store_true", help="skip the MONAI peer")
     a = ap.parse_args()
