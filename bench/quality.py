@@ -105,8 +105,9 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     out["-postprocess"] = (None, "default/s0")
     for name in sorted(extra):
         part, _, seed = name.rpartition("/s")
-        if name not in out and part in out and out[part][0] is not None and seed.isdigit():
-            out[name] = (dataclasses.replace(out[part][0], seed=int(seed)), None)
+        like = out.get(part, out.get(f"{part}/s0", (None, None)))[0]
+        if name not in out and like is not None and seed.isdigit():
+            out[name] = (dataclasses.replace(like, seed=int(seed)), None)
     return out
 
 
@@ -183,19 +184,24 @@ def table(results: dict) -> str:
 
 
 def seed_spread(results: dict) -> dict:
-    """For recipes run with seeds 0 and 1 (an ablation's seed 0 is its plain name): mean Dice per
-    region over the two, and half their gap."""
+    """For recipes run with several seeds (seed 0 of an ablation is its plain name): mean Dice per
+    region over the seeds, half the range (max - min) / 2, and the number of seeds."""
+    groups = {}
+    for name, r in results.items():
+        base, _, seed = name.rpartition("/s")
+        if base and seed.isdigit():
+            groups.setdefault(base, {})[int(seed)] = r
+    for base in groups:
+        if 0 not in groups[base] and base in results:
+            groups[base][0] = results[base]
     out = {}
-    for name in results:
-        if not name.endswith("/s1"):
+    for base, runs in groups.items():
+        if len(runs) < 2:
             continue
-        base = name[:-3]
-        pair = [results.get(f"{base}/s0", results.get(base)), results[name]]
-        if all(pair):
-            d = {g: [p["scores"][f"dice_{g}"]["mean"] for p in pair] for g in REGIONS}
-            out[base] = {g: {"mean": float(np.mean(v)), "half_range": float(abs(v[0] - v[1]) / 2)} for g, v in d.items()}
+        d = {g: [r["scores"][f"dice_{g}"]["mean"] for r in runs.values()] for g in REGIONS}
+        out[base] = {g: {"mean": float(np.mean(v)), "half_range": float((max(v) - min(v)) / 2), "seeds": len(v)}
+                     for g, v in d.items()}
     return out
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
