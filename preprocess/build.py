@@ -36,6 +36,7 @@ import os
 import resource
 import shutil
 import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,9 +180,9 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     files = []
     attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
              "modalities": list(pf.release.modalities), "mask_channels": list(pf.release.channels(cfg.preprocess.mask))}
-    # The tar is written (and fsync'd) on a second thread while this one encodes the Zarr arrays:
-    # hashing, the copies, blosc and the disk wait all release the GIL, so the disk wait overlaps
-    # work. Both threads only read `ps`; each writes its own files atomically.
+    # The tar is assembled, hashed and written on a second thread while this one encodes the Zarr
+    # arrays (the copies, sha256, blosc and the writes release the GIL). Both threads only read
+    # `ps`; each writes its own files atomically, unflushed (flushed by `_SEALS`, below).
     with ThreadPoolExecutor(1, thread_name_prefix="tar") as pool:
         tar = pool.submit(_write_tar, out / paths["wds"], pf.pid, split, ps) if "wds" in cfg.formats else None
         if "zarr" in cfg.formats:
@@ -202,7 +203,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     }
     # The files were renamed into place without waiting for the disk; a background thread now
     # flushes them and only then writes the done record that a re-run trusts (`_seal`).
-    _seal_later([out / f["path"] for f in files], out / ".build" / "done" / f"{pf.pid}.json", record)
+    _SEALS.add(out, [out / f["path"] for f in files], _done_path(out, pf.pid), record)
     # measurements, not part of the done record (they vary run to run)
     return dict(record, seconds=time.perf_counter() - t0,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -218,18 +219,42 @@ def _write_tar(path: Path, pid: str, split: str, ps) -> tuple[Path, str]:
 # Waiting for the disk inside a task (an fsync of ~35 MB per patient: ~65 ms here) would stall
 # the worker; instead each process flushes its finished patients on one background thread, in
 # order, and writes each patient's done record only after its files are on disk. A re-run
-# therefore never trusts a patient whose files a power loss could have emptied, and the driver
-# waits for every process's flushes (`drain_seals`) before it writes the manifest.
+# therefore never trusts a patient whose files a power loss could have emptied. Before the
+# manifest, the driver waits for the flushes of its output folder in every process
+# (`drain_seals`), then seals itself any patient of this run whose done record is still missing
+# (its worker died after returning it).
 
-_sealer: ThreadPoolExecutor | None = None
-_sealing: list = []  # this process's pending seals, oldest first
+class _Seals:
+    """This process's pending flushes, per output folder: a build drains only its own."""
+
+    def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no seal thread
+
+    def _reset(self):
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: dict[str, list] = {}
+
+    def add(self, out: Path, files: list[Path], done_path: Path, record: dict) -> None:
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="seal")
+            self.pending.setdefault(str(out), []).append(self.pool.submit(_seal, files, done_path, record))
+
+    def drain(self, out: str) -> list[str]:
+        with self.lock:
+            futures = self.pending.pop(str(out), [])
+        errors = []
+        for f in futures:  # in the order they were queued
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 -- reported by the driver as one BuildError
+                errors.append(str(e) if isinstance(e, BuildError) else f"{type(e).__name__}: {e}")
+        return errors
 
 
-def _seal_later(files: list[Path], done_path: Path, record: dict) -> None:
-    global _sealer
-    if _sealer is None:
-        _sealer = ThreadPoolExecutor(1, thread_name_prefix="seal")
-    _sealing.append(_sealer.submit(_seal, files, done_path, record))
+_SEALS = _Seals()
 
 
 def _seal(files: list[Path], done_path: Path, record: dict) -> None:
@@ -240,21 +265,20 @@ def _seal(files: list[Path], done_path: Path, record: dict) -> None:
         write_json(done_path, record)
 
 
-def drain_seals() -> list[str]:
-    """Wait for this process's pending seals; returns the one-line reasons of those that failed."""
-    errors = []
-    while _sealing:
-        try:
-            _sealing.pop(0).result()
-        except Exception as e:  # noqa: BLE001 -- reported by the driver as one BuildError
-            errors.append(str(e) if isinstance(e, BuildError) else f"{type(e).__name__}: {e}")
-    return errors
+def drain_seals(out: str) -> list[str]:
+    """Wait for this process's pending flushes of output folder `out`; returns the one-line
+    reasons of those that failed (run on every Dask worker by the driver)."""
+    return _SEALS.drain(str(out))
 
 
 def _raise_seal_errors(errors: list[str]) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise BuildError(errors[0] + more)
+
+
+def _done_path(out: Path, pid: str) -> Path:
+    return out / ".build" / "done" / f"{pid}.json"
 
 
 # ---------------------------------------------------------------- driver
@@ -435,6 +459,7 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
     else:
         cluster = _local_cluster(min(workers, len(todo)))
         client = Client(cluster)
+    drained = None
     try:
         futures = {client.submit(build_patient, pf, args[0], args[1], split, args[2],
                                  key=f"patient-{pf.pid}-{time.time_ns()}", pure=False): pf.pid
@@ -448,8 +473,13 @@ def _run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
                 yield {"pid": futures[fut], "error": f"worker failed: {type(e).__name__}: {e}"}
             bar.update()
         # every worker's finished patients on disk, with their done records, before the manifest
-        _raise_seal_errors([e for errs in client.run(drain_seals).values() for e in errs])
+        # (a worker that cannot answer: `build` seals its patients itself)
+        drained = client.run(drain_seals, str(args[1]), on_error="return")
+        _raise_seal_errors([e for errs in drained.values() if isinstance(errs, list) for e in errs])
     finally:
+        if drained is None:  # stopped early: the workers' flushes end before the lock is released
+            with contextlib.suppress(Exception):
+                client.run(drain_seals, str(args[1]), on_error="ignore")
         bar.close()
         client.close()
         if cluster is not None:
@@ -532,8 +562,11 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
             rec = previous.get(pf.pid)
             if rec and not pf.problem and _valid_done(out, rec, splits[pf.pid], cfg):
                 done[pf.pid] = rec
-            else:
+            else:  # its done record, if any, no longer describes what will be on disk
                 todo.append((pf, splits[pf.pid]))
+                if rec:
+                    with _writing(_done_path(out, pf.pid)):
+                        _done_path(out, pf.pid).unlink(missing_ok=True)
         group_files = []
         if "zarr" in cfg.formats:
             with _writing(out / layout.ZARR_ROOT):
@@ -557,8 +590,11 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
                 pf = next(p for p in disc.patients if p.pid == pid)
                 record(build_patient(pf, str(in_root), str(out), "val", cfg))
         finally:  # this process's flushes end inside the lock, whatever happened
-            errors = drain_seals()
+            errors = drain_seals(str(out))
         _raise_seal_errors(errors)
+        for pid in sorted(built & set(done)):  # a worker that died after returning a patient
+            if not _done_path(out, pid).is_file():
+                _seal([out / f["path"] for f in done[pid]["files"]], _done_path(out, pid), done[pid])
         manifest = _manifest(out, disc, config, done, failed, group_files)
         _check_own_manifest(manifest, out)  # before the sweep: it deletes what the manifest omits
         _sweep(out, {f["path"] for f in manifest["files"]}, owned, set(splits) | set(previous))

@@ -1,9 +1,11 @@
 """Atomic file writes, hashing, and bounded reads of untrusted files: nothing half-written is
 ever under a final name, and nothing is read from a FIFO, a device or past a stated size.
 
-Every atomic write of the project goes through `atomic_path`: the content is written under
+Every atomic file write of the project goes through `atomic_path`: the content is written under
 `tmp_name(path)` (`.{name}.{pid}.tmp`, in the same folder, so the rename never crosses a file
-system), flushed to disk, then renamed over `path`. `TMP_NAME` matches those names, so a build
+system), flushed to disk, then renamed over `path`. The build's shard files are the exception:
+written with `sync=False` (and Zarr groups renamed as folders), they are flushed on a background
+thread before their patient is recorded as finished (`preprocess/build.py`). `TMP_NAME` matches those names, so a build
 can sweep exactly the leftovers of its own interrupted writes.
 """
 

@@ -153,25 +153,94 @@ def test_labels_are_counted_once_per_patient(release_2020, monkeypatch):
 
 def test_failed_zarr_write_waits_for_the_tar_and_leaves_no_temporaries(release_2020, tmp_path, monkeypatch):
     """The tar is written on a second thread while the Zarr arrays are encoded: when the Zarr
-    write fails, the build stops naming it, no temporary is left behind, and a re-run completes
-    to a fresh build's bytes."""
+    write fails, the build waits for the tar's thread, stops naming the Zarr path, leaves no
+    temporary behind, and a re-run completes to a fresh build's bytes."""
     import errno
 
-    from shards import zarr_io
+    from shards import wds_io, zarr_io
     from shards.atomic import TMP_NAME
 
+    real_tar = wds_io.write_patient
+
+    def slow_tar(*a, **kw):
+        time.sleep(0.3)  # still busy when the Zarr write fails
+        return real_tar(*a, **kw)
+
     def full(path, *a, **kw):
-        time.sleep(0.2)  # the tar thread is still busy when this fails
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    monkeypatch.setattr(wds_io, "write_patient", slow_tar)
     monkeypatch.setattr(zarr_io, "write_patient", full)
     out = tmp_path / "s"
     with pytest.raises(BuildError, match=r"cannot write .*/zarr/.*BraTS20_Training_001.*: No space left"):
         _build(release_2020, out)
+    assert [p.name.split("-", 1)[1] for p in (out / "wds").iterdir()] == ["BraTS20_Training_001.tar"]  # finished
     assert [p for p in out.rglob("*") if TMP_NAME.match(p.name)] == []
     assert not (out / ".build" / "done" / "BraTS20_Training_001.json").exists()
     monkeypatch.undo()
     _build(release_2020, out)
+    _build(release_2020, tmp_path / "fresh")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
+
+
+def test_patients_a_dead_worker_never_flushed_are_flushed_by_the_driver(release_2020, tmp_path, monkeypatch):
+    """A worker that returned a patient and died before flushing it: the driver flushes its files
+    and writes its done record itself before the manifest."""
+    import preprocess.build as b
+
+    synced = []
+    real = b.fsync_file
+    monkeypatch.setattr(b._SEALS, "add", lambda *a, **kw: None)  # the worker's flush never happens
+    monkeypatch.setattr(b, "fsync_file", lambda p: (synced.append(Path(p)), real(p))[1])
+    out = tmp_path / "s"
+    m = _build(release_2020, out)
+    assert {out / f["path"] for f in m["files"] if f["patient"]} <= set(synced)
+    monkeypatch.undo()
+    _build(release_2020, tmp_path / "fresh")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
+
+
+def test_flush_failures_on_dask_workers_stop_the_build(release_2020, tmp_path, monkeypatch):
+    from dask.distributed import LocalCluster
+
+    import preprocess.build as b
+
+    def failing(p):
+        raise OSError(5, "Input/output error", str(p))
+
+    monkeypatch.setattr(b, "fsync_file", failing)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(BuildError, match=r"cannot write .*: Input/output error \(and \d+ more\)$"):
+            _build(release_2020, tmp_path / "s", scheduler=cluster.scheduler_address)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_a_patient_rebuilt_loses_its_stale_done_record_first(release_2020, tmp_path, monkeypatch):
+    """A done record describes files on disk; when its patient is rebuilt (its files were found
+    incomplete), the record goes before the new, not yet flushed, files are written."""
+    import preprocess.build as b
+
+    out = tmp_path / "s"
+    real = b.fsync_file
+    monkeypatch.setattr(b, "fsync_file", lambda p: (_ for _ in ()).throw(OSError(5, "I/O error", str(p)))
+                        if "BraTS20_Training_003" in str(p) else real(p))
+    with pytest.raises(BuildError):
+        _build(release_2020, out)  # unfinished: patients 1, 2, 4, ... have done records, 3 not
+    monkeypatch.undo()
+    (tar,) = (out / "wds").glob("*-BraTS20_Training_001.tar")
+    assert (out / ".build" / "done" / "BraTS20_Training_001.json").is_file() and tar.is_file()
+    tar.write_bytes(tar.read_bytes()[:-512])  # no longer what its record says
+    seen = {}
+    real_task = b.build_patient
+
+    def task(pf, *a, **kw):
+        seen[pf.pid] = (out / ".build" / "done" / f"{pf.pid}.json").exists()
+        return real_task(pf, *a, **kw)
+
+    monkeypatch.setattr(b, "build_patient", task)
+    _build(release_2020, out)
+    assert seen == {"BraTS20_Training_001": False, "BraTS20_Training_003": False}
+    monkeypatch.undo()
     _build(release_2020, tmp_path / "fresh")
     assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
 
@@ -394,6 +463,7 @@ def test_build_on_a_separately_started_dask_cluster(release_2020, tmp_path):
         m = _build(release_2020, tmp_path / "d", scheduler=addr)
         ref = _build(release_2020, tmp_path / "ref")
         assert m == ref and m["failed"] == []
+        assert not (tmp_path / "d" / ".build").exists()  # every worker's flushes done, records removed
     finally:
         for p in (worker, sched):
             p.terminate()
