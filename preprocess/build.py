@@ -35,8 +35,8 @@ import json
 import os
 import resource
 import shutil
-import time
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
