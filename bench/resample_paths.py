@@ -35,13 +35,11 @@ import numba
 import numpy as np
 from PIL import Image
 
-from preprocess import kernel, steps
+from preprocess import kernel
 from preprocess.discover import discover
-from preprocess.geometry import Geometry
 from preprocess.nifti import decode_only
-from preprocess.pipeline import PreprocessConfig, brain_mask, load_patient, select_slices, validate
+from preprocess.pipeline import PreprocessConfig, load_patient, prepare_volumes, validate
 from preprocess.synthetic import make_demo_data
-from shards.domain import SEG
 
 DEFAULT_DATA = (Path("/tmp/k_bench64"), Path(tempfile.gettempdir()) / "brats-shards-bench-data")
 FIXED_BITS = 14  # weight scale: each axis's weights sum to exactly 2**14
@@ -61,25 +59,11 @@ def kernel_choice(name: str):
 
 
 def prepare(pf, root: Path, cfg: PreprocessConfig):
-    """`process_volumes` up to the image kernel: canonical images, brain mask, kept slices, crop
-    box, float32 volume statistics."""
+    """The build's own inputs to the image kernel (`pipeline.prepare_volumes`)."""
     vols, _ = load_patient(pf, root)
     validate(pf, vols)
-    ref = vols[pf.release.modalities[0]]
-    geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
-    images = [geo.to_canonical(steps.nonfinite_to_zero(vols[m].data)[0]) for m in pf.release.modalities]
-    brain = brain_mask(images)
-    seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if SEG in vols else None
-    z = select_slices(pf.pid, brain, seg, cfg)
-    if cfg.crop:
-        geo = geo.cropped(steps.square_box(brain.any(axis=2)))
-    n_brain = int(np.count_nonzero(brain))
-    means, stds = [], []
-    for img in images:
-        mean, std = steps.brain_stats(img, brain, n_brain)
-        means.append(np.float32(mean))
-        stds.append(np.float32(std if std > 1e-8 else 1.0))
-    return images, brain, z, geo.crop_box, means, stds
+    k = prepare_volumes(pf, vols, cfg)
+    return k.images, k.brain, k.slice_index, k.geometry.crop_box, k.means, k.stds
 
 
 # ---------------------------------------------------------------- the candidate paths
@@ -170,10 +154,8 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def as_float16(res32, b_small, means, stds) -> np.ndarray:
-    """`kernel.normalised_slices`' numpy arithmetic on already resized (S, M, H, W) float32."""
-    chans = [(res32[:, c] - m * b_small) / s for c, (m, s) in enumerate(zip(means, stds))]
-    with np.errstate(over="ignore"):
-        return np.stack(chans, axis=1).astype(np.float16)
+    """`kernel.normalise` (the numpy path's arithmetic) on already resized (S, M, H, W) float32."""
+    return kernel.normalise([res32[:, c] for c in range(res32.shape[1])], b_small, means, stds)
 
 
 def find_data(arg: Path | None, tmp: Path) -> Path:

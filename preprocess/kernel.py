@@ -141,9 +141,7 @@ def normalised_slices(images: list[np.ndarray], brain: np.ndarray, box, slice_in
     kern = _numba_kernel() if which() == "numba" else None
     if kern is None:
         b_small = resize_slices(brain.view(np.uint8), box, z, size)
-        chans = [(resize_slices(img, box, z, size) - m * b_small) / s for img, m, s in zip(images, means, stds)]
-        with np.errstate(over="ignore"):
-            return np.stack(chans, axis=1).astype(np.float16)
+        return normalise([resize_slices(img, box, z, size) for img in images], b_small, means, stds)
     S = len(z)
     b_small = np.empty((S, 1, size, size), np.float32)
     out = np.empty((S, len(images), size, size), np.float16)
@@ -153,6 +151,14 @@ def normalised_slices(images: list[np.ndarray], brain: np.ndarray, box, slice_in
             _resize_numba(kern, img, box, z, size, b_small, c, b_small, _per_slice(m, S), _per_slice(s, S),
                           out.view(np.uint16))
     return out
+
+
+def normalise(resized: list[np.ndarray], b_small: np.ndarray, means: list, stds: list) -> np.ndarray:
+    """The numpy path's arithmetic on resized slices: per modality (x - mean * B) / std with B the
+    resized brain mask, stacked to (S, M, size, size) and cast to float16 (overflow: Inf)."""
+    chans = [(x - m * b_small) / s for x, m, s in zip(resized, means, stds)]
+    with np.errstate(over="ignore"):
+        return np.stack(chans, axis=1).astype(np.float16)
 
 
 # ---------------------------------------------------------------- brain mask and exact sums

@@ -191,9 +191,22 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
                                f"the float16 range (+-65504) of the shards: refused")
 
 
-def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None,
-                    label_voxels: dict[str, int] | None = None) -> PatientSlices:
-    """Steps 2-8 on loaded, validated volumes (`label_voxels`: `validate`'s counts, when at hand)."""
+@dataclass(frozen=True)
+class KernelInputs:
+    """What the image kernel takes for one patient (`prepare_volumes`)."""
+    geometry: Geometry  # cropped when the recipe crops
+    images: list  # canonical (X, Y, Z) volumes, one per modality
+    brain: np.ndarray  # canonical brain mask
+    seg: np.ndarray | None  # canonical uint8 labels
+    slice_index: np.ndarray  # kept axial slices
+    means: list  # per modality: float32 scalar (volume) or (S, 1, 1) float32 (slice)
+    stds: list
+    nonfinite_voxels: int
+
+
+def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> KernelInputs:
+    """Steps 2-5 on loaded, validated volumes: reorient, brain mask, kept slices, crop box and the
+    normalisation statistics, up to the image kernel."""
     rel = pf.release
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
@@ -204,8 +217,7 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
         nonfinite += n
         stored.append(v)
     images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
-    has_seg = SEG in vols
-    seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if has_seg else None
+    seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if SEG in vols else None
 
     # the brain mask, and (compiled kernel, integer volumes) each volume's exact sums in one pass
     brain, sums = kernel.brain_and_sums(stored)
@@ -231,13 +243,22 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
         means.append(mean)
         stds.append(std)
+    return KernelInputs(geo, images, brain, seg, z_keep, means, stds, nonfinite)
+
+
+def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None,
+                    label_voxels: dict[str, int] | None = None) -> PatientSlices:
+    """Steps 2-8 on loaded, validated volumes (`label_voxels`: `validate`'s counts, when at hand)."""
+    rel = pf.release
+    k = prepare_volumes(pf, vols, cfg)
+    geo, z_keep = k.geometry, k.slice_index
     # gather, resize, normalise and cast in one kernel (compiled when numba is installed; same
     # bytes); overflow to Inf is caught, named, right below
-    image = kernel.normalised_slices(images, brain, geo.crop_box, z_keep, cfg.size, means, stds)  # (S, M, H, W) f16
+    image = kernel.normalised_slices(k.images, k.brain, geo.crop_box, z_keep, cfg.size, k.means, k.stds)  # (S, M, H, W) f16
     _check_finite(pf, image)
 
-    if has_seg:
-        seg_s = geo.to_slices(seg, z_keep, cfg.size, labels=True)  # (S, H, W)
+    if k.seg is not None:
+        seg_s = geo.to_slices(k.seg, z_keep, cfg.size, labels=True)  # (S, H, W)
         mask = np.moveaxis(encode_mask(seg_s, rel, cfg.mask), 0, 1)  # (S, K, H, W)
         if label_voxels is None:
             label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
@@ -246,7 +267,7 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
         label_voxels = {}
     return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
                          slice_index=[int(z) for z in z_keep], geometry=geo,
-                         label_voxels=label_voxels, sources=sources or {}, nonfinite_voxels=nonfinite)
+                         label_voxels=label_voxels, sources=sources or {}, nonfinite_voxels=k.nonfinite_voxels)
 
 
 def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None = None) -> PatientSlices:
