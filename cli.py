@@ -16,7 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    from shards.redact import redact  # a URL's password or token never reaches a terminal or a log
+
+    typer.echo(f"error: {redact(msg)}", err=True)
     raise typer.Exit(code)
 
 
