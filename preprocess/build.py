@@ -177,6 +177,8 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
         reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
         return {"pid": pf.pid, "error": reason}
     paths = plan_paths(pf.pid, split)
+    for fmt in cfg.formats:  # a link planted since the build checked its output (`_refuse_links`)
+        _refuse_link_on_the_way(out, paths[fmt])
     files = []
     attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
              "modalities": list(pf.release.modalities), "mask_channels": list(pf.release.channels(cfg.preprocess.mask))}
@@ -289,7 +291,8 @@ class OutputLock:
 
     def __enter__(self):
         with _writing(self.path):  # a read-only output folder fails here, first
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a `.lock` planted as a link never truncates the file it points to
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -363,6 +366,35 @@ def _previous_records(out: Path, config: dict) -> tuple[dict[str, dict], set[str
             records[rec["pid"]] = rec
             owned |= _file_paths(rec)
     return records, owned
+
+
+def _refuse_link_on_the_way(out: Path, rel: str) -> None:
+    """Refuse to write `out/rel` when a folder on the way to it (or it) is a symbolic link."""
+    p = out
+    for part in rel.split("/"):
+        p = p / part
+        if p.is_symlink():
+            raise BuildError(f"{p} is a symbolic link (planted during the build): a build writes only inside "
+                             f"its output folder and never follows a link there; remove the link and re-run")
+
+
+# what a build writes or deletes in its output folder (anything else there is the user's)
+_MANAGED = (".lock", ".build", MANIFEST, layout.ZARR_ROOT, layout.WDS_ROOT)
+
+
+def _refuse_links(out: Path) -> None:
+    """Refuse an output whose managed paths hold a symbolic link: following `OUTPUT/wds` ->
+    elsewhere would write and delete in a folder the user never named. Checked before the lock
+    is taken and again before the sweep deletes anything (a link planted during the run)."""
+    rel = layout.symlink_inside(out, _MANAGED)
+    if rel is None:
+        return
+    try:
+        target = f" (to {os.readlink(out / rel)})"
+    except OSError:  # removed meanwhile: still refused, this run saw it
+        target = ""
+    raise BuildError(f"{out / rel} is a symbolic link{target}: a build writes and deletes only inside its "
+                     f"output folder and never follows a link there; remove the link or build into a new folder")
 
 
 def _deletable(rel) -> bool:
@@ -550,6 +582,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create output folder {out}: {e.strerror or e}") from None
+    _refuse_links(out)
     workers = os.cpu_count() if workers is None else workers
     config = dict(cfg.to_dict(), convention=disc.convention, **set_channels(disc, cfg))
     with OutputLock(out):
@@ -597,6 +630,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
                 _seal([out / f["path"] for f in done[pid]["files"]], _done_path(out, pid), done[pid])
         manifest = _manifest(out, disc, config, done, failed, group_files)
         _check_own_manifest(manifest, out)  # before the sweep: it deletes what the manifest omits
+        _refuse_links(out)
         _sweep(out, {f["path"] for f in manifest["files"]}, owned, set(splits) | set(previous))
         with _writing(out / MANIFEST):
             write_json(out / MANIFEST, manifest)

@@ -63,3 +63,22 @@ def wds_tar(split: str, pid: str) -> str:
     """The tar of patient `pid` in `split` (named from the patient, so it never moves when other
     patients are added or removed)."""
     return f"{WDS_ROOT}/{split}-{pid}.tar"
+
+
+def symlink_inside(root, names) -> str | None:
+    """The first symbolic link among `root/name` for `names` and everything below them (links
+    never followed), as a '/'-separated path relative to `root`; None when there is none.
+
+    A writer that followed such a link would write, or delete, outside the folder its user
+    named (`OUTPUT/wds` -> someone else's folder), so callers refuse the whole folder instead."""
+    import os
+
+    for name in names:
+        top = os.path.join(root, name)
+        if os.path.islink(top):
+            return name
+        for dirpath, dirnames, filenames in os.walk(top):  # never descends into a linked folder
+            for n in sorted(dirnames + filenames):
+                if os.path.islink(os.path.join(dirpath, n)):
+                    return os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/")
+    return None
