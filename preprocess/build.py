@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from preprocess.discover import PatientFiles, discover
+from preprocess import nifti
 from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
@@ -172,6 +173,8 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     t0 = time.perf_counter()
     out = Path(out)
     try:
+        if not pf.problem:  # from the headers alone: volumes each legal alone may not fit together
+            nifti.check_patient_footprint(pf.files.values())
         ps = process_patient(pf, cfg.preprocess, Path(in_root))
     except Exception as e:  # recorded in the manifest's `failed`, never swallowed
         reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
@@ -568,8 +571,9 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
 
     from preprocess import kernel
 
-    try:  # a bad BRATS_SHARDS_KERNEL is one refusal, not every patient failing
+    try:  # a bad BRATS_SHARDS_KERNEL (or patient limit) is one refusal, not every patient failing
         kernel.which()
+        nifti.max_patient_bytes()
     except (ValueError, RuntimeError) as e:
         raise BuildError(str(e)) from None
     in_root, out = Path(input_dir).resolve(), Path(output_dir).resolve()

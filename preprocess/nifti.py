@@ -10,7 +10,10 @@ Input files are untrusted, so every read is bounded by what the NIfTI header pro
     30 times a 240x240x155 BraTS volume), with its data at most MAX_VOX_OFFSET bytes in;
   * the file, and for `.nii.gz` the inflated bytes, may not exceed vox_offset + data + SLACK:
     inflating stops there (a 4 MB gzip bomb is refused after SLACK extra bytes, not at 8 GB);
-  * complex and RGB voxel types are refused (their imaginary part / colour would be dropped).
+  * complex and RGB voxel types are refused (their imaginary part / colour would be dropped);
+  * a patient, all its files together, may promise at most `max_patient_bytes()` of voxels and
+    working copies (`patient_footprint`), checked from the headers before anything is inflated:
+    five volumes each legal alone (2**28 float64 voxels, 2 GiB) would otherwise take ~11 GB.
 Each refusal is an InputError naming the file.
 """
 
@@ -38,6 +41,12 @@ MAX_VOXELS = 2**28
 MAX_VOX_OFFSET = 2**24  # header + extensions
 SLACK = 2**16  # bytes tolerated past the promised data (padding some writers add)
 _HEAD = 540  # bytes that hold a NIfTI-1 (348) or NIfTI-2 (540) header
+# One patient's voxels and working copies (`patient_footprint`). A BraTS patient (5 x 240x240x155,
+# even float64) needs ~0.5 GB and a MEN-RT native-space one (2 x 512x512x300 float64) ~1.9 GB;
+# five such 512x512x300 float64 volumes (~4.7 GB) still pass. Raise it with the variable below.
+MAX_PATIENT_BYTES = 6 * 2**30
+PATIENT_BYTES_ENV = "BRATS_SHARDS_MAX_PATIENT_BYTES"
+WORKING_BYTES_PER_VOXEL = 4  # the float32 copy the recipe may make of each volume
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,63 @@ def _promised_bytes(hdr, name: str) -> tuple[int, int]:
         raise InputError(f"{name}: header data offset {vox} is outside 0..{MAX_VOX_OFFSET}: refused")
     offset = max(int(vox), 352 if hdr.sizeof_hdr == 348 else 544)
     return offset, count * dtype.itemsize
+
+
+def max_patient_bytes() -> int:
+    """The per-patient limit: BRATS_SHARDS_MAX_PATIENT_BYTES (bytes, a positive integer) or the
+    default; ValueError naming the variable for any other value."""
+    text = os.environ.get(PATIENT_BYTES_ENV, "").strip()
+    if not text:
+        return MAX_PATIENT_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{PATIENT_BYTES_ENV}={text[:40]!r} must be a positive number of bytes "
+                         f"(default {MAX_PATIENT_BYTES})")
+    return value
+
+
+def _header_of(path: Path):
+    """The header of `path` from its first bytes only (nothing more is read or inflated)."""
+    fd, _ = _open_regular(path)
+    with open(fd, "rb") as f:
+        first = f.read(2**16)
+    try:
+        head = _zlib.decompressobj(wbits=31).decompress(first, _HEAD) if path.name.endswith(".gz") else first[:_HEAD]
+    except _zlib.error as e:
+        raise ValueError(f"not a gzip stream: {e}") from None
+    return _parse_header(head)
+
+
+def patient_footprint(paths) -> tuple[int, str]:
+    """(bytes, the file promising the most) that a patient's files will take in memory, from their
+    headers: each volume's stored voxels plus a float32 working copy of them. A file whose header
+    cannot be read counts 0 here: `load_volume` names it when it gets there."""
+    total, worst, worst_bytes = 0, "", -1
+    for path in map(Path, paths):
+        try:
+            hdr = _header_of(path)
+        except (InputError, ValueError):
+            continue
+        _, nbytes = _promised_bytes(hdr, path.name)
+        need = nbytes + int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * WORKING_BYTES_PER_VOXEL
+        total += need
+        if need > worst_bytes:
+            worst, worst_bytes = path.name, need
+    return total, worst
+
+
+def check_patient_footprint(paths) -> None:
+    """Refuse (InputError naming its largest file; the caller names the patient) a patient whose headers promise
+    more than `max_patient_bytes()`, before any of its files is inflated."""
+    limit = max_patient_bytes()
+    total, worst = patient_footprint(paths)
+    if total > limit:
+        raise InputError(f"the headers of its files promise {total / 2**30:.1f} GiB of voxels and working copies "
+                         f"({worst} the most), more than the {limit / 2**30:.1f} GiB one patient may take: "
+                         f"refused before reading (raise {PATIENT_BYTES_ENV} if these volumes are real)")
 
 
 def read_payload(path: str | os.PathLike):

@@ -174,3 +174,94 @@ def test_a_link_planted_during_the_run_is_not_followed(built, release, fewer, tm
     monkeypatch.setattr(b, "process_patient", planting)
     _refused(_build(fewer, out), "wds", "symbolic link")
     assert _tree(elsewhere) == {f"train-{_pids(release)[1]}.tar": b"theirs"}
+
+
+# ---------------------------------------------------------------- case 21: one patient's memory, bounded from its headers
+
+def _nifti_header(shape, dtype) -> bytes:
+    import nibabel as nib
+    import numpy as np
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.dtype(dtype))
+    hdr.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    hdr.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    hdr["vox_offset"] = 352
+    return hdr.binaryblock + b"\0" * 4
+
+
+def _bomb(path: Path, shape, dtype, zeros: bytes | None) -> None:
+    """A .nii.gz whose header promises `shape` x `dtype`; its voxels (all zero) as repeated gzip
+    members of one small compressed block: a few MB on disk that inflate to the whole promise."""
+    import gzip
+
+    import numpy as np
+
+    data = gzip.compress(_nifti_header(shape, dtype), 1)
+    if zeros is not None:
+        total = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        block = 64 << 20
+        assert total % block == 0
+        data += zeros * (total // block)
+    path.write_bytes(data)
+
+
+_PEAK = """
+import resource, sys
+from cli import app
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), vm + (3 << 30)))  # never more than 3 GiB more
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sys.argv = ["cli.py"] + sys.argv[1:]
+try:
+    app()
+finally:
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    open(sys.argv[3] + ".rss", "w").write(str(grown * 1024))
+"""
+
+
+def test_a_float64_gzip_bomb_patient_is_refused_from_its_headers(release, tmp_path):
+    """Four modalities and a segmentation, each a legal 2**28-voxel float64 volume on its own
+    (2 GiB), together ~10 GiB inflated: the patient fails, naming a file and the limit, and the
+    build's memory grows by less than 300 MB (it never inflates them)."""
+    import gzip
+
+    inp = tmp_path / "in"
+    shutil.copytree(release, inp)
+    pid = _pids(release)[0]
+    zeros = gzip.compress(b"\0" * (64 << 20), 9)
+    for f in sorted((inp / pid).iterdir()):
+        _bomb(f, (4096, 4096, 16), "float64", zeros)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _PEAK, "build-shards", str(inp), str(out), "--workers", "0",
+                        "--size", "16", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr[-2000:])
+    line = next(l for l in r.stdout.splitlines() if f"FAILED {pid}" in l)
+    assert "BRATS_SHARDS_MAX_PATIENT_BYTES" in line and f"{pid}_" in line, line
+    assert int(Path(str(out) + ".rss").read_text()) < 300 << 20
+
+
+@pytest.mark.parametrize("shape,n", [((240, 240, 155), 5), ((182, 218, 182), 5), ((512, 512, 300), 2),
+                                     ((512, 512, 300), 5), ((240, 240, 155, 4), 2)],
+                         ids=["brats", "gli-2024", "men-rt", "five-native", "msd-4d"])
+def test_real_release_shapes_in_float64_still_fit(tmp_path, shape, n):
+    from preprocess.nifti import check_patient_footprint, patient_footprint
+
+    files = [tmp_path / f"v{i}.nii.gz" for i in range(n)]
+    for f in files:
+        _bomb(f, shape, "float64", None)  # the header is all the check reads
+    assert patient_footprint(files)[0] > 0
+    check_patient_footprint(files)
+
+
+def test_the_patient_limit_is_configurable_and_a_bad_value_is_refused(release, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRATS_SHARDS_MAX_PATIENT_BYTES", "1000")
+    code, so, se, exc = _build(release, tmp_path / "small")
+    assert code == 1 and exc is None, (so, se)
+    assert all(f"FAILED {p}" in so for p in _pids(release)) and "BRATS_SHARDS_MAX_PATIENT_BYTES" in so
+    for bad in ("lots", "-5", "0"):
+        monkeypatch.setenv("BRATS_SHARDS_MAX_PATIENT_BYTES", bad)
+        _refused(_build(release, tmp_path / bad), "BRATS_SHARDS_MAX_PATIENT_BYTES")
+        assert not (tmp_path / bad).exists()
