@@ -139,23 +139,34 @@ def build_shards(
     n = {s: len(p) for s, p in m["splits"].items()}
     typer.echo(f"{output}: {n['train']} train + {n['val']} val patients "
                f"({r.built} built, {r.reused} already done), {len(m['failed'])} failed")
+    if r.changed:  # a rebuilt patient is never silent: its input is not what the set held
+        typer.echo(f"rebuilt, their source files changed since the last build: {', '.join(r.changed)}")
     typer.echo(f"release: {m['config']['convention']} ({RELEASES[m['config']['convention']].description.split(' (')[0]})")
     _report_failed({f["patient"]: f["reason"] for f in m["failed"]})
 
 
 @app.command()
-def verify(shards: Annotated[Path, typer.Argument(help="Shard set folder.")]):
+def verify(
+    shards: Annotated[Path, typer.Argument(help="Shard set folder.")],
+    sources: Annotated[Optional[Path], typer.Option("--sources", help="Also re-hash the source files the manifest names, relative to this input folder, and name each that no longer matches.")] = None,
+):
     """Re-hash every file against the manifest and check slice counts."""
     from shards.manifest import verify as run
+    from shards.provenance import verify_sources
 
+    if sources is not None and not sources.is_dir():
+        _fail(f"--sources {sources} is not a folder (the input folder the set was built from)")
     with _refusals():
         problems = run(shards)
+        if sources is not None:
+            problems += verify_sources(shards, sources)
     for p in problems:
         typer.echo(f"BAD {p}")
     if problems:
         typer.echo(f"{shards}: {len(problems)} problem(s)")
         raise typer.Exit(1)
-    typer.echo(f"{shards}: OK, every file matches the manifest")
+    typer.echo(f"{shards}: OK, every file matches the manifest"
+               + (f", and every source file under {sources} matches it" if sources is not None else ""))
 
 
 @app.command()

@@ -47,7 +47,7 @@ from preprocess import nifti
 from preprocess.h5slices import NOTE as _H5_NOTE
 from preprocess.pipeline import PreprocessConfig, process_patient
 from preprocess.steps import InputError
-from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, wds_io, zarr_io
+from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, provenance, wds_io, zarr_io
 from shards.atomic import TMP_NAME, dumps, fsync_file, sha256_file, write_json
 from shards.domain import MASK_CHANNELS, MODALITIES
 from shards.errors import BratsShardsError
@@ -131,6 +131,7 @@ class BuildResult:
     reused: int  # patients whose files an earlier run into the folder had finished
     task_seconds: list[float] = field(default_factory=list)  # per patient built
     peak_rss_mb: list[float] = field(default_factory=list)  # per patient built: its worker's peak RSS
+    changed: list[str] = field(default_factory=list)  # patients rebuilt because their sources changed
 
 
 # ---------------------------------------------------------------- split
@@ -172,6 +173,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     Bad input is returned as {'pid', 'error'}; the build records it and carries on."""
     t0 = time.perf_counter()
     out = Path(out)
+    stamps = _stamps(pf, Path(in_root))  # before reading: a change while it is read shows next time
     try:
         if not pf.problem:  # from the headers alone: volumes each legal alone may not fit together
             nifti.check_patient_footprint(pf.files.values())
@@ -204,7 +206,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
         "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], ps.mask.shape[1], -1).sum(axis=(0, 2))],
         "pixels": int(ps.mask.shape[0] * ps.mask.shape[2] * ps.mask.shape[3]),
         "sources": ps.sources, "geometry": ps.geometry.to_dict(), "nonfinite_voxels": ps.nonfinite_voxels,
-        "notes": list(pf.notes), "files": files,
+        "notes": list(pf.notes), "files": files, "stamps": stamps,
     }
     # The files were renamed into place without waiting for the disk; a background thread now
     # flushes them and only then writes the done record that a re-run trusts (`_seal`).
@@ -212,6 +214,33 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     # measurements, not part of the done record (they vary run to run)
     return dict(record, seconds=time.perf_counter() - t0,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _relative(path, root: Path) -> str:
+    """A source's path as the manifest records it (pipeline.load_patient: relative to the input)."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _stamps(pf: PatientFiles, root: Path) -> dict:
+    """{source path: [size, mtime_ns]}: kept in the done record only (never in the manifest, which
+    must not depend on the machine), so a resumed build trusts an unchanged file without re-hashing."""
+    return {_relative(p, root): provenance.stamp(p) for p in pf.files.values()}
+
+
+def _changed_sources(root: Path, patients, reusable: dict) -> dict[str, list[str]]:
+    """{pid: why} of the patients whose done records no longer describe their input: other files
+    than those it was built from, or a file whose size, then sha256, differs (`shards.provenance`)."""
+    moved = {}
+    for pf in patients:
+        if pf.pid in reusable and not pf.slices:
+            now = {_relative(p, root) for p in pf.files.values()}
+            if now != provenance.source_paths(reusable[pf.pid].get("sources")):
+                moved[pf.pid] = ["its source files are not the ones it was built from"]
+    rest = {pid: rec for pid, rec in reusable.items() if pid not in moved}
+    return moved | provenance.changed_patients(root, rest)
 
 
 def _write_tar(path: Path, pid: str, split: str, ps) -> tuple[Path, str]:
@@ -595,9 +624,12 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
             write_json(out / ".build" / "config.json", config)
         splits = assign_splits([p.pid for p in disc.patients], cfg.val_fraction, cfg.split_seed)
         done, todo = {}, []
+        reusable = {pf.pid: previous[pf.pid] for pf in disc.patients if pf.pid in previous and not pf.problem
+                    and _valid_done(out, previous[pf.pid], splits[pf.pid], cfg)}
+        changed = _changed_sources(in_root, disc.patients, reusable)  # never "already done" on old input
         for pf in disc.patients:
             rec = previous.get(pf.pid)
-            if rec and not pf.problem and _valid_done(out, rec, splits[pf.pid], cfg):
+            if pf.pid in reusable and pf.pid not in changed:
                 done[pf.pid] = rec
             else:  # its done record, if any, no longer describes what will be on disk
                 todo.append((pf, splits[pf.pid]))
@@ -640,7 +672,8 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
             write_json(out / MANIFEST, manifest)
         shutil.rmtree(out / ".build", ignore_errors=True)
     return BuildResult(manifest, built=len(built & set(done)), reused=len(set(done) - built),
-                       task_seconds=[t for t, _ in timings], peak_rss_mb=[m for _, m in timings])
+                       task_seconds=[t for t, _ in timings], peak_rss_mb=[m for _, m in timings],
+                       changed=sorted(changed))
 
 
 def _check_own_manifest(manifest: dict, out: Path) -> None:
@@ -659,7 +692,7 @@ def _manifest(out: Path, disc, config: dict, done: dict, failed: dict, group_fil
                       "sha256": sha256_file(p), "patient": None, "split": None, "format": "zarr"})
     patients = {}
     for pid in sorted(done):
-        rec = {k: v for k, v in done[pid].items() if k not in ("files", "pid")}
+        rec = {k: v for k, v in done[pid].items() if k not in ("files", "pid", "stamps")}
         patients[pid] = rec
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION, "layouts": list(config["formats"])},

@@ -265,3 +265,173 @@ def test_the_patient_limit_is_configurable_and_a_bad_value_is_refused(release, t
         monkeypatch.setenv("BRATS_SHARDS_MAX_PATIENT_BYTES", bad)
         _refused(_build(release, tmp_path / bad), "BRATS_SHARDS_MAX_PATIENT_BYTES")
         assert not (tmp_path / bad).exists()
+
+
+# ---------------------------------------------------------------- case 8: a changed input is rebuilt
+
+def _flair(inp: Path, pid: str) -> Path:
+    return next((inp / pid).glob("*_flair.nii.gz"))
+
+
+def _change(path: Path, keep_stat: bool = False) -> None:
+    """Rewrite a volume with other voxels (brighter); `keep_stat`: then pad or cut the gzip to the
+    old size (a gzip reader stops at the stream's end... so pad with a second empty member) and
+    put the old mtime back, as a careless copy tool or a hostile colleague might."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    from preprocess.nifti import save_volume
+
+    st = path.stat()
+    img = nib.load(str(path))
+    save_volume(path, (np.asarray(img.dataobj) * 2 + 1).astype(np.int16), img.affine)
+    if keep_stat:
+        data = path.read_bytes()
+        pad = gzip.compress(b"", 9)
+        assert len(data) + len(pad) <= st.st_size, "the changed volume compresses larger"
+        # an empty gzip member as long as the gap: a gzip comment in its header fills it
+        gap = st.st_size - len(data)
+        data += _empty_member(gap)
+        path.write_bytes(data)
+        assert path.stat().st_size == st.st_size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _empty_member(n: int) -> bytes:
+    """A gzip member of exactly `n` bytes holding nothing (a comment pads its header)."""
+    import gzip
+    import struct
+    import zlib
+
+    body = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = body.compress(b"") + body.flush()
+    fixed = 10 + len(deflated) + 8
+    comment = b"x" * (n - fixed - 1) + b"\0"
+    header = b"\x1f\x8b\x08\x10" + b"\0" * 4 + b"\x00\xff"
+    member = header + comment + deflated + struct.pack("<II", zlib.crc32(b""), 0)
+    assert len(member) == n and gzip.decompress(member) == b""
+    return member
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def set_and_input(built, release, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "set"
+    shutil.copytree(release, inp)  # copy2: the same mtimes as the set's input
+    shutil.copytree(built, out, symlinks=True)
+    return inp, out
+
+
+@pytest.mark.parametrize("keep_stat", [False, True], ids=["plain", "same-size-and-mtime"])
+def test_a_changed_flair_is_rebuilt_to_the_bytes_of_a_fresh_build(set_and_input, tmp_path, keep_stat):
+    import json
+
+    inp, out = set_and_input
+    pid = _pids(inp)[1]
+    _change(_flair(inp, pid), keep_stat=keep_stat)
+    code, so, se, exc = _build(inp, out)
+    assert code == 0 and exc is None, (so, se)
+    assert "(1 built, 2 already done)" in so and pid in so, so
+    m = json.loads((out / "manifest.json").read_bytes())
+    assert m["patients"][pid]["sources"]["flair"]["sha256"] == _sha(_flair(inp, pid))
+    code, so, se, exc = _build(inp, tmp_path / "fresh")
+    assert code == 0, (so, se)
+    assert _tree(out) == _tree(tmp_path / "fresh")
+
+
+def test_an_interrupted_build_rebuilds_a_done_patient_whose_input_changed(release, tmp_path, monkeypatch):
+    """The done records of a killed build: a source changed since is not trusted."""
+    import preprocess.build as b
+
+    inp, out = tmp_path / "in", tmp_path / "set"
+    shutil.copytree(release, inp)
+
+    def stop(*a, **kw):
+        raise b.BuildError("stopped before the manifest")
+
+    monkeypatch.setattr(b, "_check_own_manifest", stop)
+    _refused(_build(inp, out), "stopped")
+    assert len(list((out / ".build" / "done").glob("*.json"))) == N
+    monkeypatch.undo()
+    pid = _pids(inp)[0]
+    _change(_flair(inp, pid))
+    code, so, se, exc = _build(inp, out)
+    assert code == 0 and "(1 built, 2 already done)" in so, (so, se)
+    code, so, se, exc = _build(inp, tmp_path / "fresh")
+    assert _tree(out) == _tree(tmp_path / "fresh")
+
+
+def test_a_renamed_or_removed_source_is_rebuilt_or_failed(set_and_input):
+    """Sources the manifest names that discovery no longer finds in the same place."""
+    inp, out = set_and_input
+    a, b = _pids(inp)[:2]
+    f = _flair(inp, a)
+    data = __import__("gzip").decompress(f.read_bytes())
+    f.unlink()
+    f.with_name(f.name[:-3]).write_bytes(data)  # the same volume, now as .nii
+    _flair(inp, b).unlink()
+    code, so, se, exc = _build(inp, out)
+    assert code == 1 and exc is None, (so, se)
+    assert f"FAILED {b}" in so and "(1 built, 1 already done)" in so, so
+
+
+def _verify(out, *more):
+    return _cli("verify", out, *more)
+
+
+def test_verify_sources_names_each_changed_or_missing_source(set_and_input):
+    inp, out = set_and_input
+    code, so, se, exc = _verify(out, "--sources", inp)
+    assert code == 0 and exc is None and "OK" in so, (so, se)
+    a, b = _pids(inp)[:2]
+    _change(_flair(inp, a), keep_stat=True)
+    seg = next((inp / b).glob("*_seg.nii.gz"))
+    seg.unlink()
+    code, so, se, exc = _verify(out, "--sources", inp)
+    assert code == 1 and exc is None, (so, se)
+    bad = [l for l in so.splitlines() if l.startswith("BAD")]
+    assert len(bad) == 2, so
+    assert a in bad[0] and _flair(inp, a).name in bad[0] and "sha256" in bad[0], bad
+    assert b in bad[1] and seg.name in bad[1] and "missing" in bad[1], bad
+    code, so, se, exc = _verify(out)  # the shard files themselves still match
+    assert code == 0, so
+
+
+def test_verify_sources_never_reads_outside_the_input(set_and_input, tmp_path):
+    """A manifest whose source paths climb out of INPUT (a hostile set) is named, not followed."""
+    import json
+
+    inp, out = set_and_input
+    pid = _pids(inp)[0]
+    m = json.loads((out / "manifest.json").read_bytes())
+    m["patients"][pid]["sources"]["flair"]["path"] = "../set/manifest.json"
+    m["patients"][pid]["sources"]["t1"]["path"] = "/etc/passwd"
+    (out / "manifest.json").write_text(json.dumps(m))
+    code, so, se, exc = _verify(out, "--sources", inp)
+    assert code == 1 and exc is None, (so, se)
+    bad = [l for l in so.splitlines() if l.startswith("BAD")]
+    assert any(pid in l and "../set/manifest.json" in l and "outside" in l for l in bad), bad
+    assert any(pid in l and "/etc/passwd" in l and "outside" in l for l in bad), bad
+
+
+def test_verify_sources_of_a_missing_folder_is_refused(set_and_input, tmp_path):
+    _, out = set_and_input
+    _refused(_verify(out, "--sources", tmp_path / "nowhere"), "--sources", "nowhere")
+
+
+def test_a_touched_but_unchanged_source_is_not_rebuilt(set_and_input):
+    """A new mtime alone is re-hashed, found equal, and the patient stays done (same bytes)."""
+    inp, out = set_and_input
+    before = _tree(out)
+    for f in (inp / _pids(inp)[0]).iterdir():
+        os.utime(f)
+    code, so, se, exc = _build(inp, out)
+    assert code == 0 and f"(0 built, {N} already done)" in so and "rebuilt" not in so, (so, se)
+    assert _tree(out) == before
