@@ -315,6 +315,14 @@ def evaluate(
         typer.echo(f"per-patient metrics: {csv_path}")
     if r["missing"]:
         typer.echo(f"no prediction for {len(r['missing'])} patient(s), scored as empty: {', '.join(r['missing'])}")
+    if r["assumed"]:  # a flat reference folder without --release: say which labels were read
+        from shards.domain import RELEASES
+
+        counts = {name: sum(v == name for v in r["assumed"].values()) for name in sorted(set(r["assumed"].values()))}
+        read = "; ".join(f"{n} patient(s) as {name} ({', '.join(map(str, RELEASES[name].label_values))})"
+                         for name, n in counts.items())
+        typer.echo(f"no --release for the flat reference folder: labels read by their values, {read}; "
+                   f"the conventions are 2020 (ET 4) and 2023 (ET 3); name another with --release")
     _report_failed(r["failed"])
 
 

@@ -64,6 +64,8 @@ def source_problem(root: Path, entry, known: list | None = None) -> str | None:
     matches). `known`: the [size, mtime_ns] seen when it was last read; equal means unchanged."""
     if not isinstance(entry, dict):
         return "its record is not an object"
+    if not isinstance(entry.get("path"), str):
+        return "its record names no path"
     path = _inside(root, entry.get("path"))
     if path is None:
         return "is absolute or leads outside the input folder: not read"
@@ -89,26 +91,30 @@ def source_problem(root: Path, entry, known: list | None = None) -> str | None:
 
 def source_paths(sources) -> set:
     """The paths of a patient's per-file source entries (see `_checkable`)."""
-    return {e.get("path") for e in _checkable(sources).values()}
+    return {e.get("path") for e in _checkable(sources).values() if isinstance(e, dict)}
 
 
 def _checkable(sources) -> dict:
     """The per-file source entries (an HDF5 slice folder, recorded as one combined digest of many
-    files, is left out: its files are not named one by one)."""
+    files, is left out: its files are not named one by one). Entries that are not objects are kept,
+    to be reported."""
     if not isinstance(sources, dict):
         return {}
-    return {k: e for k, e in sources.items() if isinstance(e, dict) and "files" not in e}
+    return {str(k): e for k, e in sources.items() if not (isinstance(e, dict) and "files" in e)}
 
 
 def source_problems(root: Path, sources, stamps=None) -> list[str]:
-    """'{file}: {why}' for each of a patient's source files that no longer matches its record."""
+    """'{file}: {why}' for each of a patient's source files that no longer matches its record (a
+    record that is not an object of records is itself a problem: never read as 'nothing to check')."""
+    if sources is not None and not isinstance(sources, dict):
+        return ["sources: the record is not an object of per-file records"]
     stamps = stamps if isinstance(stamps, dict) else {}
     out = []
-    for _, entry in sorted(_checkable(sources).items()):
-        rel = entry.get("path")
+    for key, entry in sorted(_checkable(sources).items()):
+        rel = entry.get("path") if isinstance(entry, dict) else None
         why = source_problem(root, entry, stamps.get(rel) if isinstance(rel, str) else None)
         if why is not None:
-            out.append(f"{str(rel)[:120]}: {why}")
+            out.append(f"{str(rel if isinstance(rel, str) else key)[:120]}: {why}")
     return out
 
 
@@ -130,4 +136,7 @@ def verify_sources(shards: str | Path, input_dir: str | Path) -> list[str]:
     m = load_manifest(shards)
     records = {pid: {"sources": p.get("sources")} for pid, p in m["patients"].items()}
     changed = changed_patients(Path(input_dir), records)
+    for pid, r in records.items():  # nothing recorded is nothing checked: said, never an OK
+        if not r["sources"] and pid not in changed:
+            changed[pid] = ["the manifest records no source files for this patient: not checked"]
     return [f"{pid}: {why}" for pid in sorted(changed) for why in changed[pid]]

@@ -435,3 +435,23 @@ def test_a_touched_but_unchanged_source_is_not_rebuilt(set_and_input):
     code, so, se, exc = _build(inp, out)
     assert code == 0 and f"(0 built, {N} already done)" in so and "rebuilt" not in so, (so, se)
     assert _tree(out) == before
+
+
+@pytest.mark.parametrize("sources", ["x", {"flair": [1]}, {"flair": {"path": 5, "bytes": -1, "sha256": None}},
+                                     {"flair": {"path": "a/b.nii.gz", "bytes": 10**30, "sha256": "0"}}],
+                         ids=["not-an-object", "entry-a-list", "wrong-types", "huge-size"])
+def test_verify_sources_names_an_unusable_source_record(set_and_input, sources):
+    """A hostile manifest's source records: each named as a problem, never a crash or an OK."""
+    import json
+
+    inp, out = set_and_input
+    pid = _pids(inp)[0]
+    m = json.loads((out / "manifest.json").read_bytes())
+    m["patients"][pid]["sources"] = sources
+    (out / "manifest.json").write_text(json.dumps(m))
+    code, so, se, exc = _verify(out, "--sources", inp)
+    if code == 2:  # the manifest itself refused: one line naming it
+        _refused((code, so, se, exc), "manifest.json")
+        return
+    assert code == 1 and exc is None, (so, se, exc)
+    assert any(l.startswith(f"BAD {pid}: ") for l in so.splitlines()), so

@@ -4,8 +4,11 @@ Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (label
 TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET (columns `dice_sub_NCR/NET`,
 ...), then the lesion-wise Dice and HD95 of each region (`lesion_dice_WT`, ..., `lesion_hd95_ET`).
 Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
-names; for a flat folder of <pid>.nii.gz files, from the ids (`release_of_id`), else from the label
-values (`release_of_values`, 2018-2021 vs 2023 glioma only). Releases other than the glioma sets
+names; for a flat folder of <pid>.nii.gz files, the one `--release` names, else the one the ids
+tell (`release_of_id`; BraTS-PED ids need the name), else the glioma convention (2018-2021 or
+2023) the reference's label values fit, which the output states. A prediction or reference
+holding a value that is not a label of its release (another convention's label, 7, -3, 0.999,
+NaN) fails that patient, naming the values: it would otherwise be scored as background. Releases other than the glioma sets
 are scored on their own regions and sub-regions (gli-2024: WT, TC, ET and RC; MEN-RT: GTV), as
 their official configs group them; the columns then name those.
 
@@ -53,8 +56,8 @@ from preprocess.geometry import spacing_of
 from preprocess.pipeline import affine_problem
 from preprocess.nifti import load_volume
 from preprocess.steps import apply_ornt, canonical_ornt
-from shards.domain import (REGIONS, SEG, SUBREGIONS, Release, release_of_id, release_of_values, subregion_channels,
-                           to_regions)
+from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_of_id, release_of_values,
+                           subregion_channels, to_regions)
 from shards.errors import BratsShardsError
 from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
 from train.metrics import dice
@@ -99,21 +102,55 @@ def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) ->
 
 def _references(ref_dir: Path, release: str | None = None) -> dict[str, tuple[Path, Release | None]]:
     """pid -> (segmentation path, release; None: read from the label values): a BraTS-layout
-    folder or flat <pid>.nii.gz files."""
+    folder or flat <pid>.nii.gz files (read as `release` when it is given)."""
     if not ref_dir.is_dir():
         raise EvaluateError(f"reference folder {ref_dir} does not exist or is not a folder")
     flat = sorted(p for p in ref_dir.iterdir() if re.search(r"\.nii(\.gz)?$", p.name))
     if flat:
-        out = {}
-        for p in flat:
-            pid = re.sub(r"(_seg)?\.nii(\.gz)?$", "", p.name)
-            out[pid] = (p, release_of_id(pid))  # None: read from the label values, in score_patient
-        return out
+        return _flat_references(flat, _named_release(release))
     try:
         disc = discover(ref_dir, need_seg=True, release=release)
     except DiscoveryError as e:
         raise EvaluateError(str(e)) from e
     return {p.pid: (p.files[SEG], p.release) for p in disc.patients if SEG in p.files}
+
+
+def _named_release(name: str | None) -> Release | None:
+    if name is None:
+        return None
+    if name not in RELEASES:
+        raise EvaluateError(f"unknown --release {name!r}; known: {', '.join(RELEASES)}")
+    return RELEASES[name]
+
+
+def _flat_references(files: list[Path], named: Release | None) -> dict[str, tuple[Path, Release | None]]:
+    """Flat <pid>.nii.gz references: the named release, else the one the id tells, else None (the
+    glioma convention read from the label values). Ids that several releases share with other
+    labels (BraTS-PED) need the name; one run scores one set of columns."""
+    out = {}
+    for p in files:
+        pid = re.sub(r"(_seg)?\.nii(\.gz)?$", "", p.name)
+        rel = named or release_of_id(pid)
+        shared = [r.name for r in RELEASES.values() if not r.detect and r.id_pattern and r.matches_id(pid)]
+        if rel is None and shared:  # PED 2023 and 2024: same ids, other labels; never guessed
+            raise EvaluateError(f"{p}: releases {' and '.join(shared)} name their cases alike but label them "
+                                f"differently; name the one this is (--release {shared[0]} or {shared[-1]})")
+        out[pid] = (p, rel)
+    _one_convention(out)
+    return out
+
+
+def _one_convention(refs: dict) -> None:
+    """Refuse a folder mixing releases scored on other regions (MEN-RT and 2020 ids): one CSV, one
+    set of columns. Ids that tell no release are glioma (2018-2021 or 2023: the same columns)."""
+    seen = {}
+    for pid, (_, rel) in sorted(refs.items()):
+        rel = rel or RELEASES["2020"]
+        seen.setdefault((tuple(rel.regions), tuple(rel.subregions)), (pid, rel.name))
+    if len(seen) > 1:
+        (a, ra), (b, rb) = list(seen.values())[:2]
+        raise EvaluateError(f"reference folder mixes releases scored on other regions: {a} is {ra}, {b} is {rb}; "
+                            f"evaluate each release separately")
 
 
 def _predictions(pred_dir: Path, refs: dict, ref_dir: Path) -> dict[str, Path | None]:
@@ -166,24 +203,77 @@ def _check_grid(path: Path, pred_shape, pred_affine, ref_shape, ref_affine) -> N
                             f"(tolerance {tol:.3g} mm): not the reference's grid")
 
 
-def score_patient(pid: str, ref_path: Path, rel: Release | None, pred_path: Path | None) -> dict:
-    """One patient's metrics row; PatientFailed when a file cannot be read or the grids differ."""
+def score_patient(pid: str, ref_path: Path, rel: Release | None, pred_path: Path | None,
+                  assumed: dict | None = None) -> dict:
+    """One patient's metrics row; PatientFailed when a file cannot be read, the grids differ or a
+    label map holds values that are not labels of the release. `assumed` collects pid -> release
+    for references whose release was read from their label values (flat folder, no --release)."""
     ref, ref_affine = _canonical(_load(ref_path, "reference"), ref_path)
+    ref_values = _label_values(ref, ref_path, "reference")
     if pred_path is None:
-        pred = np.zeros(ref.shape, np.uint8)
+        pred, pred_values = np.zeros(ref.shape, np.uint8), {0}
     else:
         pred, pred_affine = _canonical(_load(pred_path, "prediction"), pred_path)
         _check_grid(pred_path, pred.shape, pred_affine, ref.shape, ref_affine)
-    if rel is None:  # flat reference folder: the release whose enhancing label alone is present
-        rel = release_of_values(set(np.unique(ref).tolist()) | set(np.unique(pred).tolist()))
+        pred_values = _label_values(pred, pred_path, "prediction")
+    if rel is None:  # flat reference folder, no --release: the glioma convention its labels fit
+        rel = _glioma_of_values(ref_values, pred_values, ref_path)
+        if assumed is not None:
+            assumed[pid] = rel.name
+    _check_labels(ref_values, rel, ref_path, "reference", "name its release with --release")
+    _check_labels(pred_values, rel, pred_path, "prediction", "write predictions in the reference's labels")
     spacing = spacing_of(ref_affine)  # RAS axis order, as the arrays now are
-    return {"patient": pid, **patient_metrics(pred, ref, spacing, rel)}
+    return {"patient": pid, **patient_metrics(pred.astype(np.int16, copy=False), ref.astype(np.int16, copy=False),
+                                              spacing, rel)}
+
+
+def _label_values(data: np.ndarray, path: Path, what: str) -> set[int]:
+    """The distinct values of a label map, as ints; PatientFailed when they are not whole finite
+    numbers (0.999 x label, NaN, a complex or structured array): such a map has no labels to score."""
+    if data.dtype.kind not in "biuf":
+        raise PatientFailed(f"{what} {path} holds {data.dtype} values, not integer labels")
+    if data.dtype.kind == "f":
+        if np.isnan(data).any():
+            raise PatientFailed(f"{what} {path} holds NaN values, not integer labels")
+        if np.isinf(data).any():
+            raise PatientFailed(f"{what} {path} holds infinite values, not integer labels")
+        fractional = data != np.round(data)
+        if fractional.any():
+            raise PatientFailed(f"{what} {path} holds values that are not whole numbers (e.g. "
+                                f"{float(data[fractional].flat[0]):.6g}), not integer labels")
+    return {int(v) for v in np.unique(data).tolist()}
+
+
+def _check_labels(values: set[int], rel: Release, path: Path | None, what: str, hint: str) -> None:
+    """Every value must be a label of `rel`: another convention's label (2023's ET 3 against 2020
+    references) or a stray value would otherwise be scored as background without a word."""
+    bad = sorted(values - set(rel.label_values))
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise PatientFailed(f"{what} {path} holds label(s) {shown}, not labels of release {rel.name} "
+                            f"({', '.join(map(str, rel.label_values))}); {hint}")
+
+
+GLIOMA_CONVENTIONS = (RELEASES["2020"], RELEASES["2023"])
+
+
+def _glioma_of_values(ref_values: set[int], pred_values: set[int], ref_path: Path) -> Release:
+    """The glioma convention of a reference that comes without a release: the one its labels fit
+    (2018-2021: 0, 1, 2, 4; 2023: 0, 1, 2, 3); when both do (no ET, or no label above 2), the one
+    the prediction's ET label tells, else 2018-2021. Labels that fit neither are refused."""
+    fits = [r for r in GLIOMA_CONVENTIONS if ref_values <= set(r.label_values)]
+    if not fits:
+        raise PatientFailed(f"reference {ref_path} holds labels {', '.join(map(str, sorted(ref_values)))}, which fit "
+                            f"neither the 2018-2021 (0, 1, 2, 4) nor the 2023 (0, 1, 2, 3) glioma convention; name "
+                            f"its release with --release")
+    return fits[0] if len(fits) == 1 else release_of_values(pred_values)
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | None = None,
              progress: bool = True, release: str | None = None) -> dict:
     """Score every reference patient. Returns {"rows": [...], "summary": {...}, "missing": [pid]
-    (scored as empty), "failed": {pid: reason}}; EvaluateError when nothing can be scored."""
+    (scored as empty), "failed": {pid: reason}, "assumed": {pid: release read from the label
+    values (flat folder, no --release)}}; EvaluateError when nothing can be scored."""
     from tqdm import tqdm
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -191,11 +281,11 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | No
     if not refs:
         raise EvaluateError(f"no reference segmentations found in {ref_dir}")
     preds = _predictions(pred_dir, refs, ref_dir)
-    rows, missing, failed = [], [], {}
+    rows, missing, failed, assumed = [], [], {}, {}
     for pid, (ref_path, rel) in tqdm(sorted(refs.items()), desc="patients", unit="patient",
                                           disable=None if progress else True):
         try:
-            rows.append(score_patient(pid, ref_path, rel, preds[pid]))
+            rows.append(score_patient(pid, ref_path, rel, preds[pid], assumed))
         except PatientFailed as e:
             failed[pid] = " ".join(str(e).split())
             continue
@@ -204,7 +294,7 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | No
     summary = summarise(rows)
     if out_csv:
         write_csv(out_csv, rows)
-    return {"rows": rows, "summary": summary, "missing": missing, "failed": failed}
+    return {"rows": rows, "summary": summary, "missing": missing, "failed": failed, "assumed": assumed}
 
 
 def summarise(rows: list[dict]) -> dict:
