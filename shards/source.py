@@ -64,7 +64,16 @@ def _transient(e: BaseException) -> bool:
             return False
         if isinstance(e, aiohttp.ClientError):  # connection refused/reset, payload cut short
             return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # s3 is optional
+        BotoConnectionError = ()
+    if BotoConnectionError and isinstance(e, BotoConnectionError):  # refused, reset, timed out
+        return True
     return isinstance(e, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError))
+
+
+_SERVER_TEXT = 200  # characters of what a server says (a reason phrase, an error body) in one line
 
 
 def _reason(e: BaseException, timeout: float) -> str:
@@ -72,13 +81,22 @@ def _reason(e: BaseException, timeout: float) -> str:
         import aiohttp
 
         if isinstance(e, aiohttp.ClientResponseError):
-            return f"HTTP {e.status} {e.message}".strip()
+            return f"HTTP {e.status} {' '.join(str(e.message).split())[:_SERVER_TEXT]}".strip()
     except ImportError:  # pragma: no cover
         pass
+    if isinstance(e, TooSlow):
+        return str(e)
     if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
         return f"no response within the {timeout:g} s timeout ({type(e).__name__})"
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:_SERVER_TEXT]}" if text else type(e).__name__
+
+
+class TooSlow(TimeoutError):
+    """A transfer whose average rate fell below the minimum (a server that trickles bytes)."""
+
+
+MIN_RATE = 64 * 1024  # bytes/s a download must average, after its first `timeout` seconds
 
 
 class ShardSource:
@@ -86,13 +104,15 @@ class ShardSource:
 
     cache_dir/cache_bytes: where remote files are kept (content-addressed) and how many bytes at
     most; timeout: seconds a remote request may wait to connect or for its next data before it
-    counts as failed; retries/backoff: further attempts after a transient failure, sleeping
-    backoff, 2*backoff, 4*backoff, ... seconds before them.
+    counts as failed; min_rate: bytes per second a download must average after its first
+    `timeout` seconds (a download of n bytes thus ends within timeout + n / min_rate seconds, plus
+    at most one more `timeout` for a read in flight); retries/backoff: further attempts after a
+    transient failure, sleeping backoff, 2*backoff, 4*backoff, ... seconds before them.
     """
 
     def __init__(self, location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 20 * 2**30, storage_options: dict | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5):
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, min_rate: float = MIN_RATE):
         self.location = str(location).rstrip("/")
         if self.location.startswith("file://"):
             self.location = self.location[7:]
@@ -100,6 +120,7 @@ class ShardSource:
         self.storage_options = storage_options or {}
         self.cache_bytes = cache_bytes
         self.timeout, self.retries, self.backoff = float(timeout), max(0, int(retries)), float(backoff)
+        self.min_rate = float(min_rate)
         self._fs, self._fs_pid = None, None
         self._verified: set[str] = set()  # sha256 of cached files this process has hashed
         where = f"{self.location}/{MANIFEST}"
@@ -166,12 +187,15 @@ class ShardSource:
                 raise ShardSetError(f"{url} not found" + (": not a shard set, or its build has not finished"
                                                           if rel == MANIFEST else "")) from None
             except Exception as e:  # noqa: BLE001 - every remote failure becomes one clean line
+                earlier = f" (after {attempt - 1} failed attempt{'s' * (attempt > 2)} retried)" if attempt > 1 else ""
                 if not _transient(e):
-                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)} "
-                                        f"(attempt {attempt} of {attempts}; not retried)") from e
+                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)}; not retried, "
+                                        f"a permanent error{earlier}") from e
                 if attempt == attempts:
                     raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)}; "
-                                        f"gave up after {attempts} attempts") from e
+                                        f"gave up after {attempts} attempts" if attempts > 1 else
+                                        f"cannot read {url}: {_reason(e, self.timeout)}; not retried "
+                                        f"(no retries allowed)") from e
                 time.sleep(self.backoff * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
@@ -191,9 +215,10 @@ class ShardSource:
                     raise ShardSetError(f"{url} is {size} bytes, the manifest says {expected}; refusing it")
                 if size > limit:
                     raise ShardSetError(f"{url} is larger than {limit} bytes; refusing it")
-            chunks, got = [], 0
+            chunks, got, start = [], 0, time.monotonic()
             while chunk := f.read(min(_CHUNK, limit + 1 - got)):
                 got += len(chunk)
+                self._check_rate(url, got, expected, start)
                 if got > limit:  # one byte more than promised is enough to refuse; stop reading
                     raise ShardSetError(f"{url} sends more than " + (f"the manifest's {expected} bytes"
                                         if expected is not None else f"{limit} bytes") + "; refusing it")
@@ -201,6 +226,15 @@ class ShardSource:
         if expected is not None and got != expected:
             raise ShardSetError(f"{url} ended after {got} bytes, the manifest says {expected}; refusing it")
         return b"".join(chunks)
+
+    def _check_rate(self, url: str, got: int, expected: int | None, start: float) -> None:
+        """TooSlow when the transfer has fallen behind `min_rate` after its first `timeout` seconds:
+        a server that trickles a byte at a time never trips the per-read timeout."""
+        elapsed = time.monotonic() - start
+        if elapsed > self.timeout + got / self.min_rate:
+            of = f" of {expected}" if expected is not None else ""
+            raise TooSlow(f"too slow: {got}{of} bytes in {elapsed:.1f} s, below the minimum average of "
+                          f"{self.min_rate / 1024:g} KiB/s")
 
     def __getstate__(self):  # DataLoader workers: drop the fsspec instance, reopen lazily
         d = dict(self.__dict__)
