@@ -16,9 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _fail(msg: str, code: int = 2) -> None:
+    from shards.errors import one_line  # capped, and a DataLoader worker's traceback cut to its message
     from shards.redact import redact  # a URL's password or token never reaches a terminal or a log
 
-    typer.echo(f"error: {redact(msg)}", err=True)
+    typer.echo(f"error: {one_line(redact(msg))}", err=True)
     raise typer.Exit(code)
 
 
