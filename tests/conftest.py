@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,43 @@ def shard_set(release_2020, tmp_path_factory) -> Path:
 def shard_set_dotted(release_dotted, tmp_path_factory) -> Path:
     """shard_set's patients, two of them (one train, one val) with the dotted ids of DOTTED."""
     return _build_set(release_dotted, tmp_path_factory.mktemp("shards_dotted") / "set")
+
+
+# -- a local HTTP server of a shard set, for the remote reader's tests
+
+class _Handler(SimpleHTTPRequestHandler):
+    hooks: dict = {}  # URL path -> hook(handler) -> True when it answered the request itself
+    requests: dict = {}  # URL path -> GET requests seen
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        self.requests[path] = self.requests.get(path, 0) + 1
+        hook = self.hooks.get(path) or self.hooks.get("*")
+        if hook is not None and hook(self):
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def serve():
+    """serve(directory, hooks) -> (base URL, requests per path): a local HTTP server of a folder whose
+    hooks misbehave per path (remote shard set tests)."""
+    servers, release = [], threading.Event()
+
+    def start(directory, hooks=None):
+        requests = {}
+        handler = type("H", (_Handler,), {"hooks": hooks or {}, "requests": requests})
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", requests
+
+    start.release = release  # hanging hooks wait on it; set at teardown
+    yield start
+    release.set()
+    for s in servers:
+        s.shutdown()
+        s.server_close()

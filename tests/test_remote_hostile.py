@@ -6,15 +6,12 @@ capped line naming the URL and saying truthfully whether it was retried, also wh
 a DataLoader worker process.
 """
 
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,40 +20,6 @@ from shards.errors import BratsShardsError, one_line
 from shards.source import ShardSetError, ShardSource
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    hooks: dict = {}
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.path.split("?", 1)[0]
-        hook = self.hooks.get(path) or self.hooks.get("*")
-        if hook is not None and hook(self):
-            return
-        super().do_GET()
-
-
-@pytest.fixture
-def serve():
-    servers, stop = [], threading.Event()
-
-    def start(directory, hooks=None):
-        handler = type("H", (_Handler,), {"hooks": hooks or {}})
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-        srv.daemon_threads = True
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}"
-
-    start.stop = stop
-    yield start
-    stop.set()
-    for s in servers:
-        s.shutdown()
-        s.server_close()
 
 
 def _trickle(stop, body: bytes, every=0.05):
@@ -85,7 +48,7 @@ def _wds_entry(shard_set: Path) -> dict:
 def test_trickling_shard_is_given_up_on(shard_set, serve, tmp_path):
     entry = _wds_entry(shard_set)
     body = (shard_set / entry["path"]).read_bytes()
-    url = serve(shard_set, {f"/{entry['path']}": _trickle(serve.stop, body)})
+    url, _ = serve(shard_set, {f"/{entry['path']}": _trickle(serve.release, body)})
     src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=0.5, retries=1, backoff=0.01)
     t0 = time.monotonic()
     with pytest.raises(ShardSetError) as e:
@@ -97,7 +60,7 @@ def test_trickling_shard_is_given_up_on(shard_set, serve, tmp_path):
 
 def test_trickling_manifest_is_given_up_on(shard_set, serve, tmp_path):
     body = (shard_set / "manifest.json").read_bytes()
-    url = serve(shard_set, {"/manifest.json": _trickle(serve.stop, body)})
+    url, _ = serve(shard_set, {"/manifest.json": _trickle(serve.release, body)})
     t0 = time.monotonic()
     with pytest.raises(ShardSetError, match=r"manifest\.json: too slow.*gave up after 1 attempt|manifest\.json: too slow"):
         ShardSource(url, cache_dir=tmp_path / "cache", timeout=0.5, retries=0)
@@ -106,7 +69,7 @@ def test_trickling_manifest_is_given_up_on(shard_set, serve, tmp_path):
 
 def test_fast_server_is_not_too_slow(shard_set, serve, tmp_path):
     """The deadline grows with the size: a server that keeps up is never refused."""
-    url = serve(shard_set)
+    url, _ = serve(shard_set)
     src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=0.5, retries=0, min_rate=1024)
     entry = _wds_entry(shard_set)
     assert src.read(entry["path"]) == (shard_set / entry["path"]).read_bytes()
@@ -121,7 +84,7 @@ def test_a_long_reason_phrase_is_capped(shard_set, serve, tmp_path):
         h.end_headers()
         return True
 
-    url = serve(shard_set, {f"/{entry['path']}": chatty})
+    url, _ = serve(shard_set, {f"/{entry['path']}": chatty})
     src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=2, retries=1, backoff=0.01)
     with pytest.raises(ShardSetError) as e:
         src.read(entry["path"])
@@ -139,7 +102,7 @@ def test_a_permanent_error_says_it_was_not_retried(shard_set, serve, tmp_path):
         h.send_error(500 if len(seen) == 1 else 403)
         return True
 
-    url = serve(shard_set, {f"/{entry['path']}": first_500_then_403})
+    url, _ = serve(shard_set, {f"/{entry['path']}": first_500_then_403})
     src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=2, retries=3, backoff=0.01)
     with pytest.raises(ShardSetError) as e:
         src.read(entry["path"])
@@ -180,7 +143,7 @@ def test_train_over_a_404_in_a_worker_is_one_line(shard_set, serve, tmp_path):
     m = json.loads((served / "manifest.json").read_text())
     for f in m["files"]:  # every shard, whichever layout train reads
         (served / f["path"]).unlink()
-    url = serve(served)
+    url, _ = serve(served)
     env = {**os.environ, "BRATS_SHARDS_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", url, "--out", str(tmp_path / "run"),
                         "--epochs", "1", "--base-channels", "4", "--depth", "2", "--batch-size", "4",

@@ -4,7 +4,6 @@ Every server here is http.server on 127.0.0.1, serving a copy of a shard set, wi
 hooks that misbehave (wrong paths in the manifest, oversized or short bodies, HTTP 500, a hang).
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -12,7 +11,6 @@ import shutil
 import threading
 import time
 import tracemalloc
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,43 +19,6 @@ import pytest
 import shards.source
 from train.data import SliceStream, StreamConfig
 from shards.source import ShardSetError, ShardSource
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    hooks: dict = {}  # URL path -> hook(handler) -> True when it answered the request itself
-    requests: dict = {}  # URL path -> GET requests seen
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.path.split("?", 1)[0]
-        self.requests[path] = self.requests.get(path, 0) + 1
-        hook = self.hooks.get(path) or self.hooks.get("*")
-        if hook is not None and hook(self):
-            return
-        super().do_GET()
-
-
-@pytest.fixture
-def serve():
-    """serve(directory, hooks) -> (base URL, requests per path)."""
-    servers, release = [], threading.Event()
-
-    def start(directory, hooks=None):
-        requests = {}
-        handler = type("H", (_Handler,), {"hooks": hooks or {}, "requests": requests})
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}", requests
-
-    start.release = release  # hanging hooks wait on it; set at teardown
-    yield start
-    release.set()
-    for s in servers:
-        s.shutdown()
-        s.server_close()
 
 
 def _all_keys(src, fmt="wds"):
