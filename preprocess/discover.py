@@ -145,58 +145,197 @@ def _resolve(folder: Path, niftis: list[Path], need_seg: bool, forced: str | Non
     return PatientFiles(pid=pid, convention=conv, files=files, notes=tuple(notes), problem=problem)
 
 
-def _walk(root: Path):
-    """os.walk following symlinked folders (patient folders may be links), yielding (folder,
-    file names). Refuses, naming the link, a symlink to one of its own ancestors: os.walk would
-    follow it until the path is too long. A folder it cannot list refuses the input, named."""
-    def refuse(e: OSError):
-        raise DiscoveryError(f"cannot list {e.filename}: {e.strerror}")
+MAX_DEPTH = 100  # folder levels below the input; real releases nest patients 1-3 deep
+MAX_FOLDERS = 200_000  # folders one input may hold (a link to / would otherwise walk the whole disk)
 
-    for dirpath, dirnames, names in os.walk(root, followlinks=True, onerror=refuse):
-        links = [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        if links:  # the real folders this path runs through, root included
-            rel = Path(dirpath).relative_to(root)
-            chain = {os.path.realpath(root / p) for p in (rel, *rel.parents)}
-            for link in links:
-                if (target := os.path.realpath(link)) in chain:
-                    raise DiscoveryError(f"symlink loop in the input: {link} points to {target}, "
-                                         f"a folder that contains it; remove the link")
-        yield dirpath, names
+
+def _shown(root: Path, path: str) -> str:
+    """A path below `root` short enough for an error line (a deep one as its ends)."""
+    parts = Path(path).relative_to(root).parts
+    return str(root / Path(*parts)) if len(parts) <= 6 else f"{root / Path(*parts[:3])}/.../{Path(*parts[-2:])}"
+
+
+def _walk(root: Path):
+    """(folder, file names) of every folder below `root`, following symlinked folders (patient
+    folders may be links). An explicit stack, not os.walk, which recurses on Python 3.11: a tree
+    deeper than the recursion limit raised RecursionError. Refused with a DiscoveryError, named:
+    a folder that cannot be listed; a tree deeper than MAX_DEPTH; a symlink to one of its own
+    ancestors (a loop); a folder reached twice through links (links to links can make 2**N paths
+    with no loop; and a patient read twice is two patients of one scan)."""
+    def refuse(msg: str):
+        raise DiscoveryError(msg)
+
+    seen: dict[str, str] = {}  # real folder -> the path it was first reached by
+    seen[os.path.realpath(root)] = str(root)
+    stack = [(str(root), (os.path.realpath(root),))]  # (path, real paths of it and its ancestors)
+    while stack:
+        path, chain = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            refuse(f"cannot list {_shown(root, path)}: {e.strerror}")
+        folders = [e for e in entries if _is_dir(e)]
+        yield path, [e.name for e in entries if not _is_dir(e)]
+        if folders and len(chain) > MAX_DEPTH:
+            refuse(f"folders nested deeper than {MAX_DEPTH} levels in the input, at {_shown(root, folders[0].path)}; "
+                   f"give the folder that holds the patient folders as the input")
+        for e in reversed(folders):
+            real = os.path.realpath(e.path)
+            if e.is_symlink() and real in chain:
+                refuse(f"symlink loop in the input: {e.path} points to {real}, a folder that contains it; "
+                       f"remove the link")
+            if real in seen:
+                refuse(f"{_shown(root, e.path)} and {_shown(root, seen[real])} are the same folder {real} (through a "
+                       f"symbolic link); an input must hold each folder once: remove the link")
+            seen[real] = e.path
+            if len(seen) > MAX_FOLDERS:
+                refuse(f"more than {MAX_FOLDERS} folders under {root} (a link to a large tree?); "
+                       f"give the folder that holds the patient folders as the input")
+            stack.append((e.path, chain + (real,)))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a link: a symlinked patient folder is a folder
+    except OSError:  # a link that cannot be resolved is a file here, unreadable later (named then)
+        return False
+
+
+def _msd_files(root: Path, folder: str) -> dict[str, list[Path]]:
+    """id -> its NIfTI files in root/folder (`BRATS_001.nii` and `BRATS_001.nii.gz` are one id).
+    Hidden files (`._BRATS_001.nii.gz`, as the archive ships) are skipped."""
+    by_id: dict[str, list[Path]] = {}
+    for path in sorted((root / folder).glob("*.nii*")) if (root / folder).is_dir() else []:
+        if not path.name.startswith(".") and (m := _NII.match(path.name)) and path.is_file():
+            by_id.setdefault(m["stem"], []).append(path)
+    return by_id
 
 
 def _msd(root: Path, need_seg: bool) -> list[PatientFiles]:
-    """MSD Task01: each imagesTr/<id>.nii.gz (4D) with labelsTr/<id>.nii.gz; imagesTs/ (no labels)
-    too when no segmentation is needed (predict). Hidden files (`._BRATS_001.nii.gz`, as the
-    archive ships) are skipped."""
-    patients = []
+    """MSD Task01: each imagesTr/<id>.nii.gz (4D) with labelsTr/<id>.nii(.gz); imagesTs/ (no
+    labels) too when no segmentation is needed (predict). An id with two images (`.nii` beside
+    `.nii.gz`, or in both imagesTr/ and imagesTs/) or two labels fails that patient naming both
+    files: picking one could pair a scan with another's labels, and predict names its output
+    from the id, so one prediction would overwrite the other."""
+    images: dict[str, list[Path]] = {}
     for folder in MSD_FOLDERS if not need_seg else MSD_FOLDERS[:1]:
-        for path in sorted((root / folder).glob("*.nii*")) if (root / folder).is_dir() else []:
-            if path.name.startswith(".") or not (m := _NII.match(path.name)):
-                continue
-            pid, files = m["stem"], {IMAGE4D: path}
-            label = next((p for p in (root / "labelsTr" / path.name,) if p.is_file()), None)
-            if label is not None and folder == "imagesTr":
-                files[SEG] = label
-            problem = patient_id_problem(pid) or (f"no label file labelsTr/{path.name}"
-                                                  if need_seg and SEG not in files else None)
-            patients.append(PatientFiles(pid=pid, convention="msd", files=files, problem=problem))
+        for pid, paths in _msd_files(root, folder).items():
+            images.setdefault(pid, []).extend(paths)
+    labels = _msd_files(root, "labelsTr")
+    patients = []
+    for pid in sorted(images):
+        paths, segs = images[pid], [p for p in labels.get(pid, []) if images[pid][0].parent.name == "imagesTr"]
+        files = {IMAGE4D: paths[0], **({SEG: segs[0]} if segs else {})}
+        twice = paths if len(paths) > 1 else segs if len(segs) > 1 else None
+        problem = patient_id_problem(pid) or (
+            f"two files for {pid}: {' and '.join(str(p.relative_to(root)) for p in twice)}; remove the one that "
+            f"does not belong" if twice else
+            f"no label file labelsTr/{paths[0].name}" if need_seg and SEG not in files else None)
+        patients.append(PatientFiles(pid=pid, convention="msd", files=files, problem=problem))
     return patients
+
+
+def _claimed(pid: str, niftis: list[Path], rel: Release) -> int:
+    """How many of a folder's files `rel`'s naming claims for patient `pid`."""
+    return sum(_split_name(_NII.match(p.name)["stem"], pid) in rel.suffixes for p in niftis)
+
+
+def _strays_as(patients: list[PatientFiles], folders: dict, need_seg: bool) -> list[PatientFiles]:
+    """When every usable patient is of one release, a folder that fails and whose files name no
+    other release better (a lone segmentation, an `atlas/`: a tie or nothing claimed) is read as
+    that release, so it fails as one patient, named, instead of making the input a "mix"."""
+    usable = {p.convention for p in patients if not p.problem}
+    if len(usable) != 1:
+        return patients
+    (name,) = usable
+    out = []
+    for p in patients:
+        if p.problem and p.convention != name:
+            folder, niftis = folders[p.pid]
+            if _claimed(p.pid, niftis, RELEASES[name]) >= _claimed(p.pid, niftis, p.release):
+                p = _resolve(folder, niftis, need_seg, name)
+        out.append(p)
+    return out
 
 
 def _one_release(patients: list[PatientFiles], folders: dict, need_seg: bool) -> list[PatientFiles]:
     """The patients, all of one release: those of a release absorbed by another present one are
-    re-read as that one; any other mix is refused naming two patients of different releases."""
+    re-read as that one, stray folders as the release of the others (`_strays_as`); any other mix
+    is refused naming two patients of different releases."""
     present = {p.convention for p in patients}
     for name in sorted(present):
         for absorbed in set(RELEASES[name].absorbs) & present:
             patients = [_resolve(folders[p.pid][0], folders[p.pid][1], need_seg, name)
                         if p.convention == absorbed else p for p in patients]
+    patients = _strays_as(patients, folders, need_seg)
     first = patients[0]
     other = next((p for p in patients if p.convention != first.convention), None)
     if other is not None:
         raise DiscoveryError(f"input mixes releases: {first.pid} is {first.convention}, {other.pid} is "
                              f"{other.convention}; build each release separately")
     return patients
+
+
+def _misfit(pid: str, niftis: list[Path], given: str, need_seg: bool, folder: Path) -> str | None:
+    """The release a folder's names say, when they contradict `--release given` (None: they fit,
+    or the folder is named after no release's case, e.g. `atlas/`, and fails as a patient later).
+    They contradict when the id is one another release's pattern names and `given`'s does not
+    (GLI ids read as PED would store GLI's ET as PED's CC), when `given` has an id pattern the id
+    fails (unless a release it absorbs takes it: 2024 GLI over 2023's -000 cases), or when the
+    detected release's suffixes claim more of the files (2023's t1n read as 2020)."""
+    rel = RELEASES[given]
+    detected = _resolve(folder, niftis, need_seg).release
+    if not _claimed(pid, niftis, detected):
+        return None
+    confirmed = bool(rel.id_pattern) and rel.matches_id(pid)
+    named = [r.name for r in RELEASES.values() if r.id_pattern and r.layout == rel.layout and r.matches_id(pid)
+             and r.name != given and r.name not in rel.absorbs]
+    if named and not confirmed:
+        return " or ".join(named)
+    if rel.id_pattern and not confirmed and not any(RELEASES[a].matches_id(pid) for a in rel.absorbs):
+        return detected.name
+    if _claimed(pid, niftis, rel) < _claimed(pid, niftis, detected):
+        return detected.name
+    return None
+
+
+def _refuse_misfits(folders: dict, given: str, need_seg: bool) -> None:
+    """Refuse a `--release` that contradicts the folders' names, before anything is written,
+    naming the first folder, how many, and the release their names say."""
+    misfits = {pid: r for pid, (folder, niftis) in sorted(folders.items())
+               if (r := _misfit(pid, niftis, given, need_seg, folder))}
+    if misfits:
+        pid, says = next(iter(misfits.items()))
+        more = f" (and {len(misfits) - 1} more of {len(folders)} folders)" if len(misfits) > 1 else ""
+        raise DiscoveryError(f"--release {given} does not fit {pid}{more}: its names are those of {says} "
+                             f"(a {given} case is named like {RELEASES[given].case_id.format(index=1)}); "
+                             f"use --release {says}, or leave --release out to detect it")
+
+
+def _refuse_wrong_layout(root: Path, release: str | None, msd_here: bool) -> None:
+    """A `--release` of the other layout (a folder per patient vs MSD's imagesTr/) is refused
+    before anything is written: read the other way, every patient fails (or imagesTr/ and
+    labelsTr/ become two "patients") and an empty shard set would be written."""
+    if release is None:
+        return
+    layout = RELEASES[release].layout
+    if layout == "msd" and not msd_here:
+        raise DiscoveryError(f"--release {release} reads a Medical Segmentation Decathlon layout (imagesTr/, "
+                             f"labelsTr/), but {root} has no imagesTr/ folder; leave --release out to detect "
+                             f"the release of its patient folders")
+    if layout != "msd" and msd_here:
+        raise DiscoveryError(f"{root} is a Medical Segmentation Decathlon layout (imagesTr/), but --release "
+                             f"{release} reads a folder per patient; use --release msd, or leave --release out")
+
+
+def _refuse_nested_msd(root: Path, by_folder: dict) -> None:
+    """An MSD layout below the input (Task01_BrainTumour/imagesTr/) would be read as patients
+    named imagesTr and labelsTr: name the folder to give instead."""
+    for folder in sorted(by_folder):
+        if folder.name in (*MSD_FOLDERS, "labelsTr") and folder != root:
+            raise DiscoveryError(f"{folder.parent} holds a Medical Segmentation Decathlon layout ({folder.name}/): "
+                                 f"give {folder.parent} as the input")
 
 
 def _named_only(patients: list[PatientFiles]) -> None:
@@ -217,7 +356,9 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
         raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
     if release is not None and release not in RELEASES:
         raise DiscoveryError(f"unknown release {release!r}; known: {', '.join(RELEASES)}")
-    if any((root / f).is_dir() for f in MSD_FOLDERS) and release in (None, "msd"):
+    msd_here = any((root / f).is_dir() for f in MSD_FOLDERS)
+    _refuse_wrong_layout(root, release, msd_here)
+    if msd_here:
         patients = _msd(root, need_seg)
         if not patients:
             raise DiscoveryError(f"no MSD images (imagesTr/*.nii.gz) found under {root}")
@@ -237,6 +378,9 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
     if root in by_folder:
         loose = ", ".join(sorted(p.name for p in by_folder[root])[:3])
         raise DiscoveryError(f"NIfTI files directly in {root} ({loose}, ...): expected one folder per patient")
+    _refuse_nested_msd(root, by_folder)
+    if release is not None:
+        _refuse_misfits({f.name: (f, sorted(files)) for f, files in by_folder.items()}, release, need_seg)
     patients = [_resolve(folder, sorted(files), need_seg, release) for folder, files in by_folder.items()]
     patients.sort(key=lambda p: p.pid)
     ids = [p.pid for p in patients]

@@ -243,7 +243,8 @@ def load_volume(path: str | os.PathLike) -> RawVolume:
     data = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
     if np.isfinite(slope) and slope != 0 and (slope != 1 or (np.isfinite(inter) and inter != 0)):
-        data = data.astype(np.float32) * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
+        with np.errstate(over="ignore"):  # an overflow to Inf is counted, or fails the patient (pipeline)
+            data = data.astype(np.float32) * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
     return RawVolume(data=data, affine=np.asarray(hdr.get_best_affine(), dtype=np.float64), sha256=digest,
                      nbytes=size)
 

@@ -5,7 +5,8 @@ through `preprocess.geometry.Geometry`, which holds their inverse beside them):
   1. load the release's modalities (four, or MEN-RT's one; MSD's 4D volume split in its order)
      and the segmentation (reads bounded: see `preprocess.nifti`);
      validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
-     the release's set); NaN/Inf image voxels become 0 (counted)
+     the release's set); NaN/Inf image voxels become 0 (counted), but a modality where they are
+     more than half of the voxels with signal (nonzero or NaN/Inf) fails the patient, named
   2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
   3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped). Rule for
      defaced, not skull-stripped data (PED, MEN-RT): the same, so the "brain" is the head (every
@@ -214,6 +215,10 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
     stored = []
     for m in rel.modalities:
         v, n = steps.nonfinite_to_zero(vols[m].data)
+        if steps.mostly_nonfinite(v, n):
+            raise steps.InputError(f"{_name(pf, m)}: {n} of its {n + np.count_nonzero(v)} voxels with signal are NaN "
+                                   f"or Inf (more than half: an overflowing scl_slope in its header?); fix or "
+                                   f"replace the file")
         nonfinite += n
         stored.append(v)
     images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order

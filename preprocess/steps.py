@@ -70,6 +70,14 @@ def nonfinite_to_zero(vol: np.ndarray) -> tuple[np.ndarray, int]:
     return (np.where(bad, 0, vol).astype(vol.dtype) if n else vol), n
 
 
+def mostly_nonfinite(vol: np.ndarray, n_nonfinite: int) -> bool:
+    """Documented rule: a modality is unusable when more than half of its voxels that carry signal
+    (nonzero or NaN/Inf) are NaN/Inf. A handful of bad voxels become background and are counted;
+    a scan that overflowed as a whole (an scl_slope of 1e38 scales every voxel to Inf) would become
+    all background, a wrong image with only a count to say so. `vol`: with NaN/Inf already 0."""
+    return n_nonfinite > 0 and n_nonfinite > np.count_nonzero(vol)
+
+
 def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:
     """Mean and std; exact integer sums when the values are integers (the usual BraTS case)."""
     n = values.size
