@@ -207,7 +207,7 @@ def _msd_files(root: Path, folder: str) -> dict[str, list[Path]]:
     Hidden files (`._BRATS_001.nii.gz`, as the archive ships) are skipped."""
     by_id: dict[str, list[Path]] = {}
     for path in sorted((root / folder).glob("*.nii*")) if (root / folder).is_dir() else []:
-        if not path.name.startswith(".") and (m := _NII.match(path.name)) and path.is_file():
+        if not path.name.startswith(".") and (m := _NII.match(path.name)):
             by_id.setdefault(m["stem"], []).append(path)
     return by_id
 
@@ -339,8 +339,12 @@ def _refuse_nested_msd(root: Path, by_folder: dict) -> None:
 
 
 def _named_only(patients: list[PatientFiles]) -> None:
-    """Refuse ids that several releases share with different labels (BraTS-PED 2023 and 2024)."""
+    """Refuse ids that several releases share with different labels (BraTS-PED 2023 and 2024).
+    A folder none of whose files is named after its id (an atlas in a folder named as a case)
+    is not a patient of either: it fails on its own."""
     for p in patients:
+        if not p.files:
+            continue
         shared = [r.name for r in RELEASES.values() if not r.detect and r.id_pattern and r.matches_id(p.pid)]
         if shared:
             raise DiscoveryError(f"{p.pid}: releases {' and '.join(shared)} name their files alike but label "
@@ -372,6 +376,9 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
         from preprocess.h5slices import RELEASE, find_volumes
 
         volumes = find_volumes(root)
+        if volumes and release not in (None, RELEASE):  # the export's masks are 2020's channels
+            raise DiscoveryError(f"{root} is an HDF5 slice export (volume_*_slice_*.h5), always read as {RELEASE}; "
+                                 f"--release {release} does not fit it: leave --release out")
         if volumes:
             return Discovery(root=root, patients=[
                 PatientFiles(pid=v, convention=RELEASE, files={}, slices=tuple(s)) for v, s in volumes.items()])

@@ -363,3 +363,27 @@ def test_links_that_reach_one_folder_many_ways_are_refused_not_walked(tmp_path):
         os.symlink(nxt, d / "y")
     with pytest.raises(DiscoveryError, match="same folder"):
         discover(root)
+
+
+# ---------------------------------------------------------------- variants found attacking the fixes
+
+def test_a_release_given_for_an_hdf5_slice_export_is_refused(tmp_path):
+    from preprocess.h5slices import write_export
+    from preprocess.synthetic import make_case
+
+    case = make_case(1, shape=(16, 16, 4), release="2020", seed=1)
+    write_export(tmp_path / "h5", 1, np.stack(case.images), case.seg)
+    assert discover(tmp_path / "h5").convention == "2020"
+    with pytest.raises(DiscoveryError, match="--release 2023 does not fit"):
+        discover(tmp_path / "h5", release="2023")
+
+
+def test_a_stray_folder_named_as_a_ped_case_fails_alone(tmp_path):
+    """An atlas in a folder that happens to carry a PED id is not a PED patient: no refusal of the
+    whole (2023) input asking for --release ped-2023/ped-2024."""
+    root = _touch(tmp_path, "2023", _ids("2023"))
+    (root / "BraTS-PED-00001-000").mkdir()
+    (root / "BraTS-PED-00001-000" / "atlas.nii.gz").write_bytes(b"")
+    d = discover(root)
+    assert d.convention == "2023"
+    assert [p.pid for p in d.patients if p.problem] == ["BraTS-PED-00001-000"]
