@@ -3,43 +3,48 @@
 Handles every release of `shards.domain.RELEASES`: 2020 (`BraTS20_Training_001_t1ce.nii.gz`),
 2021 (`BraTS2021_00000_t1ce.nii.gz`), 2023+ (`BraTS-GLI-00000-000-t1c.nii.gz`, and the MEN, MET,
 SSA, PED and post-treatment GLI sets named alike, told apart by their ids), MEN-RT
-(`BraTS-MEN-RT-0000-1_t1c.nii.gz` + `_gtv`), `.nii` or `.nii.gz`, patient folders at any depth;
-and the Medical Segmentation Decathlon's Task01 (`imagesTr/BRATS_001.nii.gz` 4D, `labelsTr/`,
-`imagesTs/`). The convention is read from the file names (or named: `release=`), never from label
-values. One input holds one release: a mix is refused naming two patients of different ones. Files that are not NIfTI (csv tables, readme) are ignored. Known quirk: one BraTS 2020
-case ships its segmentation as `W39_1998.09.19_Segm.nii`; a folder whose only unclaimed NIfTI
-file has "seg" in its name uses that file as its segmentation, and says so.
+(`BraTS-MEN-RT-0000-1_t1c.nii.gz` + `_gtv`), `.nii` or `.nii.gz`, patient folders up to 100
+levels deep; and the Medical Segmentation Decathlon's Task01 (`imagesTr/BRATS_001.nii.gz` 4D,
+`labelsTr/`, `imagesTs/`). The convention is read from the file names (or named: `release=`),
+never from label values. One input holds one release: a mix is refused naming two patients of
+different ones, but a stray folder (a lone segmentation, an `atlas/`: files that name no other
+release better) is read as the others' release and fails as one patient, named. Files that are
+not NIfTI (csv tables, readme) are ignored. Known quirk: one BraTS 2020 case ships its
+segmentation as `W39_1998.09.19_Segm.nii`; a folder whose only unclaimed NIfTI file has "seg"
+in its name uses that file as its segmentation, and says so.
+
+A named release (`--release`) must fit the input, or the input is refused before anything is
+written, suggesting the release its names say: the layout (MSD's imagesTr/ or a folder per
+patient), and each patient folder's names (`_misfit`: GLI ids read as PED would store GLI's ET
+as PED's CC).
 
 Folder and file names are untrusted:
   * a patient id (its folder's name) must pass `shards.names.patient_id_problem` (plain
     characters, at most 80 long, because it becomes file and tar member names); a folder that
     fails is a failed patient (`problem`), the others build;
-  * two files for one modality (`P_t1.nii` next to a stale `P_t1.nii.gz`) fail that patient,
-    naming both: choosing one silently could mix two patients' scans;
-  * symlinked folders are followed, but a symlink that points back to one of its own
-    ancestors (a loop) refuses the whole input with a DiscoveryError naming the link; a
-    folder that cannot be listed (permissions) refuses it too, naming the folder: skipping
-    either would silently drop patients.
+  * two files for one modality (`P_t1.nii` next to a stale `P_t1.nii.gz`), or for one MSD id
+    (`.nii` beside `.nii.gz`, imagesTr/ and imagesTs/, two labels), fail that patient, naming
+    both: choosing one silently could mix two patients' scans, and predict would write both to
+    one file;
+  * the tree is walked by `preprocess.input_tree.walk` (no recursion; symlinked folders
+    followed): a symlink loop, a folder reached twice through links, a tree deeper than 100
+    levels or a folder that cannot be listed refuse the whole input with a DiscoveryError
+    naming the path: skipping any would silently drop patients.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocess.input_tree import DiscoveryError, walk
 from shards.domain import RELEASES, SEG, Release
-from shards.errors import BratsShardsError
 from shards.names import patient_id_problem
 
 _NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 IMAGE4D = "4d"  # the `files` key of an MSD patient's 4D image
 MSD_FOLDERS = ("imagesTr", "imagesTs")
-
-
-class DiscoveryError(BratsShardsError, ValueError):
-    """The input folder as a whole cannot be used (empty, mixed conventions)."""
 
 
 @dataclass(frozen=True)
@@ -143,63 +148,6 @@ def _resolve(folder: Path, niftis: list[Path], need_seg: bool, forced: str | Non
             notes.append(f"segmentation taken from non-standard file name {segs[0].name}")
     problem = _problem(pid, files, niftis, unclaimed, dupes, extra, need_seg, RELEASES[conv])
     return PatientFiles(pid=pid, convention=conv, files=files, notes=tuple(notes), problem=problem)
-
-
-MAX_DEPTH = 100  # folder levels below the input; real releases nest patients 1-3 deep
-MAX_FOLDERS = 200_000  # folders one input may hold (a link to / would otherwise walk the whole disk)
-
-
-def _shown(root: Path, path: str) -> str:
-    """A path below `root` short enough for an error line (a deep one as its ends)."""
-    parts = Path(path).relative_to(root).parts
-    return str(root / Path(*parts)) if len(parts) <= 6 else f"{root / Path(*parts[:3])}/.../{Path(*parts[-2:])}"
-
-
-def _walk(root: Path):
-    """(folder, file names) of every folder below `root`, following symlinked folders (patient
-    folders may be links). An explicit stack, not os.walk, which recurses on Python 3.11: a tree
-    deeper than the recursion limit raised RecursionError. Refused with a DiscoveryError, named:
-    a folder that cannot be listed; a tree deeper than MAX_DEPTH; a symlink to one of its own
-    ancestors (a loop); a folder reached twice through links (links to links can make 2**N paths
-    with no loop; and a patient read twice is two patients of one scan)."""
-    def refuse(msg: str):
-        raise DiscoveryError(msg)
-
-    seen: dict[str, str] = {}  # real folder -> the path it was first reached by
-    seen[os.path.realpath(root)] = str(root)
-    stack = [(str(root), (os.path.realpath(root),))]  # (path, real paths of it and its ancestors)
-    while stack:
-        path, chain = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            refuse(f"cannot list {_shown(root, path)}: {e.strerror}")
-        folders = [e for e in entries if _is_dir(e)]
-        yield path, [e.name for e in entries if not _is_dir(e)]
-        if folders and len(chain) > MAX_DEPTH:
-            refuse(f"folders nested deeper than {MAX_DEPTH} levels in the input, at {_shown(root, folders[0].path)}; "
-                   f"give the folder that holds the patient folders as the input")
-        for e in reversed(folders):
-            real = os.path.realpath(e.path)
-            if e.is_symlink() and real in chain:
-                refuse(f"symlink loop in the input: {e.path} points to {real}, a folder that contains it; "
-                       f"remove the link")
-            if real in seen:
-                refuse(f"{_shown(root, e.path)} and {_shown(root, seen[real])} are the same folder {real} (through a "
-                       f"symbolic link); an input must hold each folder once: remove the link")
-            seen[real] = e.path
-            if len(seen) > MAX_FOLDERS:
-                refuse(f"more than {MAX_FOLDERS} folders under {root} (a link to a large tree?); "
-                       f"give the folder that holds the patient folders as the input")
-            stack.append((e.path, chain + (real,)))
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()  # follows a link: a symlinked patient folder is a folder
-    except OSError:  # a link that cannot be resolved is a file here, unreadable later (named then)
-        return False
 
 
 def _msd_files(root: Path, folder: str) -> dict[str, list[Path]]:
@@ -368,7 +316,7 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
             raise DiscoveryError(f"no MSD images (imagesTr/*.nii.gz) found under {root}")
         return Discovery(root=root, patients=patients)
     by_folder: dict[Path, list[Path]] = {}
-    for dirpath, names in _walk(root):
+    for dirpath, names in walk(root):
         for name in names:
             if _NII.match(name) and not name.startswith("."):
                 by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
