@@ -387,3 +387,29 @@ def test_a_stray_folder_named_as_a_ped_case_fails_alone(tmp_path):
     d = discover(root)
     assert d.convention == "2023"
     assert [p.pid for p in d.patients if p.problem] == ["BraTS-PED-00001-000"]
+
+
+def test_predict_fails_an_msd_id_in_both_image_folders_and_writes_the_others_once(toy, tmp_path):
+    """predict's own loop (train.predict.write_predictions over discover(need_seg=False)): the
+    colliding id is named, with both files, and no output is written twice."""
+    from preprocess.pipeline import PreprocessConfig
+    from train.predict import prepare_patient, write_predictions
+
+    inp = _copy(toy, "msd", tmp_path / "in")
+    (inp / "imagesTs").mkdir()
+    shutil.copy(inp / "imagesTr" / "BRATS_003.nii.gz", inp / "imagesTs" / "BRATS_001.nii.gz")
+    shutil.copy(inp / "imagesTr" / "BRATS_003.nii.gz", inp / "imagesTs" / "BRATS_004.nii.gz")
+    calls = []
+
+    def label_map(pf):
+        ps, affine = prepare_patient(pf, PreprocessConfig(size=16))
+        calls.append(pf.pid)
+        return np.zeros(TINY, np.uint8), affine
+
+    r = write_predictions(discover(inp, need_seg=False).patients, tmp_path / "out", False, label_map)
+    assert sorted(r["failed"]) == ["BRATS_001"]
+    assert "imagesTr/BRATS_001.nii.gz" in r["failed"]["BRATS_001"]
+    assert "imagesTs/BRATS_001.nii.gz" in r["failed"]["BRATS_001"]
+    assert calls == ["BRATS_002", "BRATS_003", "BRATS_004"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BRATS_002.nii.gz", "BRATS_003.nii.gz",
+                                                                    "BRATS_004.nii.gz"]
