@@ -111,6 +111,15 @@ def _rewrite(path: Path, fn) -> None:
     nib.save(nib.Nifti1Image(data, img.affine, hdr), str(path))
 
 
+def _patch_slope(path: Path, slope: float) -> None:
+    """Write scl_slope into the header bytes (offset 112): nibabel recomputes it when it saves."""
+    import struct
+
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    raw = raw[:112] + struct.pack("<ff", slope, 0.0) + raw[120:]
+    path.write_bytes(gzip.compress(raw, 1) if path.name.endswith(".gz") else raw)
+
+
 def np_asarray(img):
     import numpy as np
 
@@ -167,11 +176,11 @@ def build_case(base: Path, work: Path, rng: random.Random) -> dict:
     elif what == "slope":  # one modality overflows to Inf after scaling
         img = next(p for p in files if not any(k in p.name for k in ("seg", "label")) and "labelsTr" not in str(p))
 
-        def huge(data, hdr):
-            hdr["scl_slope"] = 1e38
-            hdr["scl_inter"] = 0
-            return data.astype("float32") + 1000, hdr
-        _rewrite(img, huge)
+        def ints(data, hdr):
+            hdr.set_data_dtype("int16")
+            return (data.astype("float32") % 1000 + 1000).astype("int16"), hdr
+        _rewrite(img, ints)
+        _patch_slope(img, 1e38)
     elif what == "bomb":
         img = next(p for p in files if not any(k in p.name for k in ("seg", "label")) and "labelsTr" not in str(p))
         _gzip_bomb(img)
@@ -215,6 +224,8 @@ def build_check(case: dict, res: dict) -> list[str]:
             bad.append(f"{rel} folder built as {m['config']['convention']}")
         if case["what"] in ("slope", "bomb") and not m["failed"]:
             bad.append(f"{case['what']}: no patient failed")
+        if case["what"] == "slope" and "NaN or Inf" not in json.dumps(m["failed"]):
+            bad.append(f"an overflowing scl_slope failed for another reason: {json.dumps(m['failed'])[:200]}")
         if case["what"] in ("msd-dup",) and not m["failed"]:
             bad.append("colliding MSD ids: no patient failed")
     if case["what"] == "out-symlink" and res["code"] == 0:
@@ -650,7 +661,7 @@ def run_case(base: Path, scratch: Path, seed: int, surface: str, index: int) -> 
     problems = general_check(case, res, before, after) + check(case, res)
     rec = {"surface": surface, "case": index, "what": case.get("what"), "given": case.get("given"),
            "command": case.get("command", case["argv"][0]), "code": res["code"], "seconds": res["seconds"],
-           "err": res["err"][-300:], "problems": problems}
+           "out": res["out"][-300:], "err": res["err"][-300:], "problems": problems}
     subprocess.run(["rm", "-rf", str(work)])  # shutil.rmtree recurses: the deep trees would stop it
     return rec
 
