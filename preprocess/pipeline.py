@@ -5,8 +5,8 @@ through `preprocess.geometry.Geometry`, which holds their inverse beside them):
   1. load the release's modalities (four, or MEN-RT's one; MSD's 4D volume split in its order)
      and the segmentation (reads bounded: see `preprocess.nifti`);
      validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
-     the release's set); NaN/Inf image voxels become 0 (counted), but a modality where they are
-     more than half of the voxels with signal (nonzero or NaN/Inf) fails the patient, named
+     the release's set); NaN/Inf image voxels become 0 (counted), but a modality NaN/Inf on more
+     than half of the brain (step 3's mask), or with no brain left, fails the patient, named
   2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
   3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped). Rule for
      defaced, not skull-stripped data (PED, MEN-RT): the same, so the "brain" is the head (every
@@ -192,6 +192,15 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
                                f"the float16 range (+-65504) of the shards: refused")
 
 
+def _check_nonfinite(pf: PatientFiles, bad: dict, brain: np.ndarray) -> None:
+    """A modality NaN/Inf on most of the brain fails the patient, named (`steps.mostly_nonfinite`)."""
+    for m, where in bad.items():
+        if hit := steps.mostly_nonfinite(where, brain):
+            raise steps.InputError(f"{_name(pf, m)}: NaN or Inf on {hit[0]} of the {hit[1]} brain voxels (more than "
+                                   f"half, or no brain left: an overflowing scl_slope in its header?); fix or "
+                                   f"replace the file")
+
+
 @dataclass(frozen=True)
 class KernelInputs:
     """What the image kernel takes for one patient (`prepare_volumes`)."""
@@ -211,14 +220,12 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
     rel = pf.release
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
-    nonfinite = 0
+    nonfinite, bad = 0, {}
     stored = []
     for m in rel.modalities:
         v, n = steps.nonfinite_to_zero(vols[m].data)
-        if steps.mostly_nonfinite(v, n):
-            raise steps.InputError(f"{_name(pf, m)}: {n} of its {n + np.count_nonzero(v)} voxels with signal are NaN "
-                                   f"or Inf (more than half: an overflowing scl_slope in its header?); fix or "
-                                   f"replace the file")
+        if n:  # where, to weigh against the brain below (rare: recomputed rather than always kept)
+            bad[m] = ~np.isfinite(vols[m].data)
         nonfinite += n
         stored.append(v)
     images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
@@ -226,6 +233,7 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
 
     # the brain mask, and (compiled kernel, integer volumes) each volume's exact sums in one pass
     brain, sums = kernel.brain_and_sums(stored)
+    _check_nonfinite(pf, bad, brain)
     brain = geo.to_canonical(brain)
     z_keep = select_slices(pf.pid, brain, seg, cfg)
     if cfg.crop:

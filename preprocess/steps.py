@@ -70,12 +70,19 @@ def nonfinite_to_zero(vol: np.ndarray) -> tuple[np.ndarray, int]:
     return (np.where(bad, 0, vol).astype(vol.dtype) if n else vol), n
 
 
-def mostly_nonfinite(vol: np.ndarray, n_nonfinite: int) -> bool:
-    """Documented rule: a modality is unusable when more than half of its voxels that carry signal
-    (nonzero or NaN/Inf) are NaN/Inf. A handful of bad voxels become background and are counted;
-    a scan that overflowed as a whole (an scl_slope of 1e38 scales every voxel to Inf) would become
-    all background, a wrong image with only a count to say so. `vol`: with NaN/Inf already 0."""
-    return n_nonfinite > 0 and n_nonfinite > np.count_nonzero(vol)
+MAX_NONFINITE_BRAIN = 0.5  # a modality NaN/Inf on more than this fraction of the brain is unusable
+
+
+def mostly_nonfinite(bad: np.ndarray, brain: np.ndarray) -> tuple[int, int] | None:
+    """Documented rule: a modality is unusable when its NaN/Inf voxels (`bad`) cover more than half
+    of the brain (`brain`: nonzero in any modality once NaN/Inf are 0), or the brain is empty.
+    Returns (NaN/Inf voxels in the brain, brain voxels) then, else None. A handful of bad voxels,
+    or NaN written as background outside the brain, become background and are counted; a scan
+    that overflowed as a whole (an scl_slope of 1e38 scales every voxel to Inf) would become all
+    background, a wrong image with only a count to say so."""
+    n_brain = int(np.count_nonzero(brain))
+    n_bad = int(np.count_nonzero(bad & brain))
+    return (n_bad, n_brain) if n_brain == 0 or n_bad > MAX_NONFINITE_BRAIN * n_brain else None
 
 
 def _exact_mean_std(values: np.ndarray) -> tuple[float, float]:

@@ -288,6 +288,35 @@ def test_a_few_nonfinite_voxels_are_still_zeroed_and_counted(toy, tmp_path):
     assert ps.nonfinite_voxels == 5
 
 
+def test_nan_written_as_background_outside_the_brain_is_still_background(toy, tmp_path):
+    """Some tools write NaN outside the brain: most of the volume, none of the brain."""
+    import nibabel as nib
+
+    from preprocess.pipeline import PreprocessConfig, process_patient
+
+    inp = _copy(toy, "2020", tmp_path / "in")
+    pf = discover(inp).patients[0]
+    img = nib.load(str(pf.files["t2"]))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[data == 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(pf.files["t2"]))
+    ps = process_patient(pf, PreprocessConfig(size=16), inp)
+    assert ps.nonfinite_voxels == int(np.isnan(data).sum()) > data.size // 2
+
+
+def test_the_only_modality_all_inf_fails_its_patient_named(tmp_path):
+    """MEN-RT has one modality: overflowed, no brain is left to weigh it against."""
+    inp = tmp_path / "in"
+    write_release(inp, "men-rt", 2, shape=TINY, seed=4)
+    pf = discover(inp).patients[0]
+    _overflow(pf.files["t1gd"])
+    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.steps import InputError
+
+    with pytest.raises(InputError, match=f"{pf.files['t1gd'].name}: NaN or Inf"):
+        process_patient(pf, PreprocessConfig(size=16), inp)
+
+
 def test_a_modality_mostly_nan_fails_its_patient(toy, tmp_path):
     import nibabel as nib
 
