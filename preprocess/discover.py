@@ -181,7 +181,26 @@ def _msd(root: Path, need_seg: bool) -> list[PatientFiles]:
             f"does not belong" if twice else
             f"no label file labelsTr/{paths[0].name}" if need_seg and SEG not in files else None)
         patients.append(PatientFiles(pid=pid, convention="msd", files=files, problem=problem))
-    return patients
+    return _msd_strays(root, patients)
+
+
+def _msd_strays(root: Path, patients: list[PatientFiles]) -> list[PatientFiles]:
+    """A folder of NIfTI files beside imagesTr/ (an atlas, patient folders copied in) is not read
+    in an MSD layout: each is a failed entry, named, rather than silently left out."""
+    by_pid = {p.pid: p for p in patients}
+    for folder in sorted(root.iterdir()):
+        if folder.name in (*MSD_FOLDERS, "labelsTr") or folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            if not any(_NII.match(f.name) for f in folder.iterdir()):
+                continue
+        except OSError as e:  # as the folder walk does: skipping it could drop patients unsaid
+            raise DiscoveryError(f"cannot list {folder}: {e.strerror}") from None
+        why = f"{folder.name}/ is a folder beside imagesTr/ in an MSD layout and is not read; move it out of the input"
+        old = by_pid.get(folder.name)
+        by_pid[folder.name] = PatientFiles(pid=folder.name, convention="msd", files=old.files if old else {},
+                                           problem=f"{old.problem or ''} {why}".strip() if old else why)
+    return [by_pid[pid] for pid in sorted(by_pid)]
 
 
 def _claimed(pid: str, niftis: list[Path], rel: Release) -> int:
@@ -220,8 +239,10 @@ def _one_release(patients: list[PatientFiles], folders: dict, need_seg: bool) ->
     first = patients[0]
     other = next((p for p in patients if p.convention != first.convention), None)
     if other is not None:
+        odd = next((p for p in (other, first) if p.problem), None)  # an unusable folder: say why, too
         raise DiscoveryError(f"input mixes releases: {first.pid} is {first.convention}, {other.pid} is "
-                             f"{other.convention}; build each release separately")
+                             f"{other.convention}" + (f" ({odd.pid} cannot be used either: {odd.problem})" if odd else "")
+                             + "; build each release separately, or move the folder that does not belong out")
     return patients
 
 

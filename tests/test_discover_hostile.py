@@ -442,3 +442,23 @@ def test_predict_fails_an_msd_id_in_both_image_folders_and_writes_the_others_onc
     assert calls == ["BRATS_002", "BRATS_003", "BRATS_004"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BRATS_002.nii.gz", "BRATS_003.nii.gz",
                                                                     "BRATS_004.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["atlas", "BRATS_002"])
+def test_a_folder_beside_an_msd_layout_is_named_not_silently_left_out(toy, tmp_path, name):
+    inp = _copy(toy, "msd", tmp_path / "in")
+    (inp / name).mkdir()
+    shutil.copy(inp / "labelsTr" / "BRATS_001.nii.gz", inp / name / "mni152.nii.gz")
+    d = discover(inp)
+    bad = [p for p in d.patients if p.problem]
+    assert [p.pid for p in bad] == [name] and f"{name}/ is a folder beside imagesTr/" in bad[0].problem
+    assert len(d.patients) == 3 + (name == "atlas")
+
+
+def test_a_mix_with_an_unusable_folder_says_why_that_folder_fails(tmp_path):
+    root = _touch(tmp_path, "2023", _ids("2023"))
+    (root / "atlas").mkdir()
+    for m in ("t1", "t2"):
+        (root / "atlas" / f"atlas_{m}.nii.gz").write_bytes(b"")
+    with pytest.raises(DiscoveryError, match=r"atlas cannot be used either: missing t1gd"):
+        discover(root)
