@@ -462,3 +462,17 @@ def test_a_mix_with_an_unusable_folder_says_why_that_folder_fails(tmp_path):
         (root / "atlas" / f"atlas_{m}.nii.gz").write_bytes(b"")
     with pytest.raises(DiscoveryError, match=r"atlas cannot be used either: missing t1gd"):
         discover(root)
+
+
+def test_a_link_to_a_large_tree_is_refused_at_the_folder_limit(tmp_path, monkeypatch):
+    """A link to / would walk the whole disk: the walk stops at MAX_FOLDERS (made small here)."""
+    from preprocess import input_tree
+
+    monkeypatch.setattr(input_tree, "MAX_FOLDERS", 20)
+    big = tmp_path / "big"
+    for i in range(30):
+        (big / f"f{i}").mkdir(parents=True)
+    root = _touch(tmp_path / "in", "2020", _ids("2020"))
+    os.symlink(big, root / "everything")
+    with pytest.raises(DiscoveryError, match="more than 20 folders"):
+        discover(root)
