@@ -173,7 +173,8 @@ def _msd(root: Path, need_seg: bool) -> list[PatientFiles]:
     labels = _msd_files(root, "labelsTr")
     patients = []
     for pid in sorted(images):
-        paths, segs = images[pid], [p for p in labels.get(pid, []) if images[pid][0].parent.name == "imagesTr"]
+        paths = images[pid]
+        segs = labels.get(pid, []) if paths[0].parent.name == "imagesTr" else []  # imagesTs/ has none
         files = {IMAGE4D: paths[0], **({SEG: segs[0]} if segs else {})}
         twice = paths if len(paths) > 1 else segs if len(segs) > 1 else None
         problem = patient_id_problem(pid) or (
@@ -241,7 +242,7 @@ def _one_release(patients: list[PatientFiles], folders: dict, need_seg: bool) ->
     if other is not None:
         odd = next((p for p in (other, first) if p.problem), None)  # an unusable folder: say why, too
         raise DiscoveryError(f"input mixes releases: {first.pid} is {first.convention}, {other.pid} is "
-                             f"{other.convention}" + (f" ({odd.pid} cannot be used either: {odd.problem})" if odd else "")
+                             f"{other.convention}" + (f" ({odd.pid} cannot be used as it is: {odd.problem})" if odd else "")
                              + "; build each release separately, or move the folder that does not belong out")
     return patients
 
@@ -277,9 +278,10 @@ def _refuse_misfits(folders: dict, given: str, need_seg: bool) -> None:
     if misfits:
         pid, says = next(iter(misfits.items()))
         more = f" (and {len(misfits) - 1} more of {len(folders)} folders)" if len(misfits) > 1 else ""
+        detectable = all(RELEASES[n].detect for n in says.split(" or "))  # PED is never told by names alone
         raise DiscoveryError(f"--release {given} does not fit {pid}{more}: its names are those of {says} "
                              f"(a {given} case is named like {RELEASES[given].case_id.format(index=1)}); "
-                             f"use --release {says}, or leave --release out to detect it")
+                             f"use --release {says}" + (", or leave --release out to detect it" if detectable else ""))
 
 
 def _refuse_wrong_layout(root: Path, release: str | None, msd_here: bool) -> None:

@@ -460,7 +460,7 @@ def test_a_mix_with_an_unusable_folder_says_why_that_folder_fails(tmp_path):
     (root / "atlas").mkdir()
     for m in ("t1", "t2"):
         (root / "atlas" / f"atlas_{m}.nii.gz").write_bytes(b"")
-    with pytest.raises(DiscoveryError, match=r"atlas cannot be used either: missing t1gd"):
+    with pytest.raises(DiscoveryError, match=r"atlas cannot be used as it is: missing t1gd"):
         discover(root)
 
 
