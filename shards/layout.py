@@ -73,11 +73,13 @@ def symlink_inside(root, names) -> str | None:
     named (`OUTPUT/wds` -> someone else's folder), so callers refuse the whole folder instead."""
     import os
 
+    from shards.tree import walk  # not os.walk: it recurses, and a planted tree can be deep
+
     for name in names:
         top = os.path.join(root, name)
         if os.path.islink(top):
             return name
-        for dirpath, dirnames, filenames in os.walk(top):  # never descends into a linked folder
+        for dirpath, dirnames, filenames in walk(top):  # never descends into a linked folder
             for n in sorted(dirnames + filenames):
                 if os.path.islink(os.path.join(dirpath, n)):
                     return os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/")

@@ -18,6 +18,7 @@ from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout
 from shards.atomic import NotRegularFile, open_regular, read_bounded, sha256_file
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
+from shards.tree import walk
 
 SPLITS, LAYOUTS = layout.SPLITS, layout.LAYOUTS
 MAX_MANIFEST_BYTES = 256 * 2**20
@@ -241,7 +242,7 @@ def _unlisted(root: Path, m: dict) -> list[str]:
         base = root / top
         if not base.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in walk(base):  # not os.walk: it recurses on deep trees
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             for d in list(dirnames):
                 if os.path.islink(os.path.join(dirpath, d)):  # never followed: report it

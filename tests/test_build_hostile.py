@@ -455,3 +455,28 @@ def test_verify_sources_names_an_unusable_source_record(set_and_input, sources):
         return
     assert code == 1 and exc is None, (so, se, exc)
     assert any(l.startswith(f"BAD {pid}: ") for l in so.splitlines()), so
+
+
+def _deep(top: Path, levels: int = 1100) -> Path:
+    """A folder `levels` deep below `top`, made one level at a time (os.makedirs recurses)."""
+    d = top
+    for _ in range(levels):
+        d = d / "d"
+        d.mkdir(parents=d.parent == top)
+    return d
+
+
+@pytest.mark.parametrize("where", ["zarr/junk", "wds/junk", "zarr/train/stale"])
+def test_a_deep_tree_planted_in_a_set_is_named_not_a_recursion_error(set_and_input, where):
+    """verify and a re-run of the build walk OUTPUT: a tree past Python's recursion limit planted
+    in it is reported as unlisted (verify) or refused/left alone (build), never a traceback."""
+    inp, out = set_and_input
+    (_deep(out / where) / "x.bin").write_bytes(b"planted")
+    code, so, se, exc = _verify(out)
+    assert exc is None and "Traceback" not in so + se, (exc, so[-500:], se[-500:])
+    assert code == 1 and where.split("/")[0] + "/" in so, (code, so[-500:], se[-500:])
+    code, so, se, exc = _build(inp, out)
+    assert exc is None and "Traceback" not in so + se, (exc, so[-500:], se[-500:])
+    assert code in (0, 2), (code, so[-500:], se[-500:])
+    if code == 2:
+        _refused((code, so, se, exc), where.split("/")[0])
