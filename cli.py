@@ -185,6 +185,7 @@ def info(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     shards: Annotated[str, typer.Argument(help="Shard set: local folder or URL (http(s)://, s3://, gs://).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.csv, plots/.")],
     model: Annotated[str, typer.Option(help="unet or attention-unet.")] = "unet",
@@ -204,7 +205,7 @@ def train(
     augment: Annotated[Optional[str], typer.Option(help="nnunet (rotation, scaling, mirroring, noise, blur, brightness, contrast, low resolution, gamma on the training device), light (the seed's flips and small rotations in the loader) or off.  [default: nnunet]")] = None,
     fg_fraction: Annotated[Optional[float], typer.Option(help="Share of each batch that holds tumour (foreground oversampling).  [default: 0.33]")] = None,
     context: Annotated[Optional[int], typer.Option(help="2.5D: neighbouring slices on each side given as extra channels.  [default: 0]")] = None,
-    folds: Annotated[int, typer.Option(help="Cross-validation: split the training patients into this many folds by patient hash (0: off; use the set's val split).")] = 0,
+    folds: Annotated[int, typer.Option(help="Cross-validation: split the training patients into this many folds by the hash of the patient id alone (not --seed: the folds of one --folds K partition the patients whatever the seed; 0: off, use the set's val split).")] = 0,
     fold: Annotated[int, typer.Option(help="With --folds: the fold held out for validation.")] = 0,
     postprocess: Annotated[Optional[bool], typer.Option("--postprocess/--no-postprocess", help="Choose ET->NCR and small-component thresholds on validation; predict applies them.  [default: on]")] = None,
     epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: the new total).")] = 10,
@@ -214,7 +215,7 @@ def train(
     format: Annotated[str, typer.Option(help="zarr or wds (default: what the set holds, zarr first).")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (CUDA: mixed precision, channels_last).")] = "auto",
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.pt up to --epochs. Options left out are the checkpoint's; an option given that differs from it is refused, except --epochs, --num-workers (at an epoch's end only), --device, --compile, --log-samples and --checkpoint-every.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (without it, an existing run is refused).")] = False,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache for remote shards (default ~/.cache/brats-shards).")] = None,
     cache_size_gb: Annotated[float, typer.Option(help="Remote-shard cache bound; least recently used files go first.")] = 20.0,
@@ -228,8 +229,11 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
 ):
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
+    import dataclasses
+
     from train.loop import TrainConfig, train as run
     from train.recipe import SEED_RECIPE
+    from train.resume import option_name
     from train.tracking import require
 
     if recipe not in ("default", "seed"):
@@ -243,6 +247,14 @@ def train(
                   warmup_epochs=warmup_epochs, folds=folds, fold=fold, epochs=epochs, batch_size=batch_size,
                   num_workers=num_workers, seed=seed, fmt=format, device=device, compile=compile,
                   log_samples=log_samples, max_batches=max_batches, checkpoint_every=checkpoint_every, **base)
+    # --resume takes the options left out from the checkpoint: which were given, and by which option
+    typed = {f.name: "format" if f.name == "fmt" else f.name for f in dataclasses.fields(TrainConfig)}
+    def typed_in(param):  # by the source's name: typer may bring its own click, with its own enum
+        return getattr(ctx.get_parameter_source(param), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+    given = {field: option_name(field) for field, param in typed.items() if param in ctx.params and typed_in(param)}
+    if typed_in("recipe"):
+        given.update({k: f"--recipe {recipe}" for k in SEED_RECIPE if k not in given})
     try:
         opts = json.loads(storage_options) if storage_options else None
     except ValueError as e:
@@ -253,7 +265,7 @@ def train(
         require(log or [])  # on every rank, before anything is written: a missing package is refused up front
         history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
                       storage_options=opts, cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,
-                      log=tuple(log or ()), run_name=run_name)
+                      log=tuple(log or ()), run_name=run_name, given=given)
     if history and not quiet:
         typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
 

@@ -215,16 +215,20 @@ def with_context(image: np.ndarray, slice_index, k: int) -> np.ndarray:
     return image[rows].reshape(S, C * (2 * k + 1), *image.shape[2:])
 
 
-def fold_of(pid: str, folds: int, seed: int = 0) -> int:
-    """The cross-validation fold of a patient: from the hash of (seed, id) alone, as the build's
-    split is, so a patient keeps its fold when others are added."""
-    return int(derive_seed("fold", seed, pid) / 2**64 * folds)
+def fold_of(pid: str, folds: int, seed: int | None = None) -> int:
+    """The cross-validation fold of a patient: from the hash of its id alone, as the build's split
+    is, so a patient keeps its fold when others are added, and the K runs of `--folds K` hold
+    every patient out exactly once whatever `--seed` each was given (a seed in the hash would
+    let two runs with different seeds hold one patient out twice and another never). `seed` is
+    not used: it is kept so that old callers still run, and gives the same folds."""
+    return int(derive_seed("fold", pid) / 2**64 * folds)
 
 
-def fold_patients(train_pids, folds: int, fold: int, seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(training patients, held-out patients) of fold `fold` of the training split."""
-    held = tuple(sorted(p for p in train_pids if fold_of(p, folds, seed) == fold))
-    return tuple(sorted(p for p in train_pids if fold_of(p, folds, seed) != fold)), held
+def fold_patients(train_pids, folds: int, fold: int, seed: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training patients, held-out patients) of fold `fold` of the training split (`fold_of`:
+    by patient id alone, so the folds partition the patients whatever the seed)."""
+    held = tuple(sorted(p for p in train_pids if fold_of(p, folds) == fold))
+    return tuple(sorted(p for p in train_pids if fold_of(p, folds) != fold)), held
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, max_deg: float = 15.0):

@@ -13,6 +13,7 @@ training on them: the loader runs far faster than training), then goes on as the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -31,8 +32,10 @@ from shards import atomic
 from shards.domain import REGIONS, RELEASES, Release, subregions_of, to_regions
 from shards.manifest import set_channels
 from shards.errors import BratsShardsError
+from shards.redact import redact
 from shards.source import ShardSource
-from train import checkpoint, plots, recipe, tracking
+from train import checkpoint, plots, recipe, resume as resuming, tracking
+from train.runlock import RunLock
 from shards.config import check_choices, from_known_fields
 from train.augment import AugmentConfig, augment_batch
 from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
@@ -108,9 +111,6 @@ class TrainConfig:
         return n_modalities * (2 * self.context + 1)
 
 
-# architecture-defining fields: a resume must not change them
-_FIXED = ("model", "base_channels", "depth", "seed", "fmt", "batch_size", "norm", "act", "deep_supervision",
-          "targets", "context", "folds", "fold")
 # the objects whose state a checkpoint holds, under these keys
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
@@ -194,18 +194,33 @@ def chooses_postprocess(rel: Release) -> bool:
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           cache_dir: str | None = None, storage_options: dict | None = None,
           cache_bytes: int = 20 * 2**30, overwrite: bool = False, remote_timeout: float = 60.0,
-          log: tuple[str, ...] = (), run_name: str | None = None) -> list[dict]:
+          log: tuple[str, ...] = (), run_name: str | None = None, given: dict[str, str] | None = None) -> list[dict]:
     """Train into OUT. OUT holding a run needs `resume` (continue it) or `overwrite` (replace it).
-    `log`: experiment trackers besides metrics.csv and the plots ("tensorboard", "mlflow")."""
+    `log`: experiment trackers besides metrics.csv and the plots ("tensorboard", "mlflow").
+    `given` (resume): the options the user gave, field -> option; the others are the
+    checkpoint's (train/resume.py; None: all of `cfg` was given). One run at a time holds OUT
+    (train/runlock.py): a second one is refused before it reads or writes anything there."""
+    rank = _dist()[0]
+    with RunLock(Path(out)) if rank == 0 else contextlib.nullcontext():
+        return _train(shards, Path(out), cfg, resume, progress, cache_dir, storage_options, cache_bytes, overwrite,
+                      remote_timeout, log, run_name, given)
+
+
+def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, storage_options, cache_bytes,
+           overwrite, remote_timeout, log, run_name, given) -> list[dict]:
     # -- setup
     rank, world, distributed = _dist()
-    out = Path(out)
     device = pick_device(cfg.device)
     refuse_existing_run(out, resume, overwrite)
     if distributed:  # every rank has looked at OUT before rank 0 writes anything there
         _barrier(device)
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout)
+    last_path = out / "checkpoints" / "last.pt"
+    ck = None
+    if resume:  # the options a resume runs with come from the checkpoint, before anything is built
+        ck, cfg = resumed_config(last_path, source, cfg, given)
+        device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
     set_mode, rel = set_mode_of(source), release_of_set(source.manifest["config"])
     mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel)
@@ -216,11 +231,8 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
 
     # -- resume
     history, start, best, position, post = [], 0, -1.0, None, {}
-    last_path = out / "checkpoints" / "last.pt"
-    if resume:
-        history, start, best, position, post = resume_from(last_path, source, cfg, parts)
-        if start >= cfg.epochs and rank == 0:
-            print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
+    if ck is not None:
+        history, start, best, post = restore(last_path, ck, parts)
     net = model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(model,
@@ -229,11 +241,17 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         net = torch.compile(net)
     loss_fn = recipe.make_recipe_loss(cfg.loss)
     train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
+    if ck is not None:
+        position = resuming.check_position(last_path, ck.get("position"), ck["epoch"],
+                                           min(train_ds.batches_per_epoch(start), cfg.max_batches or 2**62),
+                                           cfg.batch_size, (TrainConfig.from_dict(ck["config"]).num_workers, cfg.num_workers))
+        if start >= cfg.epochs and rank == 0:
+            print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.input_channels(n_mod)) % n_mod  # intensity draws per modality
     trackers = []
     if rank == 0:
         start_run_folder(out, cfg, shards, source, overwrite)
-        trackers = tracking.make_trackers(out, list(log), {"train": cfg.to_dict(), "shards": str(shards),
+        trackers = tracking.make_trackers(out, list(log), {"train": cfg.to_dict(), "shards": redact(shards),
                                           "manifest_sha256": source.manifest_sha256}, run_name, start_step=start + 1)
     ok = False
     try:  # the trackers are closed however the loop ends (MLflow marks a failed run)
@@ -397,7 +415,7 @@ def split_patients(source: ShardSource, cfg: TrainConfig, shards: str) -> tuple[
     divided by patient hash (`fold_patients`), fold `cfg.fold` held out for validation."""
     train_pids, val_pids = tuple(source.patients("train")), tuple(source.patients("val"))
     if cfg.folds:
-        train_pids, val_pids = fold_patients(train_pids, cfg.folds, cfg.fold, cfg.seed)
+        train_pids, val_pids = fold_patients(train_pids, cfg.folds, cfg.fold)  # seed-free: folds partition
     if not train_pids or not val_pids:
         what = f"fold {cfg.fold} of {cfg.folds}" if cfg.folds else "both splits"
         raise TrainError(f"{shards} needs training and validation patients in {what} "
@@ -428,7 +446,7 @@ def start_run_folder(out: Path, cfg: TrainConfig, shards: str, source: ShardSour
     if overwrite:  # only now: a refusal above (bad shard set, options) leaves the old run intact
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": str(shards),
+    atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": redact(shards),
                                             "manifest_sha256": source.manifest_sha256})
 
 
@@ -447,24 +465,35 @@ def _loader(ds, num_workers):
 
 # ---------------------------------------------------------------- resume and checkpoint
 
-def resume_from(path: Path, source: ShardSource, cfg: TrainConfig, parts: dict) -> tuple:
-    """Load the checkpoint at `path` into `parts` (and the torch RNG), once it is known to come
-    from this shard set and these architecture options: (history, next epoch, best mean Dice,
-    mid-epoch position or None, post-processing chosen so far)."""
+def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dict | None) -> tuple[dict, TrainConfig]:
+    """(the checkpoint at `path`, its fields checked, the config the resume runs with): refused
+    unless it comes from this shard set and the options given agree with it (train/resume.py)."""
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
-    ck = checkpoint.load(path)
+    try:
+        ck = checkpoint.load(path)
+    except BratsShardsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's unpickler raises many kinds on a damaged file
+        raise TrainError(f"--resume: {path} cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    resuming.check_fields(path, ck)
     if ck["manifest_sha256"] != source.manifest_sha256:
         raise TrainError(f"--resume: {path} was trained on another shard set (manifest hash differs)")
-    old = TrainConfig.from_dict(ck["config"])
-    changed = [k for k in _FIXED if getattr(old, k) != getattr(cfg, k)]
-    if changed:
-        raise TrainError(f"--resume: options differ from the checkpoint's: {', '.join(changed)}")
-    for key in STATEFUL:
-        parts[key].load_state_dict(ck[key])
+    try:
+        old = TrainConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as e:
+        raise resuming.ResumeError(f"--resume: {path}: its config is not a training config ({e})") from None
+    resuming.check_fold_rule(path, ck, old.folds)
+    return ck, resuming.merged_config(cfg, old, given, path)
+
+
+def restore(path: Path, ck: dict, parts: dict) -> tuple:
+    """Load a checked checkpoint into `parts` (and the torch RNG): (history, next epoch, best
+    mean Dice, post-processing chosen so far)."""
+    resuming.load_states(path, ck, parts)
     torch.set_rng_state(ck["rng"])
     post = {"config": ck["postprocess"]} if ck.get("postprocess") else {}
-    return ck["history"], ck["epoch"] + 1, ck["best_dice"], ck.get("position"), post
+    return ck["history"], ck["epoch"] + 1, float(ck["best_dice"]), post
 
 
 def checkpoint_state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
@@ -476,7 +505,8 @@ def checkpoint_state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSou
     return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
             "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
             "channels": names, "output_mode": mask_mode, "postprocess": post.get("config", {}),
-            "rng": torch.get_rng_state(), "history": history, "best_dice": best, "position": position}
+            "rng": torch.get_rng_state(), "history": history, "best_dice": best, "position": position,
+            "fold_rule": resuming.FOLD_RULE}
 
 
 def choose_postprocess(stacks: dict, source: ShardSource) -> dict:

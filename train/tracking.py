@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from shards.errors import BratsShardsError
 KINDS = ("tensorboard", "mlflow")
 RUN_FILE = "mlflow_run.json"  # OUT/mlflow_run.json: the MLflow run a resume continues
 EXPERIMENT = "brats-shards"  # MLflow experiment unless MLFLOW_EXPERIMENT_NAME names one
+RUN_FILE_BYTES = 64 * 1024  # far more than {"tracking_uri", "run_id"} needs: a larger file is not ours
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an MLflow run id (32 hex digits), never a path or a query
 
 
 class TrackingError(BratsShardsError):
@@ -236,9 +239,11 @@ class MLflowTracker:
         uri, MlflowClient = mlflow_uri(out), _import_mlflow()
         from mlflow.entities import Param
 
+        # a resume reads OUT/mlflow_run.json first: a damaged one is refused before the store is touched
+        kept = read_run_file(out / RUN_FILE) if start_step > 1 else None
         self.client, self.run_file, self.closed = MlflowClient(tracking_uri=uri), out / RUN_FILE, False
         params = flatten(config)
-        self.run_id = self._resumed_run(uri) if start_step > 1 else None
+        self.run_id = self._resumed_run(uri, kept) if kept else None
         if self.run_id:  # params are write-once: log the new ones, tag the changed ones
             old = self.client.get_run(self.run_id).data.params
             for k, v in params.items():
@@ -266,13 +271,9 @@ class MLflowTracker:
         return self.client.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri()
                                              if local else None)
 
-    def _resumed_run(self, uri: str) -> str | None:
-        """The run OUT/mlflow_run.json names, if it lives in this store."""
-        try:
-            kept = json.loads(self.run_file.read_text())
-        except (OSError, ValueError):
-            return None
-        if kept.get("tracking_uri") != uri:
+    def _resumed_run(self, uri: str, kept: dict) -> str | None:
+        """The run OUT/mlflow_run.json (`kept`) names, if it lives in this store."""
+        if kept["tracking_uri"] != uri:
             return None
         from mlflow.exceptions import MlflowException
 
@@ -297,6 +298,39 @@ class MLflowTracker:
         if not self.closed:
             self.closed = True
             self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def read_run_file(path: Path) -> dict | None:
+    """OUT/mlflow_run.json as {"tracking_uri": str, "run_id": a plain id}, None where there is
+    none (a run that never logged to MLflow). Anything else there is refused naming the file:
+    continuing some other run, or silently starting a new one, would misfile the metrics."""
+    from shards.atomic import NotRegularFile, open_regular, read_bounded
+
+    def bad(what: str) -> TrackingError:
+        return TrackingError(f"{path}: {what}; it should name the MLflow run this run logs to: delete it "
+                             f"to log the resumed epochs to a new MLflow run")
+
+    try:
+        fd, _ = open_regular(path)
+    except FileNotFoundError:
+        return None
+    except NotRegularFile as e:
+        raise bad(e.strerror) from None
+    data = read_bounded(fd, RUN_FILE_BYTES)
+    if data is None:
+        raise bad(f"is larger than {RUN_FILE_BYTES} bytes")
+    try:
+        kept = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        raise bad(f"is not JSON ({e})") from None
+    if not isinstance(kept, dict):
+        raise bad(f"holds a JSON {type(kept).__name__}, not an object")
+    if not isinstance(kept.get("tracking_uri"), str):
+        raise bad("has no tracking_uri text")
+    run_id = kept.get("run_id")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise bad("has a run_id that is not a plain MLflow run id")
+    return kept
 
 
 def _param_value(v: str) -> str:
