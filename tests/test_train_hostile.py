@@ -276,3 +276,40 @@ def test_mlflow_run_file_that_is_a_fifo_is_refused(tmp_path, monkeypatch):
     os.mkfifo(out / tracking.RUN_FILE)
     with pytest.raises(BratsShardsError, match="not a regular file"):
         tracking.make_trackers(out, ["mlflow"], {"train": {}}, start_step=2)
+
+
+# ---------------------------------------------------------------- case 4: credentials in a URL
+
+SECRETS = ("password", "sekrit-token", "s3cr3t-key")
+
+
+def _files_holding(folders, secrets=SECRETS) -> list[str]:
+    """Every file under `folders` whose bytes hold one of `secrets` (SQLite stores included)."""
+    found = []
+    for folder in folders:
+        for p in Path(folder).rglob("*"):
+            if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets):
+                found.append(str(p))
+    return found
+
+
+@pytest.mark.slow
+def test_url_credentials_are_stored_nowhere(shard_set, serve, tmp_path, monkeypatch):
+    """A set at http://user:password@host/...?token=..., storage options with a secret: config.json,
+    the checkpoints, TensorBoard, MLflow, the progress lines and the cache never hold them."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    base, _ = serve(shard_set)
+    url = base.replace("http://", "http://user:password@")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    opts = json.dumps({"headers": {"X-Api-Token": "sekrit-token", "X-Secret": "s3cr3t-key"}})
+    code, out, err = _cli("train", url, "--out", run, "--epochs", "1", "--cache-dir", cache, "--log", "tensorboard",
+                          "--log", "mlflow", "--storage-options", opts, "--base-channels", "4", "--depth", "2",
+                          "--batch-size", "8", "--num-workers", "0", "--max-batches", "2")
+    assert code == 0, err
+    assert (run / "mlflow.db").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not any(s in out + err for s in SECRETS)
+    assert json.loads((run / "config.json").read_text())["shards"] == base.replace("http://", "http://user:***@")
+    assert _files_holding([run, cache]) == []
