@@ -141,6 +141,13 @@ def _position(batch=1, **kw):
     (lambda ck: ck.update(scheduler={"optimizer": 1}), "scheduler"),
     (lambda ck: ck["scheduler"].update(best=float("nan")), "scheduler.best"),
     (lambda ck: ck.update(model={"weight": torch.zeros(2)}), "model"),
+    (lambda ck: ck["model"].update({k: v * float("nan") for k, v in list(ck["model"].items())[:1]}), "NaN"),
+    (lambda ck: ck["model"].update({k: v[:1] for k, v in list(ck["model"].items())[:1]}), "not a tensor of shape"),
+    (lambda ck: ck["config"].update(num_workers=10**6), "config.num_workers"),
+    (lambda ck: ck["config"].update(base_channels=10**6), "config.base_channels"),
+    (lambda ck: ck["config"].update(depth=60), "config.depth"),
+    (lambda ck: ck["config"].update(context=10**5), "config.context"),
+    (lambda ck: ck["config"].update(base_channels=8), "model"),  # weights of another width
     (lambda ck: ck.update(postprocess={"et_min_mm3": -5}), "postprocess"),
     (lambda ck: ck.update(config="unet"), "config"),
     (lambda ck: ck["config"].update(epochs="many"), "config"),
@@ -190,6 +197,8 @@ def test_second_run_into_a_locked_folder_is_refused_before_writing(shard_set, tm
         _refused(_cli("train", shard_set, "--out", run, "--epochs", "1", *TINY), run, "another train run")
         assert list(run.iterdir()) == []
         _refused(_cli("train", shard_set, "--out", run, "--resume", "--quiet"), run, "another train run")
+        _refused(_cli("train", shard_set, "--out", run, "--overwrite", *TINY), run, "another train run")
+        _refused(_cli("train", shard_set, "--out", run / ".", "--epochs", "1", *TINY), "another train run")
     finally:
         os.close(fd)
     code, _, err = _cli("train", shard_set, "--out", run, "--epochs", "1", *TINY)

@@ -226,6 +226,8 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
     mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel)
     n_mod = len(set_channels(source.manifest)[0])
     train_pids, val_pids = split_patients(source, cfg, shards)
+    if ck is not None:  # its weights must fit the model its config describes before one is built
+        resuming.check_model(last_path, ck["model"], model_shapes(cfg, *model_channels(source.manifest["config"], cfg)))
     parts = training_parts(cfg, device, *model_channels(source.manifest["config"], cfg))
     model, opt, sched, scaler = (parts[k] for k in STATEFUL)
 
@@ -483,8 +485,17 @@ def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dic
         old = TrainConfig.from_dict(ck["config"])
     except (TypeError, ValueError) as e:
         raise resuming.ResumeError(f"--resume: {path}: its config is not a training config ({e})") from None
+    resuming.check_config(path, old)
     resuming.check_fold_rule(path, ck, old.folds)
     return ck, resuming.merged_config(cfg, old, given, path)
+
+
+def model_shapes(cfg: TrainConfig, in_channels: int, out_channels: int) -> dict:
+    """name -> shape of the model's state, built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.base_channels, cfg.depth, in_channels, out_channels, cfg.norm, cfg.act,
+                            cfg.deep_supervision)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def restore(path: Path, ck: dict, parts: dict) -> tuple:

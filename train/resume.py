@@ -186,6 +186,39 @@ def check_fold_rule(path: Path, ck: dict, folds: int) -> None:
                           f"into another --out (or with --overwrite)")
 
 
+# a checkpoint's config is read before the model and the loader are built from it: these bound
+# what it can make this process allocate or start (the defaults are 32 channels, depth 4, 2 workers)
+MAX_WIDTH = 4096  # channels of the model's widest level, base_channels * 2**depth
+MAX_DEPTH = 12
+MAX_CONTEXT = 32
+MAX_WORKERS = 256
+
+
+def check_config(path: Path, old) -> None:
+    """The checkpoint's config, before a model or a loader is built from it."""
+    for name, value, limit in (("depth", old.depth, MAX_DEPTH), ("context", old.context, MAX_CONTEXT),
+                               ("num_workers", old.num_workers, MAX_WORKERS),
+                               ("base_channels", old.base_channels * 2 ** min(old.depth, MAX_DEPTH), MAX_WIDTH)):
+        if not _is_int(value) or value > limit:
+            what = "base_channels * 2**depth" if name == "base_channels" else name
+            raise _fail(path, f"config.{name}", f"gives {what} {value!r}, more than {limit}")
+
+
+def check_model(path: Path, state, shapes: dict) -> None:
+    """The checkpoint's weights fit the model its config describes (`shapes`: name -> shape, from
+    a model built on the meta device, which allocates nothing) and are finite."""
+    if not isinstance(state, dict) or set(state) != set(shapes):
+        extra = sorted(set(state) - set(shapes))[:3] if isinstance(state, dict) else []
+        raise _fail(path, "model", "does not hold the weights of the model its config describes"
+                    + (f" (e.g. {', '.join(map(str, extra))})" if extra else ""))
+    for name, shape in shapes.items():
+        t = state[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise _fail(path, f"model.{name}", f"is not a tensor of shape {shape}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"model.{name}", "holds NaN or infinite weights")
+
+
 # ---------------------------------------------------------------- loading states
 
 def load_states(path: Path, ck: dict, parts: dict) -> None:
