@@ -53,4 +53,9 @@ def redact_tree(value):
 
 def _secret_name(name: str) -> bool:
     n = name.lower()
-    return n in _SECRET_KEYS or any(k in n for k in ("token", "secret", "password", "credential"))
+    return n in _SECRET_KEYS or n in _SECRET_HEADERS or any(k in n for k in ("token", "secret", "password",
+                                                                             "credential", "api-key", "apikey"))
+
+
+# HTTP headers that carry credentials (storage options' client_kwargs={"headers": {...}})
+_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token")

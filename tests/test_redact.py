@@ -35,6 +35,14 @@ def test_storage_options_are_masked_by_key_and_value():
     assert out["client_kwargs"]["region_name"] == "eu" and out["anon"] is False
 
 
+def test_credential_headers_in_storage_options_are_masked():
+    opts = {"client_kwargs": {"headers": {"Authorization": "Bearer hunter2", "Cookie": "session=hunter2",
+                                          "X-API-Key": "hunter2", "Accept": "application/json"}}}
+    out = redact_tree(opts)
+    assert "hunter2" not in repr(out)
+    assert out["client_kwargs"]["headers"]["Accept"] == "application/json"
+
+
 def test_an_error_line_never_prints_the_password(tmp_path):
     url = "http://user:hunter2@127.0.0.1:9/set"  # port 9: nothing listens
     r = CliRunner().invoke(app, ["train", url, "--out", str(tmp_path / "run"), "--remote-timeout", "0.5",
