@@ -36,6 +36,7 @@ from shards.redact import redact
 from shards.source import ShardSource
 from train import checkpoint, plots, recipe, resume as resuming, tracking
 from train.runlock import RunLock
+from train.resume import TrainError  # noqa: F401 - train.loop.TrainError, as before
 from shards.config import check_choices, from_known_fields
 from train.augment import AugmentConfig, augment_batch
 from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
@@ -115,8 +116,6 @@ class TrainConfig:
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
 
-class TrainError(BratsShardsError, RuntimeError):
-    """A refused training run: the one-line message names the folder, file or option at fault."""
 
 
 # any of these in OUT means it already holds a run that a fresh start would clobber

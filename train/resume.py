@@ -33,7 +33,12 @@ MAX_KEY_CHARS = 1000  # a sample key or a metrics column name
 FOLD_RULE = "patient-id"  # the fold rule the checkpoint records (train/data.py fold_of)
 
 
-class ResumeError(BratsShardsError, RuntimeError):
+class TrainError(BratsShardsError, RuntimeError):
+    """A refused training run: the one-line message names the folder, file or option at fault
+    (defined here, the loop re-exports it, so that a refused resume is one too)."""
+
+
+class ResumeError(TrainError):
     """A refused resume: the one-line message names the checkpoint field or the option at fault."""
 
 
