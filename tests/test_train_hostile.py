@@ -122,6 +122,7 @@ def _position(batch=1, **kw):
     (lambda ck: ck.update(position=_position(epoch=7)), "position.epoch"),
     (lambda ck: ck.update(position=_position(rng=torch.zeros(3))), "position.rng"),
     (lambda ck: ck.update(position="mid-epoch"), "position"),
+    (lambda ck: ck.update(position=_position(world=4)), "processes"),
     (lambda ck: ck.update(epoch=-50), "epoch"),
     (lambda ck: ck.update(epoch=10**12), "epoch"),
     (lambda ck: ck.update(epoch=True), "epoch"),
@@ -199,6 +200,8 @@ def test_second_run_into_a_locked_folder_is_refused_before_writing(shard_set, tm
         _refused(_cli("train", shard_set, "--out", run, "--resume", "--quiet"), run, "another train run")
         _refused(_cli("train", shard_set, "--out", run, "--overwrite", *TINY), run, "another train run")
         _refused(_cli("train", shard_set, "--out", run / ".", "--epochs", "1", *TINY), "another train run")
+        (tmp_path / "link").symlink_to(run)  # the same folder by another name is the same lock
+        _refused(_cli("train", shard_set, "--out", tmp_path / "link", "--epochs", "1", *TINY), "another train run")
     finally:
         os.close(fd)
     code, _, err = _cli("train", shard_set, "--out", run, "--epochs", "1", *TINY)

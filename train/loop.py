@@ -245,7 +245,8 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
     if ck is not None:
         position = resuming.check_position(last_path, ck.get("position"), ck["epoch"],
                                            min(train_ds.batches_per_epoch(start), cfg.max_batches or 2**62),
-                                           cfg.batch_size, (TrainConfig.from_dict(ck["config"]).num_workers, cfg.num_workers))
+                                           cfg.batch_size, (TrainConfig.from_dict(ck["config"]).num_workers, cfg.num_workers),
+                                           world)
         if start >= cfg.epochs and rank == 0:
             print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.input_channels(n_mod)) % n_mod  # intensity draws per modality
@@ -299,7 +300,7 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
                     seen_keys.extend(batch["keys"])
                 if rank == 0 and cfg.checkpoint_every and n_batches % cfg.checkpoint_every == 0 and n_batches < n_total:
                     pos = {"epoch": epoch, "batch": n_batches, "loss_sum": loss_sum, "n_seen": n_seen, "keys": seen_keys,
-                           "rng": torch.get_rng_state()}
+                           "rng": torch.get_rng_state(), "world": world}
                     checkpoint.save(last_path, checkpoint_state(parts, epoch - 1, cfg, source, names, history, best,
                                                                 mask_mode, post, pos))
                 bar.update()

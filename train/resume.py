@@ -147,10 +147,12 @@ def check_fields(path: Path, ck) -> None:
             raise _fail(path, key, f"is {type(ck[key]).__name__}, not a state dict")
 
 
-def check_position(path: Path, position, epoch: int, batches: int, batch_size: int, workers: tuple[int, int]):
+def check_position(path: Path, position, epoch: int, batches: int, batch_size: int, workers: tuple[int, int],
+                   world: int = 1):
     """The mid-epoch loader position of last.pt, or None: it resumes epoch `epoch` + 1, after
     `batch` of the epoch's `batches` batches of `batch_size` slices, with a finite running loss.
-    `workers`: (the checkpoint's, this run's) --num-workers; the epoch's order depends on it."""
+    `workers`: (the checkpoint's, this run's) --num-workers; `world`: this run's process count
+    (torchrun); the epoch's order depends on both."""
     if position is None:
         return None
     where = "position"
@@ -166,6 +168,10 @@ def check_position(path: Path, position, epoch: int, batches: int, batch_size: i
         raise ResumeError(f"--resume: {path} stopped in the middle of an epoch trained with --num-workers "
                           f"{workers[0]}, and the order of an epoch's slices depends on it: resume with "
                           f"--num-workers {workers[0]} (or leave it out); it may change at an epoch's end")
+    if position.get("world", 1) != world:  # positions written before it was recorded come from one process
+        raise ResumeError(f"--resume: {path} stopped in the middle of an epoch trained by {position.get('world')!r} "
+                          f"processes, and the order of an epoch's slices depends on it: resume with as many "
+                          f"(torchrun --nproc-per-node), or from an epoch's end")
     b = position["batch"]
     if not _is_int(b) or not 0 <= b <= batches:
         raise _fail(path, "position.batch", f"is {b!r}, not a batch in [0, {batches}] of the epoch")
