@@ -206,7 +206,22 @@ MAX_WORKERS = 256
 
 
 def check_config(path: Path, old) -> None:
-    """The checkpoint's config, before a model or a loader is built from it."""
+    """The checkpoint's config, before a model or a loader is built from it: each field of the
+    kind its default is (a flag, a whole number, a finite number), the sizes bounded."""
+    import dataclasses
+
+    for f in dataclasses.fields(old):
+        v, default = getattr(old, f.name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = _is_int(v)
+        elif isinstance(default, float):
+            ok = _finite(v)
+        else:
+            continue
+        if not ok:
+            raise _fail(path, f"config.{f.name}", f"is {v!r}, not a {type(default).__name__} like {default!r}")
     for name, value, limit in (("depth", old.depth, MAX_DEPTH), ("context", old.context, MAX_CONTEXT),
                                ("num_workers", old.num_workers, MAX_WORKERS),
                                ("base_channels", old.base_channels * 2 ** min(old.depth, MAX_DEPTH), MAX_WIDTH)):
