@@ -139,6 +139,8 @@ def _position(batch=1, **kw):
     (lambda ck: ck.update(rng=[1, 2, 3]), "rng"),
     (lambda ck: ck.update(optimizer={"state": {}, "param_groups": "x"}), "optimizer"),
     (lambda ck: ck["optimizer"]["param_groups"][0].update(lr=float("nan")), "optimizer"),
+    (lambda ck: ck["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(1, 2)), "optimizer state 0"),
+    (lambda ck: ck["optimizer"]["state"][0]["momentum_buffer"].fill_(float("inf")), "optimizer state 0"),
     (lambda ck: ck.update(scheduler={"optimizer": 1}), "scheduler"),
     (lambda ck: ck["scheduler"].update(best=float("nan")), "scheduler.best"),
     (lambda ck: ck.update(model={"weight": torch.zeros(2)}), "model"),

@@ -261,6 +261,23 @@ def load_states(path: Path, ck: dict, parts: dict) -> None:
         bad = [k for k, v in group.items() if k != "params" and _is_number(v) and not math.isfinite(v)]
         if bad:
             raise _fail(path, "optimizer", f"holds a non-finite {', '.join(bad)}")
+    check_optimizer_state(path, parts["optimizer"])
+
+
+def check_optimizer_state(path: Path, opt) -> None:
+    """torch checks only the number of parameters: a momentum of another shape would fail at the
+    first step (a traceback), a NaN one would make every weight NaN without a word."""
+    for i, (param, state) in enumerate(opt.state.items()):
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                if _is_number(v) and not math.isfinite(v):
+                    raise _fail(path, f"optimizer state {i} {k}", f"is {v!r}")
+                continue
+            if v.ndim and v.shape != param.shape:
+                raise _fail(path, f"optimizer state {i} {k}", f"has shape {tuple(v.shape)}, its parameter "
+                                                             f"{tuple(param.shape)}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise _fail(path, f"optimizer state {i} {k}", "holds NaN or infinite values")
 
 
 def check_scheduler(path: Path, state, fresh: dict) -> None:
