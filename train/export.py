@@ -31,8 +31,9 @@ from typing import Literal, get_args
 import torch
 
 from shards import atomic
-from shards.domain import MASK_CHANNELS, MODALITIES, MODALITY_NAMES, RELEASES
+from shards.domain import MODALITIES, MODALITY_NAMES, RELEASES
 from shards.errors import BratsShardsError
+from shards.manifest import set_channels
 
 Format = Literal["onnx", "torchscript"]
 FORMATS = get_args(Format)
@@ -65,8 +66,9 @@ def export(checkpoint: str | Path, out: str | Path, fmt: Format, opset: int = 17
     example = torch.zeros(2, meta["input"]["shape"][1], size, size)  # (N, C, H, W); N=2: nothing batch-1 special
     with torch.no_grad():
         y = model(example)
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, 3, size, size):  # deep supervision must be off
-        raise ExportError(f"{checkpoint}: the eval-mode model does not return one (N, 3, {size}, {size}) tensor")
+    k = meta["output"]["shape"][1]
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, k, size, size):  # deep supervision must be off
+        raise ExportError(f"{checkpoint}: the eval-mode model does not return one (N, {k}, {size}, {size}) tensor")
     text = atomic.dumps(meta).decode()
     sidecar.unlink(missing_ok=True)  # an old sidecar must never sit beside a new model
     if fmt == "onnx":
@@ -95,42 +97,38 @@ def check_request(checkpoint: Path, out: Path, sidecar: Path, fmt: str, opset: i
 def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     """(eval-mode float32 CPU model, metadata) of a checkpoint (weights_only loads)."""
     from train import checkpoint as ckpt
-    from train.loop import TrainConfig
-    from train.predict import THRESHOLD, load_checkpoint
+    from train.predict import THRESHOLD
 
     try:
-        m = load_checkpoint(checkpoint, torch.device("cpu"))
-        raw = ckpt.load(checkpoint)
-    except Exception as e:  # not a checkpoint of this project: name the file, keep the cause
-        raise ExportError(f"{checkpoint} is not a usable checkpoint ({type(e).__name__}: {e})") from e
-    model = m["model"].float().eval()
-    cfg = TrainConfig.from_dict(raw["config"])
-    from shards.manifest import set_channels
-
-    mods = set_channels({"config": raw["preprocess"]})[0]
-    in_ch, k, size = model.inc.net[0].in_channels, m["context"], m["preprocess"].size
+        rec = ckpt.read(checkpoint)  # the one read of the file: checked, then hashed and loaded from the same bytes
+    except ckpt.CheckpointError as e:  # export's refusals are ExportErrors; the message names file and field
+        raise ExportError(str(e)) from None
+    model = ckpt.build(rec).float().eval()
+    raw, cfg = rec["raw"], rec["config"]
+    mods = set_channels({"config": rec["set"]})[0]
+    in_ch, k, size = model.inc.net[0].in_channels, rec["context"], rec["preprocess"].size
     if in_ch != len(mods) * (2 * k + 1):
         raise ExportError(f"{checkpoint}: the model reads {in_ch} channels, {len(mods)} modalities and context "
                           f"{k} give {len(mods) * (2 * k + 1)}")
-    rel = m["release"]
-    mode = m["mask_mode"]
+    rel = rec["release"]
+    mode = rec["mask_mode"]
     meta = {
         "format_version": FORMAT_VERSION,
         "input": {"name": INPUT_NAME, "shape": ["N", in_ch, size, size], "dtype": "float32",
                   "channels": input_channel_names(k, mods)},
         "output": {"name": OUTPUT_NAME, "shape": ["N", model.head.out_channels, size, size], "dtype": "float32",
                    "kind": "logits",
-                   "channels": list(raw.get("channels") or MASK_CHANNELS[mode]), "mask_mode": mode,
+                   "channels": list(rec["channels"]), "mask_mode": mode,
                    "activation": "sigmoid", "threshold": THRESHOLD},
-        "preprocess": m["preprocess"].to_dict(),  # as predict applies it: every brain slice kept
+        "preprocess": rec["preprocess"].to_dict(),  # as predict applies it: every brain slice kept
         "context": {"slices_each_side": k, "rule": CONTEXT_RULE},
-        "postprocess": {**m["postprocess"].to_dict(),
+        "postprocess": {**rec["postprocess"].to_dict(),
                         "rule": "train/postprocess.py, on the 3D prediction mapped back to the source grid"},
         "labels": {"rule": LABEL_RULE,
                    "releases": {n: {s: r.label_of(s) for s in r.subregions} for n, r in RELEASES.items()
                                 if r.subregions == rel.subregions}},
         "train_config": cfg.to_dict(),
-        "source": {"checkpoint": checkpoint.name, "checkpoint_sha256": atomic.sha256_file(checkpoint),
+        "source": {"checkpoint": checkpoint.name, "checkpoint_sha256": rec["sha256"],
                    "manifest_sha256": raw.get("manifest_sha256"), "epoch": raw.get("epoch")},
         "torch_version": torch.__version__,
     }

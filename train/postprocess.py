@@ -34,6 +34,9 @@ from shards.config import from_known_fields
 from shards.domain import REGIONS
 from train.metrics import scores
 
+# the largest sane threshold: a BraTS field of view, 240 x 240 x 155 voxels of 1 mm^3; a larger
+# one (or inf) would empty every prediction without a word
+MAX_MM3 = 240.0 * 240.0 * 155.0
 ET_GRID = (0, 50, 100, 200, 300, 500, 750, 1000)  # mm^3
 COMPONENT_GRID = (0, 10, 25, 50, 100, 250)  # mm^3
 
@@ -46,8 +49,9 @@ class PostprocessConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, Real) or not v >= 0:  # `not >=` catches NaN
-                raise ValueError(f"PostprocessConfig.{f.name} must be a volume >= 0 in mm^3, not {v!r}")
+            if isinstance(v, bool) or not isinstance(v, Real) or not 0 <= v <= MAX_MM3:  # `not` catches NaN
+                raise ValueError(f"PostprocessConfig.{f.name} must be a volume in [0, {MAX_MM3:.0f}] mm^3 "
+                                 f"(a BraTS field of view), not {str(v)[:40]!r}")
             object.__setattr__(self, f.name, float(v))
 
     def to_dict(self) -> dict:

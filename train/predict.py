@@ -40,7 +40,6 @@ from shards.domain import REGIONS, SEG, to_labels, to_regions
 from shards.errors import BratsShardsError
 from train import checkpoint as ckpt
 from train.data import with_context
-from train.model import build_model
 from train.postprocess import PostprocessConfig, postprocess
 
 THRESHOLD = 0.5  # a channel is positive where its probability exceeds this
@@ -51,23 +50,14 @@ class PredictError(BratsShardsError, ValueError):
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> dict:
-    """What predicting with a checkpoint needs (weights_only load): the model in eval mode, the
-    preprocessing, the output mask mode, the 2.5D context and the post-processing thresholds.
-    Checkpoints from before these options read as the seed recipe (`TrainConfig.from_dict`)."""
-    from train.loop import TrainConfig, model_channels, release_of_set
-
-    ck = ckpt.load(path)
-    cfg = TrainConfig.from_dict(ck["config"])
-    built = ck["preprocess"]
-    n_in, n_out = model_channels(built, cfg)
-    model = build_model(cfg.model, cfg.base_channels, cfg.depth, n_in, n_out, cfg.norm, cfg.act,
-                        cfg.deep_supervision)
-    model.load_state_dict(ck["model"])
-    model.to(device).eval()
-    pre = replace(PreprocessConfig.from_dict(built["preprocess"]), tumour_free_fraction=1.0)
-    return {"model": model, "preprocess": pre, "mask_mode": ck.get("output_mode", built["preprocess"]["mask"]),
-            "context": cfg.context, "postprocess": PostprocessConfig.from_dict(ck.get("postprocess") or {}),
-            "path": str(path), "release": release_of_set(built)}
+    """What predicting with a checkpoint needs: the model in eval mode, the preprocessing, the
+    output mask mode, the 2.5D context and the post-processing thresholds. The file goes through
+    `checkpoint.read` (weights_only, every field checked against its tensors and bounds) before
+    a model is built; checkpoints from before these options read as the seed recipe."""
+    rec = ckpt.read(path)
+    return {"model": ckpt.build(rec, device), "preprocess": rec["preprocess"], "mask_mode": rec["mask_mode"],
+            "context": rec["context"], "postprocess": rec["postprocess"], "path": str(path),
+            "release": rec["release"], "record": rec}
 
 
 def load_model(path: str | Path, device: torch.device):

@@ -1,0 +1,280 @@
+"""Careless or hostile checkpoints (issue 18, cases 2, 15, 16, 17, 22b): `predict` and `export`
+refuse, in one `error:` line naming the file and the field, a checkpoint whose config would size
+a model its weights do not fit (or a huge one), a file that is not a checkpoint at all, post-
+processing thresholds that are not volumes, channel names that contradict the outputs; nothing
+is written. A failed save (full disk) is one error naming the file, the old file intact.
+
+Each case edits a tiny trained checkpoint (torch.save of a modified dict, no pickles) and runs the
+command as a user would (typer's runner, in process)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import zipfile
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from train import checkpoint as ckpt
+from train.loop import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(shard_set, tmp_path_factory):
+    """A checkpoint as `train` writes it today (the default recipe, tiny)."""
+    run = tmp_path_factory.mktemp("run")
+    train(str(shard_set), run, TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1,
+                                           max_batches=2), progress=False)
+    return run / "checkpoints" / "last.pt"
+
+
+def edited(trained, tmp_path, edit, name="edited.pt"):
+    """A copy of the trained checkpoint with `edit(dict)` applied (plain tensors and data only)."""
+    ck = torch.load(trained, weights_only=True)
+    edit(ck)
+    path = tmp_path / name
+    torch.save(ck, path)
+    return path
+
+
+def run(*argv):
+    r = CliRunner().invoke(app, [*map(str, argv)])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.stdout + r.stderr
+    return r
+
+
+def refused(r, *names) -> str:
+    """Exit 2, one `error:` line holding every name, never the advice to unpickle."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in names:
+        assert str(n) in lines[0], (n, lines[0])
+    assert "weights_only" not in lines[0]
+    return lines[0]
+
+
+def predict_refused(ck, inputs, tmp_path, *names, extra=()):
+    out = tmp_path / "pred"
+    line = refused(run("predict", ck, inputs, out, "--quiet", *extra), *names)
+    assert not out.exists()  # refused before anything was written
+    return line
+
+
+def export_refused(ck, tmp_path, *names):
+    out = tmp_path / "exported" / "model.pt"
+    line = refused(run("export", ck, out, "--format", "torchscript"), *names)
+    assert not out.parent.exists() or os.listdir(out.parent) == []
+    return line
+
+
+def set_config(**kw):
+    return lambda ck: ck["config"].update(kw)
+
+
+# ---------------------------------------------------------------- case 2: config vs tensors
+
+
+@pytest.mark.parametrize("edit, field", [
+    (set_config(base_channels=4000), "config.base_channels"),  # the issue's 265 KB file asking for 4 GB
+    (set_config(base_channels=8), "model["),  # in bounds, but not what the weights are
+    (set_config(depth=3), "model"),
+    (set_config(depth=True), "config.depth"),
+    (set_config(base_channels=4.0), "config.base_channels"),
+    (set_config(context=10**6), "config.context"),
+    (set_config(context=1), "model['inc.net.0.weight']"),  # 12 input channels claimed, 4 stored
+    (set_config(model="resnet"), "config"),
+    (set_config(norm="group"), "config"),
+    (set_config(deep_supervision="yes"), "config.deep_supervision"),
+    (lambda ck: ck.update(config=[1, 2]), "config"),
+    (lambda ck: ck["preprocess"]["preprocess"].update(size=10**6), "preprocess.preprocess"),
+    (lambda ck: ck["preprocess"]["preprocess"].update(size=32.5), "preprocess.preprocess.size"),
+    (lambda ck: ck["preprocess"].update(convention="2099"), "preprocess.convention"),
+    (lambda ck: ck["preprocess"].update(modalities=["t1", "t1", "t2", "flair"]), "preprocess.modalities"),
+    (lambda ck: ck.update(preprocess="size 128"), "preprocess"),
+])
+def test_predict_checks_the_config_against_the_weights(trained, release_2020, tmp_path, edit, field):
+    bad = edited(trained, tmp_path, edit)
+    predict_refused(bad, release_2020, tmp_path, bad, field)
+
+
+def test_export_checks_the_config_before_building(trained, tmp_path):
+    bad = edited(trained, tmp_path, set_config(base_channels=4000))
+    export_refused(bad, tmp_path, bad, "config.base_channels")
+
+
+def test_a_huge_model_within_the_bounds_is_refused_by_its_size(trained, tmp_path):
+    """base_channels 256 and depth 7 are each allowed; together billions of weights: refused by
+    the count computed on the meta device, nothing allocated."""
+    bad = edited(trained, tmp_path, set_config(base_channels=256, depth=7))
+    with pytest.raises(ckpt.CheckpointError, match="more than"):
+        ckpt.read(bad)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda ck: ck["model"].update({"head.weight": torch.full_like(ck["model"]["head.weight"], math.nan)}),
+     "NaN"),
+    (lambda ck: ck["model"].update(extra=torch.zeros(3)), "unexpected ['extra']"),
+    (lambda ck: ck["model"].pop("head.bias"), "missing ['head.bias']"),
+    (lambda ck: ck["model"].update({"head.bias": "zeros"}), "model"),
+    (lambda ck: ck["model"].update({"head.bias": torch.zeros(3, dtype=torch.int64)}), "model['head.bias']"),
+])
+def test_weights_that_do_not_fit_are_refused(trained, release_2020, tmp_path, edit, field):
+    bad = edited(trained, tmp_path, edit)
+    predict_refused(bad, release_2020, tmp_path, bad, field)
+
+
+# ---------------------------------------------------------------- case 15: not a checkpoint
+
+
+def _not_checkpoints(tmp_path):
+    """Every kind of file a careless --ensemble may name."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    zipped = tmp_path / "archive.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("a.txt", "hello")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # needs unpickling code to load
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    plain = tmp_path / "plain.pt"
+    torch.save({"a": 1}, plain)  # loads, but is no checkpoint
+    folder = tmp_path / "a_run"
+    (folder / "checkpoints").mkdir(parents=True)
+    return {"text": text, "zip": zipped, "pickled": pickled, "empty": empty, "plain": plain, "folder": folder,
+            "missing": tmp_path / "missing.pt"}
+
+
+KINDS = ("text", "zip", "pickled", "empty", "plain", "folder", "missing")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ensemble_member_that_is_no_checkpoint(trained, release_2020, tmp_path, kind):
+    bad = _not_checkpoints(tmp_path)[kind]
+    line = predict_refused(trained, release_2020, tmp_path, bad, "not a brats-shards checkpoint",
+                           extra=("--ensemble", bad))
+    if kind == "folder":
+        assert "is a folder" in line and "checkpoints/best.pt" in line
+
+
+def test_truncated_checkpoint(trained, release_2020, tmp_path):
+    cut = tmp_path / "cut.pt"
+    data = trained.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    predict_refused(trained, release_2020, tmp_path, cut, "not a brats-shards checkpoint", extra=("--ensemble", cut))
+
+
+@pytest.mark.parametrize("kind", ("text", "pickled", "folder", "plain"))
+def test_main_checkpoint_that_is_no_checkpoint(release_2020, tmp_path, kind):
+    bad = _not_checkpoints(tmp_path)[kind]
+    predict_refused(bad, release_2020, tmp_path, bad, "not a brats-shards checkpoint")
+
+
+@pytest.mark.parametrize("kind", ("text", "zip", "pickled", "empty", "plain"))
+def test_export_of_no_checkpoint(tmp_path, kind):
+    bad = _not_checkpoints(tmp_path)[kind]
+    export_refused(bad, tmp_path, bad, "not a brats-shards checkpoint")
+
+
+# ---------------------------------------------------------------- case 16: thresholds
+
+
+@pytest.mark.parametrize("value", [math.inf, 1e308, -1.0, math.nan, "100", True, [5]])
+@pytest.mark.parametrize("key", ["et_min_mm3", "min_component_mm3"])
+def test_postprocess_thresholds_must_be_volumes(trained, release_2020, tmp_path, key, value):
+    bad = edited(trained, tmp_path, lambda ck: ck.update(postprocess={"et_min_mm3": 0.0, "min_component_mm3": 0.0,
+                                                                       key: value}))
+    predict_refused(bad, release_2020, tmp_path, bad, "postprocess", key)
+
+
+def test_postprocess_that_is_not_a_mapping(trained, release_2020, tmp_path):
+    bad = edited(trained, tmp_path, lambda ck: ck.update(postprocess=[1.0, 2.0]))
+    predict_refused(bad, release_2020, tmp_path, bad, "postprocess")
+
+
+# ---------------------------------------------------------------- case 17: channel names
+
+
+@pytest.mark.parametrize("edit", [
+    lambda ck: ck.update(channels=["WT", "TC"]),  # fewer names than outputs
+    lambda ck: ck.update(channels=["WT", "TC", "ET", "RC"]),
+    lambda ck: ck.update(channels=["NCR/NET", "ED", "ET"]),  # sub-region names on region outputs
+    lambda ck: ck.update(channels=["ET", "TC", "WT"]),  # the right names in the wrong order
+    lambda ck: ck.update(channels="WT,TC,ET"),
+])
+def test_export_refuses_channel_names_that_contradict_the_outputs(trained, tmp_path, edit):
+    bad = edited(trained, tmp_path, edit)
+    export_refused(bad, tmp_path, bad, "channels")
+
+
+def test_output_mode_that_contradicts_the_targets(trained, tmp_path):
+    bad = edited(trained, tmp_path, lambda ck: ck.update(output_mode="subregions"))
+    export_refused(bad, tmp_path, bad, "output_mode")
+
+
+# ---------------------------------------------------------------- case 22b: a full disk
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_full_disk_while_saving(tmp_path, monkeypatch, failure):
+    path = tmp_path / "last.pt"
+    ckpt.save(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    def full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half")  # the temporary is half-written when the disk fills
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint .*last.pt: the disk is full") as e:
+        ckpt.save(path, {"epoch": 2})
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+# ---------------------------------------------------------------- what train writes still loads
+
+
+def test_checkpoints_as_train_writes_them_predict_and_export(trained, release_2023, tmp_path):
+    r = run("predict", trained, release_2023, tmp_path / "pred", "--quiet", "--ensemble", trained)
+    assert r.exit_code == 0, r.stderr
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 3
+    r = run("export", trained, tmp_path / "model.pt", "--format", "torchscript")
+    assert r.exit_code == 0, r.stderr
+    rec = ckpt.read(trained)
+    assert rec["channels"] == ["WT", "TC", "ET"] and rec["sha256"] and rec["config"].base_channels == 4
+
+
+def test_checkpoint_from_before_channels_and_thresholds_were_stored(trained, tmp_path):
+    """Older checkpoints lack channels, output_mode and postprocess: they read as before."""
+    old = edited(trained, tmp_path, lambda ck: [ck.pop(k) for k in ("channels", "output_mode", "postprocess")])
+    rec = ckpt.read(old)
+    assert rec["mask_mode"] == "regions" and rec["channels"] == ["WT", "TC", "ET"]
+    assert rec["postprocess"].et_min_mm3 == 0.0
+    assert isinstance(ckpt.build(rec), torch.nn.Module)
+
+
+def test_read_bytes_once(trained, monkeypatch, tmp_path):
+    """export reads the file once: the sha256 in its metadata is of the bytes the model came from."""
+    import hashlib
+
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    r = run("export", trained, tmp_path / "model.pt", "--format", "torchscript")
+    assert r.exit_code == 0, r.stderr
+    assert len(calls) == 1
+    meta = json.loads((tmp_path / "model.pt.json").read_text())
+    assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
