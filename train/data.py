@@ -224,7 +224,8 @@ def fold_of(pid: str, folds: int, seed: int | None = None) -> int:
     return int(derive_seed("fold", pid) / 2**64 * folds)
 
 
-def fold_patients(train_pids, folds: int, fold: int, seed: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def fold_patients(train_pids, folds: int, fold: int,
+                  seed: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(training patients, held-out patients) of fold `fold` of the training split (`fold_of`:
     by patient id alone, so the folds partition the patients whatever the seed)."""
     held = tuple(sorted(p for p in train_pids if fold_of(p, folds) == fold))

@@ -116,8 +116,6 @@ class TrainConfig:
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
 
-
-
 # any of these in OUT means it already holds a run that a fresh start would clobber
 RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "config.json")
 # what a run writes into OUT: all --overwrite removes, with the temporaries of their atomic writes
@@ -243,10 +241,10 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
     loss_fn = recipe.make_recipe_loss(cfg.loss)
     train_ds, val_ds = streams(source, cfg, rank, world, train_pids, val_pids)
     if ck is not None:
+        workers = (TrainConfig.from_dict(ck["config"]).num_workers, cfg.num_workers)  # (the checkpoint's, now)
         position = resuming.check_position(last_path, ck.get("position"), ck["epoch"],
                                            min(train_ds.batches_per_epoch(start), cfg.max_batches or 2**62),
-                                           cfg.batch_size, (TrainConfig.from_dict(ck["config"]).num_workers, cfg.num_workers),
-                                           world)
+                                           cfg.batch_size, workers, world)
         if start >= cfg.epochs and rank == 0:
             print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.input_channels(n_mod)) % n_mod  # intensity draws per modality
