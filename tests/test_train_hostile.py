@@ -165,6 +165,20 @@ def test_tampered_checkpoint_field_is_refused_naming_it(shard_set, run_copy, edi
     assert _snapshot(run_copy) == before, err  # nothing written: no config.json, metrics or checkpoint change
 
 
+@pytest.mark.parametrize("text", ["epoch,patient\n", "epoch,patient,dice_WT,dice_TC,dice_ET\nlast,P,1,1,1\n",
+                                  "epoch,patient,dice_WT,dice_TC,dice_ET\n1,P,1,1,1,extra\n", "fifo"])
+def test_damaged_val_patients_csv_is_refused_before_training(shard_set, run_copy, text):
+    path = run_copy / "val_patients.csv"
+    path.unlink()
+    if text == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(text)
+    before = {p.name: p.stat().st_mtime_ns for p in run_copy.rglob("*")}
+    _refused(_resume(shard_set, run_copy), path)
+    assert {p.name: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == before
+
+
 def test_a_file_that_is_no_checkpoint_is_refused_naming_it(shard_set, run_copy):
     (run_copy / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 not a zip")
     _refused(_resume(shard_set, run_copy), run_copy / "checkpoints" / "last.pt")

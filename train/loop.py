@@ -245,6 +245,8 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
         position = resuming.check_position(last_path, ck.get("position"), ck["epoch"],
                                            min(train_ds.batches_per_epoch(start), cfg.max_batches or 2**62),
                                            cfg.batch_size, workers, world)
+        if rank == 0:  # appended to after the first epoch: a damaged one is refused before training
+            read_val_patients(out / "val_patients.csv", tuple(rel.regions))
         if start >= cfg.epochs and rank == 0:
             print(f"run already has {start} epochs; pass --epochs > {start} to extend it")
     aug_cfg, groups = AugmentConfig(), torch.arange(cfg.input_channels(n_mod)) % n_mod  # intensity draws per modality
@@ -655,14 +657,39 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     atomic.write_bytes(out / "metrics.csv", _csv_bytes(list(history[0]), rows))
 
 
+MAX_VAL_PATIENTS_BYTES = 2**30  # a thousand epochs of a thousand patients is ~60 MB
+
+
+def read_val_patients(path: Path, regions: tuple = REGIONS) -> list[dict]:
+    """The rows of an earlier run's val_patients.csv (none if there is none). A resume reads it
+    before it writes anything: a file that is not what `write_val_patients` writes (other
+    columns, an epoch that is not a number, a FIFO, too large) is refused, named, instead of
+    failing after an epoch of training."""
+    try:
+        fd, st = atomic.open_regular(path)
+    except FileNotFoundError:
+        return []
+    if st.st_size > MAX_VAL_PATIENTS_BYTES:
+        os.close(fd)
+        raise TrainError(f"{path}: {st.st_size} bytes, more than a run's per-patient Dice table holds; "
+                         f"move it away to resume")
+    with open(fd, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        columns = ["epoch", "patient"] + [f"dice_{r}" for r in regions]
+        if reader.fieldnames != columns:
+            raise TrainError(f"{path}: columns {reader.fieldnames}, not {columns}; move it away to resume")
+        rows = list(reader)
+    for i, r in enumerate(rows, start=2):
+        if None in r or None in r.values() or not r["epoch"].isdigit():
+            raise TrainError(f"{path}: line {i} is not an epoch's row; move the file away to resume")
+    return rows
+
+
 def write_val_patients(out: Path, patients: dict, epoch: int, regions: tuple = REGIONS) -> None:
     """val_patients.csv: per epoch and validation patient, the 3D Dice of each region. Earlier
     epochs' rows are kept; rows of this epoch left by a killed run are replaced."""
     path = out / "val_patients.csv"
-    rows = []
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch + 1]
+    rows = [r for r in read_val_patients(path, regions) if int(r["epoch"]) < epoch + 1]
     for pid in sorted(patients):
         c = patients[pid]
         rows.append({"epoch": epoch + 1, "patient": pid,
