@@ -184,6 +184,14 @@ def test_a_file_that_is_no_checkpoint_is_refused_naming_it(shard_set, run_copy):
     _refused(_resume(shard_set, run_copy), run_copy / "checkpoints" / "last.pt")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_last_pt_that_is_no_file_is_refused_without_blocking(shard_set, run_copy, kind):
+    path = run_copy / "checkpoints" / "last.pt"
+    path.unlink()
+    {"fifo": os.mkfifo, "device": lambda p: p.symlink_to("/dev/zero"), "folder": Path.mkdir}[kind](path)
+    _refused(_resume(shard_set, run_copy), path, "not a regular file")
+
+
 def test_a_valid_position_resumes(shard_set, run_copy):
     """The validators accept what a killed run leaves: a position one batch into epoch 2."""
     _tamper(run_copy, lambda ck: ck.update(position=_position()))

@@ -472,6 +472,10 @@ def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dic
     unless it comes from this shard set and the options given agree with it (train/resume.py)."""
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
+    try:  # a FIFO or a device planted as last.pt would block the load or never end it
+        os.close(atomic.open_regular(path)[0])
+    except atomic.NotRegularFile as e:
+        raise TrainError(f"--resume: {path} {e.strerror}: not a checkpoint") from None
     try:
         ck = checkpoint.load(path)
     except BratsShardsError:
