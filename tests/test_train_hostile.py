@@ -259,6 +259,21 @@ def test_a_refused_run_into_a_new_folder_leaves_no_folder(shard_set, tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "samples_rank0.jsonl", "mlflow.db"])
+def test_a_link_in_the_run_folder_is_refused_nothing_outside_touched(shard_set, run_copy, tmp_path, name):
+    """--overwrite deletes and a run writes inside OUT only: OUT/checkpoints planted as a link to
+    another run's folder would lose that run's checkpoints."""
+    victim = tmp_path / "elsewhere"
+    shutil.copytree(run_copy / "checkpoints", victim)
+    (victim / "samples_rank0.jsonl").write_text("{}\n")
+    shutil.rmtree(run_copy / name) if (run_copy / name).is_dir() else (run_copy / name).unlink(missing_ok=True)
+    (run_copy / name).symlink_to(victim if name in ("checkpoints", "tensorboard") else victim / "samples_rank0.jsonl")
+    before = _snapshot(victim)
+    _refused(_cli("train", shard_set, "--out", run_copy, "--overwrite", "--log-samples", *TINY), run_copy / name)
+    _refused(_resume(shard_set, run_copy, "--log-samples"), run_copy / name)
+    assert _snapshot(victim) == before
+
+
 # ---------------------------------------------------------------- case 9: folds
 
 def test_folds_partition_the_patients_whatever_the_seed():

@@ -136,6 +136,20 @@ def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
                          f"or --overwrite to replace it")
 
 
+# what a run writes into, or opens in place, inside OUT: a link there would take its writes (and
+# --overwrite's deletions) to a folder the user never named
+_IN_PLACE = ("checkpoints", "plots", "tensorboard", "mlartifacts", "mlflow.db", "samples_rank*.jsonl")
+
+
+def refuse_links(out: Path) -> None:
+    """Refuse a run folder where a link stands in the place of a folder or file the run writes in place."""
+    for pattern in _IN_PLACE:
+        for path in out.glob(pattern):
+            if path.is_symlink():
+                raise TrainError(f"{path} is a link (to {os.readlink(path)}): a run writes there, and would write "
+                                 f"outside --out {out}; remove the link or choose another --out")
+
+
 def run_files(out: Path) -> list[Path]:
     """The files of OUT that a run wrote (its own names, their temporaries, the sample logs);
     the user's own files there are not among them."""
@@ -209,6 +223,7 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
     rank, world, distributed = _dist()
     device = pick_device(cfg.device)
     refuse_existing_run(out, resume, overwrite)
+    refuse_links(out)
     if distributed:  # every rank has looked at OUT before rank 0 writes anything there
         _barrier(device)
     source = ShardSource(shards, cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
@@ -703,7 +718,9 @@ def write_val_patients(out: Path, patients: dict, epoch: int, regions: tuple = R
 
 def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"samples_rank{rank}.jsonl", "a") as f:
+    # O_NOFOLLOW: a link planted since the start is refused here too, never appended through
+    fd = os.open(out / f"samples_rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with open(fd, "a") as f:
         f.write(json.dumps({"epoch": epoch + 1, "batches": n_batches, "keys": keys}) + "\n")
 
 
