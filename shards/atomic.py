@@ -42,10 +42,14 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
 
 
 def read_bounded(fd: int, limit: int) -> bytes | None:
-    """At most `limit` bytes from an open file, then closes it; None when it holds more."""
+    """At most `limit` bytes from an open file, then closes it; None when it holds more. Read in
+    chunks: `read(limit + 1)` would allocate the whole limit up front, even for a small file."""
+    chunks, got = [], 0
     with open(fd, "rb") as f:
-        data = f.read(limit + 1)
-    return None if len(data) > limit else data
+        while got <= limit and (chunk := f.read(min(1 << 24, limit + 1 - got))):
+            chunks.append(chunk)
+            got += len(chunk)
+    return None if got > limit else b"".join(chunks)
 
 
 TMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp(\.[A-Za-z0-9]+)*$")  # what tmp_name gives

@@ -381,3 +381,20 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
         assert tmp.name.endswith(".tmp.nii.gz") and tmp.parent == target.parent
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+def test_read_bounded_allocates_what_the_file_holds_not_the_limit(tmp_path):
+    """A checkpoint or manifest bound of gigabytes must not be allocated for a small file: under a
+    1 GiB address-space limit, reading 100 bytes with an 8 GiB bound works (a subprocess: the
+    limit stays there)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+            "from shards.atomic import open_regular, read_bounded; "
+            "fd, _ = open_regular(sys.argv[1]); d = read_bounded(fd, 8 << 30); "
+            "fd, _ = open_regular(sys.argv[1]); print(len(d), read_bounded(fd, 99))")
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.split() == ["100", "None"], (r.stdout, r.stderr[-500:])
