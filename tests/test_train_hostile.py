@@ -368,3 +368,49 @@ def test_url_credentials_are_stored_nowhere(shard_set, serve, tmp_path, monkeypa
     assert not any(s in out + err for s in SECRETS)
     assert json.loads((run / "config.json").read_text())["shards"] == base.replace("http://", "http://user:***@")
     assert _files_holding([run, cache]) == []
+
+
+def test_mlflow_server_password_is_not_kept_in_the_run_file(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=https://user:password@server: OUT/mlflow_run.json names the store masked,
+    and a resume against the same server still finds its run."""
+    from train import tracking
+
+    class FakeClient:  # a server's client: what MLflowTracker calls, nothing sent anywhere
+        runs: dict = {}
+
+        def __init__(self, tracking_uri):
+            self.uri = tracking_uri
+
+        def get_experiment_by_name(self, name):
+            return None
+
+        def create_experiment(self, name, artifact_location=None):
+            return "1"
+
+        def create_run(self, experiment, run_name=None, tags=None):
+            run_id = f"{len(self.runs) + 1:032x}"
+            self.runs[run_id] = {}
+            return type("R", (), {"info": type("I", (), {"run_id": run_id})})()
+
+        def get_run(self, run_id):
+            data = type("D", (), {"params": {}})()
+            return type("R", (), {"info": type("I", (), {"run_id": run_id}), "data": data})()
+
+        def update_run(self, *a, **k):
+            pass
+
+        def log_batch(self, *a, **k):
+            pass
+
+        def set_terminated(self, *a, **k):
+            pass
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:password@mlflow.example/?token=sekrit-token")
+    monkeypatch.setattr(tracking, "_import_mlflow", lambda: FakeClient)
+    pytest.importorskip("mlflow")
+    out = tmp_path / "run"
+    [ml] = tracking.make_trackers(out, ["mlflow"], {"train": {}})
+    ml.close()
+    assert _files_holding([out]) == []
+    [again] = tracking.make_trackers(out, ["mlflow"], {"train": {}}, start_step=2)
+    assert again.run_id == ml.run_id

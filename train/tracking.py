@@ -27,6 +27,7 @@ import numpy as np
 
 from shards import atomic
 from shards.errors import BratsShardsError
+from shards.redact import redact
 
 KINDS = ("tensorboard", "mlflow")
 RUN_FILE = "mlflow_run.json"  # OUT/mlflow_run.json: the MLflow run a resume continues
@@ -255,7 +256,8 @@ class MLflowTracker:
             experiment = self._experiment(out)
             self.run_id = self.client.create_run(experiment, run_name=run_name,
                                                  tags={"out": str(out.resolve())}).info.run_id
-            atomic.write_json(self.run_file, {"tracking_uri": uri, "run_id": self.run_id})
+            # the store's address as it is shown, never with a password in it (a server's URL may hold one)
+            atomic.write_json(self.run_file, {"tracking_uri": redact(uri), "run_id": self.run_id})
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
@@ -273,7 +275,7 @@ class MLflowTracker:
 
     def _resumed_run(self, uri: str, kept: dict) -> str | None:
         """The run OUT/mlflow_run.json (`kept`) names, if it lives in this store."""
-        if kept["tracking_uri"] != uri:
+        if kept["tracking_uri"] != redact(uri):
             return None
         from mlflow.exceptions import MlflowException
 
