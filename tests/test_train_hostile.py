@@ -254,9 +254,9 @@ def test_a_killed_runs_lock_does_not_block(shard_set, tmp_path):
 
 
 def test_a_refused_run_into_a_new_folder_leaves_no_folder(shard_set, tmp_path):
-    run = tmp_path / "new"
+    run = tmp_path / "new" / "deeper" / "run"
     _refused(_cli("train", shard_set, "--out", run, "--resume", "--quiet"), "no checkpoint")
-    assert not run.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "samples_rank0.jsonl", "mlflow.db"])

@@ -28,10 +28,13 @@ class RunLock:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.fd: int | None = None
-        self.created = False
+        self.created: list[Path] = []  # the folders this lock made, deepest first
 
     def __enter__(self) -> "RunLock":
-        self.created = not self.out.exists()
+        folder = self.out
+        while not folder.exists() and folder != folder.parent:
+            self.created.append(folder)
+            folder = folder.parent
         self.out.mkdir(parents=True, exist_ok=True)
         # O_DIRECTORY: OUT planted as a link to a file or a FIFO is refused, never opened for reading
         self.fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -49,8 +52,8 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-        if self.created:  # a run refused before writing anything leaves no empty folder behind
+        for folder in self.created:  # a run refused before writing anything leaves no empty folders behind
             try:
-                self.out.rmdir()
+                folder.rmdir()
             except OSError:  # not empty: the run wrote there
-                pass
+                break
