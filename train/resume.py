@@ -15,6 +15,7 @@ field, and nothing is written into the run folder before all of them pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from pathlib import Path
@@ -51,8 +52,6 @@ def merged_config(cfg, old, given: dict[str, str] | None, path: Path):
     the option that set it; None: every field was given, as a library caller passes a whole
     config), the checkpoint's config `old` for the rest. A given option that differs from the
     checkpoint and fixes the run is refused, all of them named at once."""
-    import dataclasses
-
     given = {f.name: option_name(f.name) for f in dataclasses.fields(cfg)} if given is None else given
     changed = []
     for f in dataclasses.fields(cfg):
@@ -208,8 +207,6 @@ MAX_WORKERS = 256
 def check_config(path: Path, old) -> None:
     """The checkpoint's config, before a model or a loader is built from it: each field of the
     kind its default is (a flag, a whole number, a finite number), the sizes bounded."""
-    import dataclasses
-
     for f in dataclasses.fields(old):
         v, default = getattr(old, f.name), f.default
         if isinstance(default, bool):
