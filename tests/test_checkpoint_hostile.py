@@ -278,3 +278,36 @@ def test_read_bytes_once(trained, monkeypatch, tmp_path):
     assert len(calls) == 1
     meta = json.loads((tmp_path / "model.pt.json").read_text())
     assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- variants: files that allocate
+
+
+def _recompressed(trained, tmp_path, name="bomb.pt"):
+    """The trained checkpoint with its records deflated: torch would load it, and a record can
+    then unpack to far more than the file holds."""
+    src = zipfile.ZipFile(trained)
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info.filename))
+    return path
+
+
+def test_a_deflated_archive_is_refused_before_loading(trained, release_2020, tmp_path):
+    bomb = _recompressed(trained, tmp_path)
+    assert torch.load(bomb, weights_only=True)["config"]  # torch itself would unpack it
+    predict_refused(bomb, release_2020, tmp_path, bomb, "compressed")
+
+
+def test_the_old_non_zip_format_is_refused(trained, release_2020, tmp_path):
+    old = tmp_path / "legacy.pt"
+    torch.save(torch.load(trained, weights_only=True), old, _use_new_zipfile_serialization=False)
+    predict_refused(old, release_2020, tmp_path, old, "not a torch zip archive")
+
+
+@pytest.mark.timeout(60)  # reading a FIFO would wait for a writer forever
+def test_a_fifo_is_never_read(trained, release_2020, tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    predict_refused(trained, release_2020, tmp_path, fifo, "FIFO", extra=("--ensemble", fifo))

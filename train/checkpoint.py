@@ -15,6 +15,7 @@ import errno
 import hashlib
 import io
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -77,6 +78,21 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
+def _check_archive(path: Path, data: bytes) -> None:
+    """torch.save writes a zip archive of stored (uncompressed) records. Anything else is refused
+    before torch reads it: the old non-zip format and deflated records both let a small file
+    declare storages far larger than itself (a zip bomb), allocated before a byte is checked."""
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise _not_ours(path, "not a torch zip archive; checkpoints are written by torch.save") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size \
+                or info.header_offset + info.file_size > len(data):
+            raise _not_ours(path, f"its record {info.filename[:80]!r} is compressed or larger than the file; "
+                                  f"torch.save never writes that")
+
+
 def _unpickle(path: Path, data: bytes) -> dict:
     """torch.load with weights_only=True; torch's own message is not repeated: it may advise
     weights_only=False, which must never be done with a file from someone else."""
@@ -99,6 +115,7 @@ def read(path: str | Path) -> dict:
     "sha256" (of the bytes that were loaded). Raises CheckpointError naming the file and field."""
     path = Path(path)
     data = _read_bytes(path)
+    _check_archive(path, data)
     raw = _unpickle(path, data)
     record = check(raw, path)
     return {**record, "raw": raw, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
