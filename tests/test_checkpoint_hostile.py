@@ -164,6 +164,13 @@ def test_ensemble_member_that_is_no_checkpoint(trained, release_2020, tmp_path, 
         assert "is a folder" in line and "checkpoints/best.pt" in line
 
 
+def test_a_run_folder_given_for_its_checkpoint(trained, release_2020, tmp_path):
+    """`predict RUN_FOLDER ...`: one line saying it is a folder, naming the checkpoint inside."""
+    run_folder = trained.parent.parent
+    line = predict_refused(run_folder, release_2020, tmp_path, run_folder, "is a folder")
+    assert str(trained) in line or str(trained.with_name("best.pt")) in line
+
+
 def test_truncated_checkpoint(trained, release_2020, tmp_path):
     cut = tmp_path / "cut.pt"
     data = trained.read_bytes()
@@ -311,3 +318,12 @@ def test_a_fifo_is_never_read(trained, release_2020, tmp_path):
     fifo = tmp_path / "pipe.pt"
     os.mkfifo(fifo)
     predict_refused(trained, release_2020, tmp_path, fifo, "FIFO", extra=("--ensemble", fifo))
+
+
+def test_wide_maps_at_a_huge_slice_size_are_refused(trained, tmp_path):
+    """A few MB of weights (base 256, depth 1) at slices of 1024^2: ~10 GB per forward pass."""
+    def edit(ck):
+        ck["config"].update(base_channels=256, depth=1)
+        ck["preprocess"]["preprocess"]["size"] = 1024
+    bad = edited(trained, tmp_path, edit)
+    export_refused(bad, tmp_path, bad, "config.base_channels", "preprocess size 1024")

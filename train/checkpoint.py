@@ -27,6 +27,10 @@ MAX_BYTES = 4 * 2**30  # a 2D U-Net of MAX_PARAMS float32 weights, its optimizer
 MAX_PARAMS = 200_000_000  # parameters of the model a checkpoint describes (the recipe's: ~8 M)
 BOUNDS = {"base_channels": (1, 256), "depth": (1, 7), "context": (0, 8)}  # config ints: the widest sane
 REQUIRED = ("model", "config", "preprocess")
+# base_channels x size^2: the width of the full-size activation maps, what a forward pass holds
+# several of; the largest recipe (64 at 256^2, 32 at 512^2) is well inside. Small weights at a
+# huge slice size (256 channels at 1024^2: ~10 GB per forward) are refused by it.
+MAX_ACTIVATION = 32 * 512 * 512
 
 
 class CheckpointError(BratsShardsError, ValueError):
@@ -68,7 +72,7 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise _not_ours(path, "no such file") from None
     except NotRegularFile as e:
-        hint = "; give a checkpoint file, e.g. checkpoints/best.pt of a run folder" if Path(path).is_dir() else ""
+        hint = f"; give a checkpoint file, e.g. {_run_checkpoint(Path(path))}" if Path(path).is_dir() else ""
         raise _not_ours(path, f"it {e.strerror}{hint}") from None
     except OSError as e:
         raise _not_ours(path, e.strerror or type(e).__name__) from None
@@ -76,6 +80,12 @@ def _read_bytes(path: Path) -> bytes:
     if data is None:
         raise _not_ours(path, f"larger than {MAX_BYTES // 2**30} GiB")
     return data
+
+
+def _run_checkpoint(folder: Path) -> Path:
+    """The checkpoint a user most likely meant by a run folder: its best.pt, else its last.pt."""
+    best = folder / "checkpoints" / "best.pt"
+    return best if best.is_file() or not (folder / "checkpoints" / "last.pt").is_file() else best.with_name("last.pt")
 
 
 def _check_archive(path: Path, data: bytes) -> None:
@@ -167,6 +177,10 @@ def check(ck: dict, path) -> dict:
         post = PostprocessConfig.from_dict(post)
     except (ValueError, TypeError) as e:
         raise bad("postprocess", str(e)) from None
+    if cfg.base_channels * pre.size**2 > MAX_ACTIVATION:
+        raise bad("config.base_channels", f"{cfg.base_channels} at preprocess size {pre.size} makes activation maps "
+                                          f"of {cfg.base_channels * pre.size**2:,} values, more than "
+                                          f"{MAX_ACTIVATION:,}")
     args = {"name": cfg.model, "base_channels": cfg.base_channels, "depth": cfg.depth, "in_channels": n_in,
             "out_channels": n_out, "norm": cfg.norm, "act": cfg.act, "deep_supervision": cfg.deep_supervision}
     _check_weights(ck["model"], args, bad)
