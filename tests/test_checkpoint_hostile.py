@@ -327,3 +327,18 @@ def test_wide_maps_at_a_huge_slice_size_are_refused(trained, tmp_path):
         ck["preprocess"]["preprocess"]["size"] = 1024
     bad = edited(trained, tmp_path, edit)
     export_refused(bad, tmp_path, bad, "config.base_channels", "preprocess size 1024")
+
+
+def test_train_on_a_full_disk_is_one_line(shard_set, tmp_path, monkeypatch):
+    """`train` when last.pt cannot be written: one error naming it, no temporary left behind."""
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    r = run("train", shard_set, "--out", out, "--base-channels", "4", "--depth", "2", "--batch-size", "8",
+            "--num-workers", "0", "--epochs", "1", "--max-batches", "2", "--quiet")
+    line = refused(r, "could not write checkpoint", "last.pt", "disk is full")
+    assert "Traceback" not in line
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
