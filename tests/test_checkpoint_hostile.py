@@ -342,3 +342,12 @@ def test_train_on_a_full_disk_is_one_line(shard_set, tmp_path, monkeypatch):
     line = refused(r, "could not write checkpoint", "last.pt", "disk is full")
     assert "Traceback" not in line
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_read_raw_loads_without_field_checks_but_safely(trained, tmp_path):
+    """read_raw (for a resume, which checks its own fields): the dict as saved; a pickling file refused."""
+    raw, data = ckpt.read_raw(trained)
+    assert data == trained.read_bytes() and set(raw) >= {"model", "config", "preprocess", "epoch"}
+    bad = _not_checkpoints(tmp_path)["pickled"]
+    with pytest.raises(ckpt.CheckpointError, match="never unpickled"):
+        ckpt.read_raw(bad)

@@ -94,7 +94,7 @@ def _check_archive(path: Path, data: bytes) -> None:
     declare storages far larger than itself (a zip bomb), allocated before a byte is checked."""
     try:
         infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+    except Exception:  # noqa: BLE001: whatever zipfile makes of it, it is no archive torch.save wrote
         raise _not_ours(path, "not a torch zip archive; checkpoints are written by torch.save") from None
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size \
@@ -120,13 +120,21 @@ def _unpickle(path: Path, data: bytes) -> dict:
     return ck
 
 
+def read_raw(path: str | Path) -> tuple[dict, bytes]:
+    """(loaded dict, its bytes) of a checkpoint file, safely (a regular file, bounded, torch's zip
+    of stored records, weights_only, the REQUIRED fields present) but its fields unchecked: for
+    a resume, which checks its own fields. CheckpointError naming the file otherwise."""
+    path = Path(path)
+    data = _read_bytes(path)
+    _check_archive(path, data)
+    return _unpickle(path, data), data
+
+
 def read(path: str | Path) -> dict:
     """A checked checkpoint record (see `check`), plus "raw" (the loaded dict), "path" and
     "sha256" (of the bytes that were loaded). Raises CheckpointError naming the file and field."""
     path = Path(path)
-    data = _read_bytes(path)
-    _check_archive(path, data)
-    raw = _unpickle(path, data)
+    raw, data = read_raw(path)
     record = check(raw, path)
     return {**record, "raw": raw, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
 
