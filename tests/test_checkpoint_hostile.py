@@ -351,3 +351,14 @@ def test_read_raw_loads_without_field_checks_but_safely(trained, tmp_path):
     bad = _not_checkpoints(tmp_path)["pickled"]
     with pytest.raises(ckpt.CheckpointError, match="never unpickled"):
         ckpt.read_raw(bad)
+
+
+@pytest.mark.parametrize("tensor", [
+    lambda t: torch.empty(t.shape, device="meta"),  # no data at all
+    lambda t: torch.zeros(t.shape, dtype=torch.complex64),
+    lambda t: torch.zeros(t.shape, dtype=torch.bool),
+    lambda t: torch.zeros(t.shape).to_sparse(),
+], ids=["meta", "complex", "bool", "sparse"])
+def test_tensors_of_the_right_shape_but_wrong_kind(trained, release_2020, tmp_path, tensor):
+    bad = edited(trained, tmp_path, lambda ck: ck["model"].update({"head.bias": tensor(ck["model"]["head.bias"])}))
+    predict_refused(bad, release_2020, tmp_path, bad, "model['head.bias']")

@@ -27,6 +27,7 @@ MAX_BYTES = 4 * 2**30  # a 2D U-Net of MAX_PARAMS float32 weights, its optimizer
 MAX_PARAMS = 200_000_000  # parameters of the model a checkpoint describes (the recipe's: ~8 M)
 BOUNDS = {"base_channels": (1, 256), "depth": (1, 7), "context": (0, 8)}  # config ints: the widest sane
 REQUIRED = ("model", "config", "preprocess")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights load_state_dict casts
 # base_channels x size^2: the width of the full-size activation maps, what a forward pass holds
 # several of; the largest recipe (64 at 256^2, 32 at 512^2) is well inside. Small weights at a
 # huge slice size (256 channels at 1024^2: ~10 GB per forward) are refused by it.
@@ -277,11 +278,12 @@ def _check_weights(state, args: dict, bad) -> None:
                            f"{args['depth']}): missing {missing[:3]}, unexpected {extra[:3]}")
     for name, want in expected.items():
         got = state[name]
-        if tuple(got.shape) != tuple(want.shape) or got.is_floating_point() != want.is_floating_point() \
-                or got.layout != torch.strided:
-            raise bad(f"model[{name!r}]", f"has shape {tuple(got.shape)} ({got.dtype}); config "
+        kinds = FLOATS if want.is_floating_point() else (want.dtype,)
+        if tuple(got.shape) != tuple(want.shape) or got.dtype not in kinds or got.layout != torch.strided \
+                or got.device.type != "cpu":  # map_location="cpu": anything else (meta) holds no weights
+            raise bad(f"model[{name!r}]", f"is {tuple(got.shape)} {got.dtype} ({got.layout}, {got.device.type}); config "
                                           f"({args['name']}, base_channels {args['base_channels']}, depth "
                                           f"{args['depth']}, {args['in_channels']} in, {args['out_channels']} out) "
-                                          f"builds {tuple(want.shape)} ({want.dtype})")
+                                          f"builds {tuple(want.shape)} {want.dtype} (strided, cpu)")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise bad(f"model[{name!r}]", "holds NaN or infinite weights")
