@@ -172,7 +172,7 @@ def check(ck: dict, path) -> dict:
     expected_mode = recipe.output_mode(cfg.targets, set_mode)
     mode = ck.get("output_mode", expected_mode)  # older checkpoints: what their targets give
     if mode != expected_mode:
-        raise bad("output_mode", f"{str(mode)[:40]!r} contradicts config.targets {cfg.targets!r} on a "
+        raise bad("output_mode", f"(the outputs' mask_mode) {str(mode)[:40]!r} contradicts config.targets {cfg.targets!r} on a "
                                  f"{set_mode} set (expected {expected_mode!r})")
     names = recipe.output_names(cfg.targets, set_mode, rel)
     channels = ck.get("channels") or names

@@ -46,7 +46,7 @@ THRESHOLD = 0.5  # a channel is positive where its probability exceeds this
 
 
 class PredictError(BratsShardsError, ValueError):
-    """Checkpoints that cannot be used together; the message names them."""
+    """Checkpoints that cannot be used (alone or together); the message names them."""
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> dict:
@@ -54,7 +54,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     output mask mode, the 2.5D context and the post-processing thresholds. The file goes through
     `checkpoint.read` (weights_only, every field checked against its tensors and bounds) before
     a model is built; checkpoints from before these options read as the seed recipe."""
-    rec = ckpt.read(path)
+    try:
+        rec = ckpt.read(path)
+    except ckpt.CheckpointError as e:  # predict's refusals are PredictErrors; the message names file and field
+        raise PredictError(str(e)) from None
     return {"model": ckpt.build(rec, device), "preprocess": rec["preprocess"], "mask_mode": rec["mask_mode"],
             "context": rec["context"], "postprocess": rec["postprocess"], "path": str(path),
             "release": rec["release"], "record": rec}
