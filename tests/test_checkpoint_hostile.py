@@ -362,3 +362,21 @@ def test_read_raw_loads_without_field_checks_but_safely(trained, tmp_path):
 def test_tensors_of_the_right_shape_but_wrong_kind(trained, release_2020, tmp_path, tensor):
     bad = edited(trained, tmp_path, lambda ck: ck["model"].update({"head.bias": tensor(ck["model"]["head.bias"])}))
     predict_refused(bad, release_2020, tmp_path, bad, "model['head.bias']")
+
+
+def test_a_file_past_the_size_bound_is_not_read_whole(trained, release_2020, tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "MAX_BYTES", 1000)
+    predict_refused(trained, release_2020, tmp_path, trained, "larger than 1,000 bytes")
+
+
+@pytest.mark.parametrize("value", [math.inf, -5.0, torch.tensor(5.0)], ids=["inf", "negative", "tensor"])
+def test_export_refuses_thresholds_that_are_not_volumes(trained, tmp_path, value):
+    bad = edited(trained, tmp_path, lambda ck: ck.update(postprocess={"et_min_mm3": value}))
+    export_refused(bad, tmp_path, bad, "postprocess", "et_min_mm3")
+
+
+@pytest.mark.parametrize("field, value", [("epoch", 10**12), ("epoch", "1"), ("manifest_sha256", "x" * 10_000)],
+                         ids=["epoch-huge", "epoch-text", "sha-long"])
+def test_export_refuses_metadata_fields_out_of_range(trained, tmp_path, field, value):
+    bad = edited(trained, tmp_path, lambda ck: ck.update({field: value}))
+    export_refused(bad, tmp_path, bad, field)

@@ -79,7 +79,7 @@ def _read_bytes(path: Path) -> bytes:
         raise _not_ours(path, e.strerror or type(e).__name__) from None
     data = read_bounded(fd, MAX_BYTES)
     if data is None:
-        raise _not_ours(path, f"larger than {MAX_BYTES // 2**30} GiB")
+        raise _not_ours(path, f"larger than {MAX_BYTES:,} bytes")
     return data
 
 
