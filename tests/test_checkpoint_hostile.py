@@ -380,3 +380,25 @@ def test_export_refuses_thresholds_that_are_not_volumes(trained, tmp_path, value
 def test_export_refuses_metadata_fields_out_of_range(trained, tmp_path, field, value):
     bad = edited(trained, tmp_path, lambda ck: ck.update({field: value}))
     export_refused(bad, tmp_path, bad, field)
+
+
+@pytest.mark.parametrize("kind", ("folder", "missing"))
+def test_export_of_a_folder_or_a_missing_file(tmp_path, kind):
+    bad = _not_checkpoints(tmp_path)[kind]
+    export_refused(bad, tmp_path, bad, "not a brats-shards checkpoint")
+
+
+def test_predict_ensemble_of_a_text_file_in_a_real_process(trained, release_2020, tmp_path):
+    """The issue's case as a user meets it: stderr is one line, no traceback, no unpickling advice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    notes = _not_checkpoints(tmp_path)["text"]
+    r = subprocess.run([sys.executable, "cli.py", "predict", str(trained), str(release_2020), str(tmp_path / "p"),
+                        "--ensemble", str(notes), "--quiet"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: not a brats-shards checkpoint: ") and str(notes) in r.stderr
+    assert "weights_only" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "p").exists()

@@ -86,9 +86,10 @@ def check_request(checkpoint: Path, out: Path, sidecar: Path, fmt: str, opset: i
     if fmt == "onnx" and opset not in OPSETS:
         raise ExportError(f"ONNX opset {opset} for {out} is not supported; choose {OPSETS[0]}..{OPSETS[-1]}")
     if not checkpoint.exists():
-        raise ExportError(f"no checkpoint at {checkpoint}")
-    if not checkpoint.is_file():
-        raise ExportError(f"{checkpoint} is not a checkpoint file")
+        raise ExportError(f"not a brats-shards checkpoint: no checkpoint at {checkpoint}")
+    if not checkpoint.is_file():  # a run folder given for its checkpoint, a FIFO, a device
+        raise ExportError(f"not a brats-shards checkpoint: {checkpoint} is not a checkpoint file"
+                          + (" (a folder; give its checkpoints/best.pt)" if checkpoint.is_dir() else ""))
     for path in (out, sidecar):
         if path.is_dir():
             raise ExportError(f"{path} is an existing folder: give a file name to export to")
