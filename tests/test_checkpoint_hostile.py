@@ -402,3 +402,22 @@ def test_predict_ensemble_of_a_text_file_in_a_real_process(trained, release_2020
     assert r.stderr.startswith("error: not a brats-shards checkpoint: ") and str(notes) in r.stderr
     assert "weights_only" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (set_config(epochs=torch.zeros(2)), "config"),  # a tensor where a number belongs
+    (lambda ck: ck.update(channels=torch.zeros(3)), "channels"),
+    (lambda ck: ck.update(postprocess=torch.zeros(2)), "postprocess"),
+    (lambda ck: ck["preprocess"].update(convention=["2020"]), "preprocess.convention"),
+    (lambda ck: ck.update(config={1: 2}), "config"),
+], ids=["tensor-in-config", "tensor-channels", "tensor-postprocess", "list-convention", "int-keys"])
+def test_fields_that_are_not_plain_data(trained, release_2020, tmp_path, edit, field):
+    bad = edited(trained, tmp_path, edit)
+    predict_refused(bad, release_2020, tmp_path, bad, field)
+
+
+def test_check_names_a_missing_field(trained):
+    raw = torch.load(trained, weights_only=True)
+    del raw["model"]
+    with pytest.raises(ckpt.CheckpointError, match="x.pt is not a usable checkpoint: model is missing"):
+        ckpt.check(raw, "x.pt")

@@ -164,6 +164,12 @@ def check(ck: dict, path) -> dict:
     def bad(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a usable checkpoint: {field} {why}")
 
+    for field in REQUIRED:
+        if field not in ck:
+            raise bad(field, "is missing")
+    for field in ("config", "preprocess", "channels", "output_mode", "postprocess", "epoch", "manifest_sha256"):
+        if field in ck and not _plain(ck[field]):
+            raise bad(field, "holds something other than plain numbers, text, lists and mappings")
     cfg = _train_config(ck["config"], bad, TrainConfig)
     built, pre = _set_config(ck["preprocess"], bad)
     rel = release_of_set(built)
@@ -200,6 +206,17 @@ def check(ck: dict, path) -> dict:
     return {"config": cfg, "set": built, "preprocess": pre, "release": rel, "mask_mode": mode,
             "channels": list(channels), "postprocess": post, "context": cfg.context, "model_args": args,
             "state_dict": ck["model"]}
+
+
+def _plain(v, depth: int = 0) -> bool:
+    """JSON-like data (what train writes in these fields): no tensors, nothing nested past 8 levels."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if depth < 8 and isinstance(v, (list, tuple)):
+        return all(_plain(x, depth + 1) for x in v)
+    if depth < 8 and isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _train_config(d, bad, TrainConfig):
@@ -239,7 +256,7 @@ def _set_config(built, bad):
     except (ValueError, TypeError) as e:
         raise bad("preprocess.preprocess", str(e)) from None
     conv = built.get("convention")
-    if conv is not None and conv not in RELEASES:
+    if conv is not None and not (isinstance(conv, str) and conv in RELEASES):
         raise bad("preprocess.convention", f"{str(conv)[:40]!r} is not a release of the table")
     rel = RELEASES.get(conv, RELEASES["2020"])
     try:
