@@ -168,8 +168,8 @@ def check(ck: dict, path) -> dict:
         if field not in ck:
             raise bad(field, "is missing")
     for field in ("config", "preprocess", "channels", "output_mode", "postprocess", "epoch", "manifest_sha256"):
-        if field in ck and not _plain(ck[field]):
-            raise bad(field, "holds something other than plain numbers, text, lists and mappings")
+        if field in ck and (where := _not_plain(ck[field], field)):
+            raise bad(where, "is not plain data (numbers, text, lists, mappings with text keys)")
     cfg = _train_config(ck["config"], bad, TrainConfig)
     built, pre = _set_config(ck["preprocess"], bad)
     rel = release_of_set(built)
@@ -208,15 +208,20 @@ def check(ck: dict, path) -> dict:
             "state_dict": ck["model"]}
 
 
-def _plain(v, depth: int = 0) -> bool:
-    """JSON-like data (what train writes in these fields): no tensors, nothing nested past 8 levels."""
+def _not_plain(v, where: str, depth: int = 0) -> str | None:
+    """Where `v` stops being JSON-like data (what train writes in these fields: no tensors,
+    nothing nested past 8 levels), as a field path; None when it is plain."""
     if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if depth < 8 and isinstance(v, (list, tuple)):
-        return all(_plain(x, depth + 1) for x in v)
-    if depth < 8 and isinstance(v, dict):
-        return all(isinstance(k, str) and _plain(x, depth + 1) for k, x in v.items())
-    return False
+        return None
+    items = enumerate(v) if isinstance(v, (list, tuple)) else v.items() if isinstance(v, dict) else None
+    if items is None or depth >= 8:
+        return where
+    for k, x in items:
+        if isinstance(v, dict) and not isinstance(k, str):
+            return where
+        if (inner := _not_plain(x, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]", depth + 1)):
+            return inner
+    return None
 
 
 def _train_config(d, bad, TrainConfig):
