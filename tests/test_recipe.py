@@ -233,7 +233,7 @@ def test_postprocess_thresholds_change_predictions(default_run, release_2020, tm
     post-processing the same model's ET (where it predicts one) is written."""
     run, _ = default_run
     ck = checkpoint.load(run / "checkpoints" / "best.pt")
-    ck["postprocess"] = {"et_min_mm3": 1e9, "min_component_mm3": 0.0}
+    ck["postprocess"] = {"et_min_mm3": 1e6, "min_component_mm3": 0.0}
     strict = tmp_path / "strict.pt"
     checkpoint.save(strict, ck)
     predict(strict, release_2020, tmp_path / "pp", progress=False)
