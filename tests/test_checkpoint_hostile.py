@@ -201,8 +201,9 @@ def test_postprocess_thresholds_must_be_volumes(trained, release_2020, tmp_path,
     predict_refused(bad, release_2020, tmp_path, bad, "postprocess", key)
 
 
-def test_postprocess_that_is_not_a_mapping(trained, release_2020, tmp_path):
-    bad = edited(trained, tmp_path, lambda ck: ck.update(postprocess=[1.0, 2.0]))
+@pytest.mark.parametrize("value", [[1.0, 2.0], [], 0, ""], ids=["list", "empty-list", "zero", "empty-text"])
+def test_postprocess_that_is_not_a_mapping(trained, release_2020, tmp_path, value):
+    bad = edited(trained, tmp_path, lambda ck: ck.update(postprocess=value))
     predict_refused(bad, release_2020, tmp_path, bad, "postprocess")
 
 
@@ -215,6 +216,7 @@ def test_postprocess_that_is_not_a_mapping(trained, release_2020, tmp_path):
     lambda ck: ck.update(channels=["NCR/NET", "ED", "ET"]),  # sub-region names on region outputs
     lambda ck: ck.update(channels=["ET", "TC", "WT"]),  # the right names in the wrong order
     lambda ck: ck.update(channels="WT,TC,ET"),
+    lambda ck: ck.update(channels=[]),  # present but empty: a claim, not an older checkpoint
 ])
 def test_export_refuses_channel_names_that_contradict_the_outputs(trained, tmp_path, edit):
     bad = edited(trained, tmp_path, edit)

@@ -181,11 +181,11 @@ def check(ck: dict, path) -> dict:
         raise bad("output_mode", f"(the outputs' mask_mode) {str(mode)[:40]!r} contradicts config.targets {cfg.targets!r} on a "
                                  f"{set_mode} set (expected {expected_mode!r})")
     names = recipe.output_names(cfg.targets, set_mode, rel)
-    channels = ck.get("channels") or names
+    channels = names if ck.get("channels") is None else ck["channels"]  # absent: older checkpoint; [] is a claim
     if not (isinstance(channels, list) and channels == names):
         raise bad("channels", f"{str(channels)[:80]} are not the model's {n_out} outputs for "
                               f"{rel.name} {mode}: {names}")
-    post = ck.get("postprocess") or {}
+    post = {} if ck.get("postprocess") is None else ck["postprocess"]  # absent: older checkpoint
     try:
         if not isinstance(post, dict):
             raise ValueError(f"is a {type(post).__name__}, not a mapping of thresholds")
