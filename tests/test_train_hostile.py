@@ -145,7 +145,7 @@ def _position(batch=1, **kw):
     (lambda ck: ck["scheduler"].update(best=float("nan")), "scheduler.best"),
     (lambda ck: ck.update(model={"weight": torch.zeros(2)}), "model"),
     (lambda ck: ck["model"].update({k: v * float("nan") for k, v in list(ck["model"].items())[:1]}), "NaN"),
-    (lambda ck: ck["model"].update({k: v[:1] for k, v in list(ck["model"].items())[:1]}), "not a tensor of shape"),
+    (lambda ck: ck["model"].update({k: v[:1] for k, v in list(ck["model"].items())[:1]}), "builds"),
     (lambda ck: ck["config"].update(num_workers=10**6), "config.num_workers"),
     (lambda ck: ck["config"].update(base_channels=10**6), "config.base_channels"),
     (lambda ck: ck["config"].update(depth=60), "config.depth"),

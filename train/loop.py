@@ -238,8 +238,6 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
     mask_mode, names = recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel)
     n_mod = len(set_channels(source.manifest)[0])
     train_pids, val_pids = split_patients(source, cfg, shards)
-    if ck is not None:  # its weights must fit the model its config describes before one is built
-        resuming.check_model(last_path, ck["model"], model_shapes(cfg, *model_channels(source.manifest["config"], cfg)))
     parts = training_parts(cfg, device, *model_channels(source.manifest["config"], cfg))
     model, opt, sched, scaler = (parts[k] for k in STATEFUL)
 
@@ -492,6 +490,10 @@ def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dic
     except BratsShardsError as e:
         raise TrainError(f"--resume: {e}") from None
     resuming.check_fields(path, ck)
+    try:  # then what predict and export check (weights against the config on the meta device, channels,
+        checkpoint.check(ck, path)  # output mode, thresholds): one schema, so a resume refuses what they do
+    except BratsShardsError as e:
+        raise TrainError(f"--resume: {e}") from None
     if ck["manifest_sha256"] != source.manifest_sha256:
         raise TrainError(f"--resume: {path} was trained on another shard set (manifest hash differs)")
     try:
@@ -501,14 +503,6 @@ def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dic
     resuming.check_config(path, old)
     resuming.check_fold_rule(path, ck, old.folds)
     return ck, resuming.merged_config(cfg, old, given, path)
-
-
-def model_shapes(cfg: TrainConfig, in_channels: int, out_channels: int) -> dict:
-    """name -> shape of the model's state, built on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        model = build_model(cfg.model, cfg.base_channels, cfg.depth, in_channels, out_channels, cfg.norm, cfg.act,
-                            cfg.deep_supervision)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def restore(path: Path, ck: dict, parts: dict) -> tuple:

@@ -227,21 +227,6 @@ def check_config(path: Path, old) -> None:
             raise _fail(path, f"config.{name}", f"gives {what} {value!r}, more than {limit}")
 
 
-def check_model(path: Path, state, shapes: dict) -> None:
-    """The checkpoint's weights fit the model its config describes (`shapes`: name -> shape, from
-    a model built on the meta device, which allocates nothing) and are finite."""
-    if not isinstance(state, dict) or set(state) != set(shapes):
-        extra = sorted(set(state) - set(shapes))[:3] if isinstance(state, dict) else []
-        raise _fail(path, "model", "does not hold the weights of the model its config describes"
-                    + (f" (e.g. {', '.join(map(str, extra))})" if extra else ""))
-    for name, shape in shapes.items():
-        t = state[name]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-            raise _fail(path, f"model.{name}", f"is not a tensor of shape {shape}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _fail(path, f"model.{name}", "holds NaN or infinite weights")
-
-
 # ---------------------------------------------------------------- loading states
 
 def load_states(path: Path, ck: dict, parts: dict) -> None:
