@@ -16,35 +16,11 @@ from pathlib import Path
 import pytest
 
 from preprocess.synthetic import make_demo_data
+from cli_run import build as _build, cli as _cli, refused as _refused  # tests/cli_run.py
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (32, 32, 16)
 N = 3
-
-
-def _cli(*argv):
-    """The CLI in process: (exit code, stdout, stderr, an exception other than exit)."""
-    from typer.testing import CliRunner
-
-    from cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in argv])
-    exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
-    return r.exit_code, r.stdout, r.stderr, exc
-
-
-def _build(inp, out, *more):
-    return _cli("build-shards", inp, out, "--workers", "0", "--size", "16", "--quiet", "--val-fraction", "0.34",
-                *more)
-
-
-def _refused(r, *names):
-    code, out, err, exc = r
-    assert exc is None, exc
-    assert code == 2, (code, out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in names:
-        assert str(n) in err, (n, err)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

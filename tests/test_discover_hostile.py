@@ -21,34 +21,9 @@ import pytest
 from preprocess.discover import DiscoveryError, discover
 from preprocess.synthetic_releases import write_release
 from shards.domain import RELEASES
+from cli_run import build as _build, cli as _cli, refused as _refused  # tests/cli_run.py
 
 TINY = (24, 28, 16)
-
-
-def _cli(*argv):
-    """The CLI in process: (exit code, stdout, stderr, an exception other than exit)."""
-    from typer.testing import CliRunner
-
-    from cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in argv])
-    exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
-    return r.exit_code, r.stdout, r.stderr, exc
-
-
-def _build(inp, out, *more):
-    return _cli("build-shards", inp, out, "--workers", "0", "--size", "16", "--quiet", "--val-fraction", "0.34",
-                *more)
-
-
-def _refused(r, *names):
-    code, out, err, exc = r
-    assert exc is None, exc
-    assert code == 2, (code, out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in names:
-        assert str(n) in err, (n, err)
-    return err
 
 
 def _touch(root: Path, release: str, pids, drop=()) -> Path:
