@@ -231,7 +231,8 @@ def train(
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
     import dataclasses
 
-    from train.loop import TrainConfig, train as run
+    from train.config import TrainConfig
+    from train.loop import train as run
     from train.recipe import SEED_RECIPE
     from train.resume import option_name
     from train.tracking import require
@@ -382,7 +383,8 @@ def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     from preprocess.pipeline import PreprocessConfig
     from preprocess.build import BuildConfig, build
     from shards.domain import REGIONS
-    from train.loop import TrainConfig, train as run
+    from train.config import TrainConfig
+    from train.loop import train as run
 
     data, shards, run_dir = out / "data", out / "shards", out / "run"
     if not (data / "name_mapping.csv").exists():

@@ -16,12 +16,19 @@ import hashlib
 import io
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from shards.atomic import NotRegularFile, atomic_path, open_regular, read_bounded
+from shards.domain import RELEASES
 from shards.errors import BratsShardsError
+from shards.manifest import set_channels
+from train import recipe
+from train.config import TrainConfig, model_channels, release_of_set
+from train.model import build_model
+from train.postprocess import PostprocessConfig
 
 MAX_BYTES = 4 * 2**30  # a 2D U-Net of MAX_PARAMS float32 weights, its optimizer state and history
 MAX_PARAMS = 200_000_000  # parameters of the model a checkpoint describes (the recipe's: ~8 M)
@@ -142,7 +149,6 @@ def read(path: str | Path) -> dict:
 
 def build(record: dict, device="cpu") -> torch.nn.Module:
     """The eval-mode model of a `read` record, its weights loaded (their shapes were checked)."""
-    from train.model import build_model
 
     model = build_model(**record["model_args"])
     model.load_state_dict(record["state_dict"])
@@ -157,9 +163,6 @@ def check(ck: dict, path) -> dict:
     set (the shard set's build config), preprocess (PreprocessConfig), release, mask_mode,
     channels, postprocess (PostprocessConfig), model_args, state_dict. Old checkpoints (fields
     missing that later versions added) read as before: `TrainConfig.from_dict`."""
-    from train import recipe
-    from train.loop import TrainConfig, model_channels, release_of_set
-    from train.postprocess import PostprocessConfig
 
     def bad(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a usable checkpoint: {field} {why}")
@@ -244,9 +247,7 @@ def _train_config(d, bad, TrainConfig):
 def _set_config(built, bad):
     """preprocess: the shard set's build config; its preprocess fields valid, its release known,
     its modalities and mask channels those of the release."""
-    from preprocess.pipeline import PreprocessConfig
-    from shards.domain import RELEASES
-    from shards.manifest import set_channels
+    from preprocess.pipeline import PreprocessConfig  # the build side (nibabel, kernels): loaded only here
 
     if not isinstance(built, dict) or not isinstance(built.get("preprocess"), dict):
         raise bad("preprocess", "is not the shard set's build config (a mapping with 'preprocess')")
@@ -276,7 +277,6 @@ def _set_config(built, bad):
 
 def replace_fraction(pre):
     """As predict applies the preprocessing: every brain slice kept."""
-    from dataclasses import replace
 
     return replace(pre, tumour_free_fraction=1.0)
 
@@ -284,7 +284,6 @@ def replace_fraction(pre):
 def _check_weights(state, args: dict, bad) -> None:
     """model: exactly the tensors (names, shapes, float or integer) of the model the config
     builds, computed on the meta device so nothing is allocated; finite; bounded in size."""
-    from train.model import build_model
 
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

@@ -14,192 +14,39 @@ training on them: the loader runs far faster than training), then goes on as the
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import os
-import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from shards import atomic
 from shards.domain import REGIONS, RELEASES, Release, subregions_of, to_regions
-from shards.manifest import set_channels
 from shards.errors import BratsShardsError
+from shards.manifest import set_channels
 from shards.redact import redact
 from shards.source import ShardSource
-from train import checkpoint, plots, recipe, resume as resuming, tracking
-from train.runlock import RunLock
-from train.resume import TrainError  # noqa: F401 - train.loop.TrainError, as before
-from shards.config import check_choices, from_known_fields
+from train import checkpoint, plots, recipe, resume as resuming, runfolder, tracking
 from train.augment import AugmentConfig, augment_batch
+from train.config import TrainConfig, chooses_postprocess, model_channels, release_of_set
 from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
 from train.metrics import confusion, scores
-from train.model import Act, ModelName, Norm, build_model
+from train.model import build_model
 from train.postprocess import PostprocessConfig, choose
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Defaults: the field's 2D recipe (train/recipe.py); `recipe.SEED_RECIPE` is the seed's."""
-
-    model: ModelName = "unet"
-    base_channels: int = 32
-    depth: int = 4
-    norm: Norm = "instance"
-    act: Act = "leaky"
-    deep_supervision: bool = True
-    targets: Literal["regions", "channels"] = "regions"  # regions: WT/TC/ET derived at train time
-    loss: Literal["dice", "dice-bce"] = "dice-bce"
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 1e-2
-    weight_decay: float = 3e-5
-    schedule: Literal["poly", "cosine", "plateau"] = "poly"
-    warmup_epochs: float = 0.0  # cosine: linear warm-up
-    epochs: int = 10
-    batch_size: int = 32
-    num_workers: int = 2
-    seed: int = 0
-    fmt: Literal["", "zarr", "wds"] = ""  # "" = what the set holds (zarr preferred)
-    augment: Literal["off", "light", "nnunet"] = "nnunet"  # light: the seed's flips/rotation in the loader
-    fg_fraction: float = 1 / 3  # share of each batch with tumour (foreground oversampling)
-    context: int = 0  # 2.5D: neighbouring slices on each side as extra channels
-    folds: int = 0  # >1: cross-validation on the training split; `fold` is held out for validation
-    fold: int = 0
-    postprocess: bool = True  # choose ET->NCR and small-component thresholds on validation
-    buffer_size: int = 1024
-    plateau_patience: int = 3
-    plateau_factor: float = 0.5
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    log_samples: bool = False
-    max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
-    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (last.pt with the loader position); 0: epochs only
-
-    def __post_init__(self):
-        check_choices(self)
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
-            raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
-        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0 or self.warmup_epochs < 0 or self.checkpoint_every < 0:
-            raise ValueError("context, warmup_epochs and checkpoint_every must be >= 0, fg_fraction in [0, 1]")
-        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
-            raise ValueError(f"--folds must be 0 (off) or >= 2 and --fold in [0, folds), not {self.folds}, {self.fold}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """A stored config; fields it lacks were written before they existed: the seed recipe's."""
-        d = {**recipe.SEED_RECIPE, **d}
-        if isinstance(d.get("augment"), bool):  # the old flag: the light loader augmentation
-            d["augment"] = "light" if d["augment"] else "off"
-        return from_known_fields(cls, d)
-
-    @property
-    def in_channels(self) -> int:
-        """Input channels of a 4-modality set; `input_channels(M)` for any set."""
-        return self.input_channels(4)
-
-    def input_channels(self, n_modalities: int) -> int:
-        """The model's input: the set's M modalities of the slice and of `context` neighbours each side."""
-        return n_modalities * (2 * self.context + 1)
+from train.resume import TrainError  # noqa: F401 - train.loop.TrainError, as before
+from train.runfolder import read_val_patients, refuse_existing_run, refuse_links, start_run_folder, write_metrics, \
+    write_val_patients
+from train.runlock import RunLock
 
 
 # the objects whose state a checkpoint holds, under these keys
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
 
-# any of these in OUT means it already holds a run that a fresh start would clobber
-RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "config.json")
-# what a run writes into OUT: all --overwrite removes, with the temporaries of their atomic writes
-_RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "val_patients.csv", "config.json",
-              "plots/loss.png", "plots/dice.png", "plots/predictions.png")
-_SAMPLE_LOG = re.compile(r"samples_rank\d+\.jsonl")
-
-
-def refuse_existing_run(out: Path, resume: bool, overwrite: bool) -> None:
-    """Starting afresh over a run would replace its checkpoints and metrics: ask which was meant."""
-    if resume and overwrite:
-        raise TrainError("--resume and --overwrite contradict each other: pass one of them")
-    if resume or overwrite:
-        return
-    found = [m for m in RUN_MARKERS if (out / m).exists()]
-    if found:
-        raise TrainError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it "
-                         f"or --overwrite to replace it")
-
-
-# what a run writes into, or opens in place, inside OUT: a link there would take its writes (and
-# --overwrite's deletions) to a folder the user never named
-_IN_PLACE = ("checkpoints", "plots", "tensorboard", "mlartifacts", "mlflow.db", "samples_rank*.jsonl")
-
-
-def refuse_links(out: Path) -> None:
-    """Refuse a run folder where a link stands in the place of a folder or file the run writes in place."""
-    for pattern in _IN_PLACE:
-        for path in out.glob(pattern):
-            if path.is_symlink():
-                raise TrainError(f"{path} is a link (to {os.readlink(path)}): a run writes there, and would write "
-                                 f"outside --out {out}; remove the link or choose another --out")
-
-
-def run_files(out: Path) -> list[Path]:
-    """The files of OUT that a run wrote (its own names, their temporaries, the sample logs);
-    the user's own files there are not among them."""
-    names = {Path(n).parent: set() for n in _RUN_FILES}
-    for n in _RUN_FILES:
-        names[Path(n).parent].add(Path(n).name)
-    found = []
-    for folder, own in names.items():
-        if (out / folder).is_dir():
-            for p in (out / folder).iterdir():
-                tmp = atomic.TMP_NAME.match(p.name)
-                if p.is_file() and (p.name in own or (tmp and tmp["name"] in own)
-                                    or (folder == Path(".") and _SAMPLE_LOG.fullmatch(p.name))):
-                    found.append(p)
-    return found
-
-
-def clear_run(out: Path) -> None:
-    """--overwrite: an old run's val_patients.csv rows and sample logs would otherwise mix with
-    the new run's (both are appended to), so its files go before the new run writes any."""
-    for path in run_files(out):
-        path.unlink(missing_ok=True)
-    if (out / "tensorboard").is_dir():  # the event files a run's --log tensorboard wrote
-        for path in (out / "tensorboard").glob("events.out.tfevents.*"):
-            path.unlink(missing_ok=True)
-
-
 def set_mode_of(source: ShardSource) -> str:
     """The mask mode of a shard set: 'subregions' or 'regions'."""
     return source.manifest["config"]["preprocess"]["mask"]
-
-
-def release_of_set(config: dict) -> Release:
-    """The release a shard set (its manifest's `config`) was built from: its sub-regions and
-    regions are what training scores (sets from before the table grew are 2018-2023 glioma)."""
-    return RELEASES.get(config.get("convention"), RELEASES["2020"])
-
-
-def model_channels(config: dict, cfg: "TrainConfig") -> tuple[int, int]:
-    """(in, out) channels of the model for a set's manifest `config`: M x (2 context + 1) inputs,
-    one output per training target (the release's regions, or the set's own mask channels)."""
-    mods, chans = set_channels({"config": config})
-    rel = release_of_set(config)
-    out = len(rel.regions) if cfg.targets == "regions" else len(chans)
-    return cfg.input_channels(len(mods)), out
-
-
-def chooses_postprocess(rel: Release) -> bool:
-    """Post-processing (ET->NCR, small components) is defined on the glioma regions [WT, TC, ET]."""
-    return tuple(rel.regions) == REGIONS
 
 
 def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -321,7 +168,7 @@ def _train(shards, out: Path, cfg: TrainConfig, resume, progress, cache_dir, sto
             bar.close()
             train_seconds = time.perf_counter() - t0
             if cfg.log_samples:
-                _log_samples(out, rank, epoch, n_batches, seen_keys)
+                runfolder.log_samples(out, rank, epoch, n_batches, seen_keys)
 
             # -- validate
             val = validate(net, _loader(val_ds, val_ds.num_workers), loss_fn, device, (cfg.targets, set_mode),
@@ -454,15 +301,6 @@ def streams(source: ShardSource, cfg: TrainConfig, rank: int, world: int, train_
         raise TrainError(f"too few training slices per worker for batch size {cfg.batch_size}: "
                          f"lower --batch-size or --num-workers")
     return train_ds, val_ds
-
-
-def start_run_folder(out: Path, cfg: TrainConfig, shards: str, source: ShardSource, overwrite: bool) -> None:
-    """Rank 0, once every refusal is behind: clear an old run (--overwrite), write config.json."""
-    if overwrite:  # only now: a refusal above (bad shard set, options) leaves the old run intact
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "config.json", {"train": cfg.to_dict(), "shards": redact(shards),
-                                            "manifest_sha256": source.manifest_sha256})
 
 
 def _bar(total, desc, enabled):
@@ -648,68 +486,6 @@ def epoch_record(epoch: int, stats: dict, names: list[str], lr: float, seconds: 
         row[f"patient_dice_{region}"] = float(np.mean(d)) if d else float("nan")
     row.update(lr=lr, seconds=seconds, slices_per_s=slices / seconds if seconds else 0.0)
     return row
-
-
-def _csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=columns)
-    w.writeheader()
-    w.writerows(rows)
-    return text.getvalue().encode()
-
-
-def write_metrics(out: Path, history: list[dict]) -> None:
-    """metrics.csv: one row per epoch so far, floats to 6 significant digits."""
-    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()} for h in history]
-    atomic.write_bytes(out / "metrics.csv", _csv_bytes(list(history[0]), rows))
-
-
-MAX_VAL_PATIENTS_BYTES = 2**30  # a thousand epochs of a thousand patients is ~60 MB
-
-
-def read_val_patients(path: Path, regions: tuple = REGIONS) -> list[dict]:
-    """The rows of an earlier run's val_patients.csv (none if there is none). A resume reads it
-    before it writes anything: a file that is not what `write_val_patients` writes (other
-    columns, an epoch that is not a number, a FIFO, too large) is refused, named, instead of
-    failing after an epoch of training."""
-    try:
-        fd, st = atomic.open_regular(path)
-    except FileNotFoundError:
-        return []
-    if st.st_size > MAX_VAL_PATIENTS_BYTES:
-        os.close(fd)
-        raise TrainError(f"{path}: {st.st_size} bytes, more than a run's per-patient Dice table holds; "
-                         f"move it away to resume")
-    with open(fd, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f)
-        columns = ["epoch", "patient"] + [f"dice_{r}" for r in regions]
-        if reader.fieldnames != columns:
-            raise TrainError(f"{path}: columns {reader.fieldnames}, not {columns}; move it away to resume")
-        rows = list(reader)
-    for i, r in enumerate(rows, start=2):
-        if None in r or None in r.values() or not r["epoch"].isdigit():
-            raise TrainError(f"{path}: line {i} is not an epoch's row; move the file away to resume")
-    return rows
-
-
-def write_val_patients(out: Path, patients: dict, epoch: int, regions: tuple = REGIONS) -> None:
-    """val_patients.csv: per epoch and validation patient, the 3D Dice of each region. Earlier
-    epochs' rows are kept; rows of this epoch left by a killed run are replaced."""
-    path = out / "val_patients.csv"
-    rows = [r for r in read_val_patients(path, regions) if int(r["epoch"]) < epoch + 1]
-    for pid in sorted(patients):
-        c = patients[pid]
-        rows.append({"epoch": epoch + 1, "patient": pid,
-                     **{f"dice_{r}": f"{scores(*c[i].tolist())['dice']:.6g}" for i, r in enumerate(regions)}})
-    atomic.write_bytes(path, _csv_bytes(["epoch", "patient"] + [f"dice_{r}" for r in regions], rows))
-
-
-def _log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    # O_NOFOLLOW: a link planted since the start is refused here too, never appended through
-    fd = os.open(out / f"samples_rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with open(fd, "a") as f:
-        f.write(json.dumps({"epoch": epoch + 1, "batches": n_batches, "keys": keys}) + "\n")
 
 
 def _summary(row: dict, names: list[str], regions: tuple = REGIONS) -> str:
