@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from train import checkpoint as ckpt
-from train.loop import TrainConfig, train
+from train.config import TrainConfig
+from train.loop import train
 
 
 @pytest.fixture(scope="module")

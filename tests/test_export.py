@@ -15,7 +15,8 @@ import torch
 
 from train import export as ex
 from train.export import ExportError, export, input_channel_names, read_metadata
-from train.loop import TrainConfig, train
+from train.config import TrainConfig
+from train.loop import train
 from train.predict import load_checkpoint
 
 TOL = 1e-4

@@ -13,7 +13,9 @@ from shards.domain import regions_of, subregions_of
 from shards.source import ShardSource
 from train import checkpoint
 from train.data import SliceStream, StreamConfig, fold_patients, neighbour_rows, oversample, with_context
-from train.loop import TrainConfig, TrainError, train
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.loop import train
 from train.model import build_model
 from train.predict import PredictError, predict
 from train.recipe import SEED_RECIPE, ds_weights, lr_factor, make_recipe_loss, to_targets

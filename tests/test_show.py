@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from train.loop import TrainConfig, train
+from train.config import TrainConfig
+from train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

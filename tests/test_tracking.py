@@ -23,7 +23,7 @@ H, W = 24, 20  # slice (x, y); an overlay panel is (y, x)
 
 
 def _row(epoch: int) -> dict:
-    """A metrics row as train.loop.epoch_record makes it (region targets)."""
+    """A metrics row as train.validate.epoch_record makes it (region targets)."""
     row = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.5 / epoch, "mean_dice": 0.1 * epoch}
     for key in ("dice", "prec", "recall"):
         row.update({f"{key}_{n}": 0.1 * epoch + i / 100 for i, n in enumerate(NAMES)})

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from train import checkpoint
-from train.loop import TrainConfig, TrainError, train
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.loop import train
 from train.recipe import SEED_RECIPE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,9 @@ import re
 import pytest
 
 from train.data import StreamConfig
-from train.loop import TrainConfig, TrainError, train
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.loop import train
 
 TINY = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1, max_batches=2)
 

@@ -18,6 +18,7 @@ import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +28,15 @@ from shards.errors import BratsShardsError
 from shards.manifest import set_channels
 from train import recipe
 from train.config import TrainConfig, model_channels, release_of_set
+from train.data import FOLD_RULE
 from train.model import build_model
 from train.postprocess import PostprocessConfig
 
+if TYPE_CHECKING:  # annotation only: predict and export need no shard source
+    from shards.source import ShardSource
+
+# the objects whose state a checkpoint holds, under these keys
+STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 MAX_BYTES = 4 * 2**30  # a 2D U-Net of MAX_PARAMS float32 weights, its optimizer state and history
 MAX_PARAMS = 200_000_000  # parameters of the model a checkpoint describes (the recipe's: ~8 M)
 BOUNDS = {"base_channels": (1, 256), "depth": (1, 7), "context": (0, 8)}  # config ints: the widest sane
@@ -56,6 +63,19 @@ def save(path: Path, state: dict) -> None:
         why = "the disk is full or the write failed" if full else "the write failed"
         raise CheckpointError(f"could not write checkpoint {path}: {why} ({type(e).__name__}: {e}); "
                               f"the previous file, if any, is unchanged") from None
+
+
+def state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
+          history: list[dict], best: float, mask_mode: str, post: dict, position: dict | None = None) -> dict:
+    """What a checkpoint holds: the state of `parts`, the epoch and RNG a resume continues from,
+    the config and shard set it was trained with, and what predict needs (preprocess, output
+    channels and their mask mode, context, post-processing thresholds); mid-epoch, the loader
+    `position` (epoch under way, steps done, running loss, keys seen, torch RNG)."""
+    return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
+            "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
+            "channels": names, "output_mode": mask_mode, "postprocess": post.get("config", {}),
+            "rng": torch.get_rng_state(), "history": history, "best_dice": best, "position": position,
+            "fold_rule": FOLD_RULE}
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -215,6 +215,9 @@ def with_context(image: np.ndarray, slice_index, k: int) -> np.ndarray:
     return image[rows].reshape(S, C * (2 * k + 1), *image.shape[2:])
 
 
+FOLD_RULE = "patient-id"  # the fold rule of `fold_of`, recorded in checkpoints (train/resume.py)
+
+
 def fold_of(pid: str, folds: int, seed: int | None = None) -> int:
     """The cross-validation fold of a patient: from the hash of its id alone, as the build's split
     is, so a patient keeps its fold when others are added, and the K runs of `--folds K` hold

@@ -23,6 +23,12 @@ from pathlib import Path
 import torch
 
 from shards.errors import BratsShardsError
+from shards.source import ShardSource
+from train import checkpoint
+from train.config import TrainConfig
+from train.data import FOLD_RULE
+from train.postprocess import PostprocessConfig
+from train.errors import TrainError
 
 # options a resume may change; every other TrainConfig field fixes the run
 MAY_CHANGE = ("epochs", "num_workers", "device", "compile", "log_samples", "checkpoint_every")
@@ -31,12 +37,6 @@ _OPTION = {"fmt": "--format"}
 MAX_EPOCHS = 100_000  # more epochs than any run has: a checkpoint claiming more is tampered
 MAX_COLUMNS = 1000  # metrics columns of one history row
 MAX_KEY_CHARS = 1000  # a sample key or a metrics column name
-FOLD_RULE = "patient-id"  # the fold rule the checkpoint records (train/data.py fold_of)
-
-
-class TrainError(BratsShardsError, RuntimeError):
-    """A refused training run: the one-line message names the folder, file or option at fault
-    (defined here, the loop re-exports it, so that a refused resume is one too)."""
 
 
 class ResumeError(TrainError):
@@ -135,8 +135,6 @@ def check_fields(path: Path, ck) -> None:
     if not isinstance(post, dict):
         raise _fail(path, "postprocess", f"is {type(post).__name__}, not a mapping of thresholds")
     if post:
-        from train.postprocess import PostprocessConfig
-
         try:
             PostprocessConfig.from_dict(post)
         except (TypeError, ValueError) as e:
@@ -273,3 +271,37 @@ def check_scheduler(path: Path, state, fresh: dict) -> None:
             raise _fail(path, f"scheduler.{k}", f"is {v!r}, not {type(want).__name__}")
         if isinstance(want, list) and not (isinstance(v, list) and len(v) == len(want) and all(map(_finite, v))):
             raise _fail(path, f"scheduler.{k}", "is not a list of finite numbers, one per parameter group")
+
+
+def resumed_config(path: Path, source: ShardSource, cfg: TrainConfig, given: dict | None) -> tuple[dict, TrainConfig]:
+    """(the checkpoint at `path`, its fields checked, the config the resume runs with): refused
+    unless it comes from this shard set and the options given agree with it (train/resume.py)."""
+    if not path.exists():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:  # bounded, a regular file (a FIFO would block), torch's stored zip (no bomb), weights only
+        ck = checkpoint.read_raw(path)[0]
+    except BratsShardsError as e:
+        raise TrainError(f"--resume: {e}") from None
+    check_fields(path, ck)
+    try:  # then what predict and export check (weights against the config on the meta device, channels,
+        checkpoint.check(ck, path)  # output mode, thresholds): one schema, so a resume refuses what they do
+    except BratsShardsError as e:
+        raise TrainError(f"--resume: {e}") from None
+    if ck["manifest_sha256"] != source.manifest_sha256:
+        raise TrainError(f"--resume: {path} was trained on another shard set (manifest hash differs)")
+    try:
+        old = TrainConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as e:
+        raise ResumeError(f"--resume: {path}: its config is not a training config ({e})") from None
+    check_config(path, old)
+    check_fold_rule(path, ck, old.folds)
+    return ck, merged_config(cfg, old, given, path)
+
+
+def restore(path: Path, ck: dict, parts: dict) -> tuple:
+    """Load a checked checkpoint into `parts` (and the torch RNG): (history, next epoch, best
+    mean Dice, post-processing chosen so far)."""
+    load_states(path, ck, parts)
+    torch.set_rng_state(ck["rng"])
+    post = {"config": ck["postprocess"]} if ck.get("postprocess") else {}
+    return ck["history"], ck["epoch"] + 1, float(ck["best_dice"]), post

@@ -15,7 +15,7 @@ from shards import atomic
 from shards.domain import REGIONS
 from shards.redact import redact
 from train.metrics import scores
-from train.resume import TrainError
+from train.errors import TrainError
 
 if TYPE_CHECKING:  # annotations only
     from shards.source import ShardSource

@@ -28,6 +28,7 @@ import numpy as np
 from shards import atomic
 from shards.errors import BratsShardsError
 from shards.redact import redact
+from train.plots import overlay  # the figure's grey scale: FLAIR, 1-99th percentile of the brain
 
 KINDS = ("tensorboard", "mlflow")
 RUN_FILE = "mlflow_run.json"  # OUT/mlflow_run.json: the MLflow run a resume continues
@@ -128,8 +129,6 @@ def overlay_grid(samples: list[dict], alpha: float = 0.5, pad: int = 2) -> np.nd
     """The validation samples as one RGB image (H, W, 3) uint8: a row per sample, a column per
     output channel; FLAIR in grey, truth in green, prediction in red (both: yellow). Oriented as
     plots.predictions draws them: anterior up, the subject's right to the right."""
-    from train.plots import overlay  # the figure's grey scale: FLAIR, 1-99th percentile of the brain
-
     rows = []
     for s in samples:
         grey = overlay(s["image"], s["mask"][:0])[..., 0]  # no mask channels: the grey image (X, Y)
@@ -306,19 +305,17 @@ def read_run_file(path: Path) -> dict | None:
     """OUT/mlflow_run.json as {"tracking_uri": str, "run_id": a plain id}, None where there is
     none (a run that never logged to MLflow). Anything else there is refused naming the file:
     continuing some other run, or silently starting a new one, would misfile the metrics."""
-    from shards.atomic import NotRegularFile, open_regular, read_bounded
-
     def bad(what: str) -> TrackingError:
         return TrackingError(f"{path}: {what}; it should name the MLflow run this run logs to: delete it "
                              f"to log the resumed epochs to a new MLflow run")
 
     try:
-        fd, _ = open_regular(path)
+        fd, _ = atomic.open_regular(path)
     except FileNotFoundError:
         return None
-    except NotRegularFile as e:
+    except atomic.NotRegularFile as e:
         raise bad(e.strerror) from None
-    data = read_bounded(fd, RUN_FILE_BYTES)
+    data = atomic.read_bounded(fd, RUN_FILE_BYTES)
     if data is None:
         raise bad(f"is larger than {RUN_FILE_BYTES} bytes")
     try:
