@@ -346,6 +346,7 @@ def show(
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("figures"),
     patient: Annotated[Optional[str], typer.Option(help="Patient to draw (default: the first).")] = None,
     run: Annotated[Optional[Path], typer.Option(help="A training run folder: truth vs prediction per validation patient.")] = None,
+    release: Annotated[Optional[str], typer.Option(help="Read a raw SOURCE as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
 ):
     """Figures: modalities, three planes, mask overlay, histograms, class imbalance; run predictions."""
     from train.show import figures, run_figures
@@ -355,7 +356,7 @@ def show(
     paths = []
     with _refusals():
         if source is not None:
-            paths += figures(source, out, patient)
+            paths += figures(source, out, patient, release)
         if run is not None:
             paths += run_figures(run, out)
     for p in paths:

@@ -269,12 +269,30 @@ def to_labels(positive: np.ndarray, mode: str, rel: Release) -> np.ndarray:
     later ones winning (glioma: ET > NCR/NET (TC) > ED (WT); gli-2024: RC and ET over NETC over SNFH)."""
     lab = np.zeros(positive.shape[1:], np.uint8)
     smallest = _smallest_region(rel)
-    sizes = [len(v) for v in rel.regions.values()]
-    order = sorted(range(len(rel.subregions)), key=lambda i: -sizes[smallest[i]])  # stable: ties keep order
-    for i in order:
+    for i in paint_order(rel):
         ch = positive[i] if mode == "subregions" else positive[smallest[i]]
         lab[ch.astype(bool)] = rel.label_of(rel.subregions[i])
     return lab
+
+
+def paint_order(rel: Release) -> list[int]:
+    """The sub-region indices in the order `to_labels` paints them, later ones winning: by the
+    size of their smallest region, largest first (stable: ties keep the table's order)."""
+    smallest = _smallest_region(rel)
+    sizes = [len(v) for v in rel.regions.values()]
+    return sorted(range(len(rel.subregions)), key=lambda i: -sizes[smallest[i]])
+
+
+def label_rule(rel: Release, mode: str) -> str:
+    """In words, how `to_labels` turns bool channels of `rel.channels(mode)` into a label map (the
+    label values of the sub-regions are the release's)."""
+    subs, regs = list(rel.subregions), list(rel.regions)
+    first = " > ".join(subs[i] for i in reversed(paint_order(rel)))
+    if mode == "regions":
+        smallest = _smallest_region(rel)
+        first += "; a sub-region is positive where its smallest region is (" + ", ".join(
+            f"{subs[i]}: {regs[smallest[i]]}" for i in range(len(subs))) + ")"
+    return f"a voxel takes the label of its most specific positive sub-region: {first}; else 0"
 
 
 GLIOMA = RELEASES["2020"]

@@ -31,9 +31,11 @@ from typing import Literal, get_args
 import torch
 
 from shards import atomic
-from shards.domain import MODALITIES, MODALITY_NAMES, RELEASES
+from shards.domain import MODALITIES, MODALITY_NAMES, RELEASES, label_rule
 from shards.errors import BratsShardsError
 from shards.manifest import set_channels
+from train import checkpoint as ckpt
+from train.predict import THRESHOLD
 
 Format = Literal["onnx", "torchscript"]
 FORMATS = get_args(Format)
@@ -41,10 +43,9 @@ FORMAT_VERSION = 1
 META_KEY = "brats_shards"  # ONNX metadata_props key; TorchScript extra file META_KEY + ".json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 OPSETS = range(11, 21)  # what torch 2.13's TorchScript-based ONNX exporter implements (max 20)
-CONTEXT_RULE = ("channel (o+k)*4 + m holds modality m of the axial slice z+o (canonical RAS z), o in -k..k; "
-                "a neighbour that is not a brain slice is replaced by the nearest brain slice between it and z")
-LABEL_RULE = ("a voxel takes the label of its most specific positive channel: sub-regions ET > NCR/NET > ED; "
-              "regions ET > TC (-> NCR/NET) > WT (-> ED); else 0")
+CONTEXT_RULE = ("channel (o+k)*{m} + m holds modality m of the set's {m} of the axial slice z+o (canonical RAS z), "
+                "o in -k..k; a neighbour that is not a brain slice is replaced by the nearest brain slice between it "
+                "and z")
 
 
 class ExportError(BratsShardsError, ValueError):
@@ -97,9 +98,6 @@ def check_request(checkpoint: Path, out: Path, sidecar: Path, fmt: str, opset: i
 
 def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     """(eval-mode float32 CPU model, metadata) of a checkpoint (weights_only loads)."""
-    from train import checkpoint as ckpt
-    from train.predict import THRESHOLD
-
     try:
         rec = ckpt.read(checkpoint)  # the one read of the file: checked, then hashed and loaded from the same bytes
     except ckpt.CheckpointError as e:  # export's refusals are ExportErrors; the message names file and field
@@ -122,10 +120,10 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
                    "channels": list(rec["channels"]), "mask_mode": mode,
                    "activation": "sigmoid", "threshold": THRESHOLD},
         "preprocess": rec["preprocess"].to_dict(),  # as predict applies it: every brain slice kept
-        "context": {"slices_each_side": k, "rule": CONTEXT_RULE},
+        "context": {"slices_each_side": k, "rule": CONTEXT_RULE.format(m=len(mods))},
         "postprocess": {**rec["postprocess"].to_dict(),
                         "rule": "train/postprocess.py, on the 3D prediction mapped back to the source grid"},
-        "labels": {"rule": LABEL_RULE,
+        "labels": {"rule": label_rule(rel, mode),
                    "releases": {n: {s: r.label_of(s) for s in r.subregions} for n, r in RELEASES.items()
                                 if r.subregions == rel.subregions}},
         "train_config": cfg.to_dict(),

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from shards.domain import Release
+from shards.domain import MODALITY_NAMES, Release
 from shards.manifest import set_channels
 from shards.redact import redact
 from shards.source import ShardSource
@@ -341,5 +341,6 @@ def record_epoch(run: Run, epoch: int, row: dict, val: dict, patients: dict, is_
     write_val_patients(run.out, patients, epoch, tuple(run.rel.regions))
     plots.curves(run.history, run.names, run.out / "plots")
     if val["samples"]:
-        plots.predictions(val["samples"], run.names, run.out / "plots", title=f"epoch {epoch + 1}")
+        plots.predictions(val["samples"], run.names, run.out / "plots", title=f"epoch {epoch + 1}",
+                          grey=MODALITY_NAMES[run.rel.modalities[-1]])
     tracking.log_epoch(trackers, row, val["samples"], run.names)

@@ -49,7 +49,10 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     return [a, b]
 
 
-COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2]])  # channel 0, 1, 2
+# mask channel c is drawn in COLOURS[c]: the glioma sets' three, then those of the releases with more
+COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2], [0.2, 1.0, 1.0], [1.0, 0.2, 1.0],
+                    [0.3, 0.5, 1.0]])
+COLOUR_NAMES = ("red", "green", "yellow", "cyan", "magenta", "blue")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -66,8 +69,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def predictions(samples: list[dict], channels: list[str], out: Path, name: str = "predictions.png",
-                title: str = "") -> Path:
-    """Rows: validation slices; columns: FLAIR, truth overlay, prediction overlay."""
+                title: str = "", grey: str = "FLAIR") -> Path:
+    """Rows: validation slices; columns: the grey modality (`grey`: the set's last), truth overlay,
+    prediction overlay."""
     plt = _plt()
     n = len(samples)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
@@ -77,11 +81,11 @@ def predictions(samples: list[dict], channels: list[str], out: Path, name: str =
         row[1].imshow(overlay(s["image"], s["mask"]).transpose(1, 0, 2), origin="lower")
         row[2].imshow(overlay(s["image"], s["pred"]).transpose(1, 0, 2), origin="lower")
         row[0].set_ylabel(s["key"], fontsize=7)
-        for ax, t in zip(row, ("FLAIR", "truth", "prediction")):
+        for ax, t in zip(row, (grey, "truth", "prediction")):
             ax.set_title(t, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    legend = ", ".join(f"{c}: {col}" for c, col in zip(channels, ("red", "green", "yellow")))
+    legend = ", ".join(f"{c}: {COLOUR_NAMES[i % len(COLOUR_NAMES)]}" for i, c in enumerate(channels))
     fig.suptitle(f"{title}  ({legend})", fontsize=9)
     p = _save(fig, out / name)
     plt.close(fig)

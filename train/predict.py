@@ -63,12 +63,6 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
             "release": rec["release"], "record": rec}
 
 
-def load_model(path: str | Path, device: torch.device):
-    """Model, preprocessing config and output mask mode of one checkpoint."""
-    m = load_checkpoint(path, device)
-    return m["model"], m["preprocess"], m["mask_mode"]
-
-
 def check_ensemble(members: list[dict]) -> None:
     """An ensemble's checkpoints must agree on what they read and what they output."""
     first = members[0]

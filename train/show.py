@@ -12,16 +12,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import NamedTuple
+
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from shards.domain import MODALITIES, encode_mask
+from preprocess import steps
+from preprocess.discover import discover
+from preprocess.nifti import load_volume
+from preprocess.pipeline import load_patient, validate
+from preprocess.steps import InputError
+from shards.domain import MODALITY_NAMES, SEG, encode_mask, regions_of
 from shards.errors import BratsShardsError
+from shards.manifest import ManifestError, read_local, set_channels
 from shards.names import patient_id_problem
-from train.plots import _plt, _save, overlay
+from shards.source import ShardSource
+from train.data import with_context
+from train.plots import COLOUR_NAMES, _plt, _save, overlay, predictions
+from train.predict import load_checkpoint, predict_slices
 
-MODALITY_NAMES = ("T1", "T1Gd", "T2", "FLAIR")
 MAX_RUN_CONFIG_BYTES = 1 << 20
-MASK_CHANNELS = 3  # the overlays colour three channels
+BAR_COLOURS = ("C3", "C2", "C1", "C0", "C4", "C5", "C6", "C7")  # class balance: a colour per channel
+
+
+class Names(NamedTuple):
+    """What a figure calls the images and the mask channels it draws."""
+    modalities: tuple  # display names, in channel order
+    channels: tuple  # mask channel names, in channel order
 
 
 class ShowError(BratsShardsError, ValueError):
@@ -55,13 +73,10 @@ def _imshow(ax, img, title, cmap="gray"):
     ax.set_yticks([])
 
 
-def _volume_from_raw(src: Path, patient: str | None):
-    from preprocess import steps
-    from preprocess.discover import discover
-    from preprocess.pipeline import load_patient, validate
-    from preprocess.steps import InputError
-
-    disc = discover(src, need_seg=False)
+def _volume_from_raw(src: Path, patient: str | None, release: str | None = None):
+    """(pid, images (M, X, Y, Z) float32, sub-region channels (K, X, Y, Z), names, discovery) of one
+    patient of a release folder, in canonical RAS order."""
+    disc = discover(src, need_seg=False, release=release)
     if not disc.patients:
         raise ShowError(f"no patients found in {src}")
     pf = next((p for p in disc.patients if p.pid == patient), None) if patient else disc.patients[0]
@@ -75,32 +90,26 @@ def _volume_from_raw(src: Path, patient: str | None):
     except InputError as e:
         raise ShowError(f"{pf.pid}: {e}") from None
     rel = pf.release
-    if rel.modalities != MODALITIES or len(rel.subregions) != MASK_CHANNELS:
-        raise ShowError(f"{pf.pid} is {rel.name} ({len(rel.modalities)} modalities, {len(rel.subregions)} "
-                        f"sub-regions); show draws the four-modality, three-channel sets")
-    ornt = steps.canonical_ornt(vols["t1"].affine)
-    images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in ("t1", "t1gd", "t2", "flair")])
-    seg = steps.apply_ornt(vols["seg"].data, ornt) if "seg" in vols else np.zeros(images.shape[1:], np.uint8)
-    mask = encode_mask(seg, rel)  # (3, X, Y, Z)
-    return pf.pid, images.astype(np.float32), mask, disc
+    ornt = steps.canonical_ornt(vols[rel.modalities[0]].affine)
+    images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in rel.modalities])
+    seg = steps.apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
+    names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions))
+    return pf.pid, images.astype(np.float32), encode_mask(seg, rel), names, disc
 
 
-def _read_patient(s, pid: str, location):
-    """(image (S, 4, H, W), mask (S, 3, H, W)) of one patient of ShardSource `s` (at `location`),
-    read bounded by the manifest's n_slices (zarr when the set has it); refused if it has no
-    slices or not the three mask channels drawn."""
+def _read_patient(s: ShardSource, pid: str, location):
+    """(image (S, M, H, W), mask (S, K, H, W)) of one patient of shard set `s` (at `location`),
+    read bounded by the manifest's n_slices (zarr when the set has it)."""
     if s.n_slices(pid) == 0:
         raise ShowError(f"patient {pid} has no slices in the shard set {location}")
     image, mask, _ = s.read_patient(pid, "zarr" if "zarr" in s.layouts() else "wds")
-    if mask.shape[1] != MASK_CHANNELS:
-        raise ShowError(f"patient {pid}: {mask.shape[1]} mask channels; show draws {MASK_CHANNELS}")
     return image, mask
 
 
-def _volume_from_shards(src: Path, patient: str | None):
-    from shards.source import ShardSource
-
+def _volume_from_shards(src: Path, patient: str | None, release: str | None = None):
     s = ShardSource(src)
+    if release is not None and release != s.manifest["config"].get("convention"):
+        raise ShowError(f"--release {release}: the shard set {src} holds {s.manifest['config'].get('convention')}")
     pids = s.patients("train") + s.patients("val")
     if patient is None and not pids:
         raise ShowError(f"the shard set {src} has no patients")
@@ -108,17 +117,20 @@ def _volume_from_shards(src: Path, patient: str | None):
     if pid not in s.manifest["patients"]:
         raise ShowError(f"patient {pid} not in the shard set {src}")
     image, mask = _read_patient(s, pid, src)
+    mods, channels = set_channels(s.manifest)
+    names = Names(tuple(MODALITY_NAMES[m] for m in mods), tuple(channels))
     # (S, C, H, W) -> (C, H, W, S): slices stacked back along z
-    return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), s
+    return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), names, s
 
 
-def figures(src: str | Path, out: str | Path, patient: str | None = None) -> list[Path]:
-    """Modalities, planes, overlay, histograms and class balance for one patient of `src`."""
+def figures(src: str | Path, out: str | Path, patient: str | None = None, release: str | None = None) -> list[Path]:
+    """Modalities, planes, overlay, histograms and class balance for one patient of `src`, a
+    release folder (read as `release` when given) or a shard set of any release of the table."""
     src, out = Path(src), Path(out)
     if patient is not None:
         _check_pid(patient, "--patient")
     is_shards = (src / "manifest.json").exists() or (src / "manifest.json").is_symlink()
-    pid, images, mask, ctx = (_volume_from_shards if is_shards else _volume_from_raw)(src, patient)
+    pid, images, mask, names, ctx = (_volume_from_shards if is_shards else _volume_from_raw)(src, patient, release)
     tumour = mask.any(axis=0)  # (X, Y, Z)
     per_z = tumour.sum(axis=(0, 1))
     z = int(per_z.argmax()) if per_z.any() else images.shape[-1] // 2
@@ -126,17 +138,32 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None) -> lis
         cx, cy, _ = (int(v) for v in np.argwhere(tumour).mean(axis=0))
     else:
         cx, cy = images.shape[1] // 2, images.shape[2] // 2
-    plt = _plt()
-    paths = []
     kind = "shards (normalised)" if is_shards else "raw input"
+    return [_modalities(images[..., z], names, f"{pid}, axial slice {z} — {kind}", _png(out, f"{pid}_modalities.png")),
+            _planes(images, mask, (cx, cy, z), names, pid, _png(out, f"{pid}_planes.png")),
+            _overlay(images[..., z], mask[..., z], names, _png(out, f"{pid}_overlay.png")),
+            _histograms(images, pid, names, out, normalised_input=is_shards),
+            _class_balance(ctx, is_shards, names, out)]
 
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, img, name in zip(axes, images, MODALITY_NAMES):
-        _imshow(ax, _grey(img[:, :, z]), name)
-    fig.suptitle(f"{pid}, axial slice {z} — {kind}", fontsize=10)
-    paths.append(_save(fig, _png(out, f"{pid}_modalities.png")))
-    plt.close(fig)
 
+def _legend(names: Names) -> str:
+    return ", ".join(f"{c} {COLOUR_NAMES[i % len(COLOUR_NAMES)]}" for i, c in enumerate(names.channels))
+
+
+def _modalities(images: np.ndarray, names: Names, title: str, path: Path) -> Path:
+    """Each modality of one axial slice in grey: images (M, X, Y)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(names.modalities), figsize=(3 * len(names.modalities), 3.4), squeeze=False)
+    for ax, img, name in zip(axes[0], images, names.modalities):
+        _imshow(ax, _grey(img), name)
+    fig.suptitle(title, fontsize=10)
+    return _close(plt, fig, path)
+
+
+def _planes(images: np.ndarray, mask: np.ndarray, centre: tuple, names: Names, pid: str, path: Path) -> Path:
+    """Axial, coronal and sagittal slices through `centre` (x, y, z) with the mask channels over grey."""
+    plt = _plt()
+    cx, cy, z = centre
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     planes = [("axial", images[:, :, :, z], mask[:, :, :, z]),
               ("coronal", images[:, :, cy, :], mask[:, :, cy, :]),
@@ -146,102 +173,102 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None) -> lis
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{pid}: three planes through the tumour (FLAIR; NCR/NET red, ED green, ET yellow)", fontsize=9)
-    paths.append(_save(fig, _png(out, f"{pid}_planes.png")))
-    plt.close(fig)
+    fig.suptitle(f"{pid}: three planes through the tumour ({names.modalities[-1]}; {_legend(names)})", fontsize=9)
+    return _close(plt, fig, path)
 
+
+def _overlay(images: np.ndarray, mask: np.ndarray, names: Names, path: Path) -> Path:
+    """One axial slice: the grey modality alone, and with the mask channels over it."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-    _imshow(axes[0], _grey(images[3][:, :, z]), "FLAIR")
-    axes[1].imshow(overlay(images[:, :, :, z], mask[:, :, :, z]).transpose(1, 0, 2), origin="lower")
-    axes[1].set_title("mask overlay: NCR/NET red, ED green, ET yellow", fontsize=8)
+    _imshow(axes[0], _grey(images[-1]), names.modalities[-1])
+    axes[1].imshow(overlay(images, mask).transpose(1, 0, 2), origin="lower")
+    axes[1].set_title(f"mask overlay: {_legend(names)}", fontsize=8)
     axes[1].set_xticks([])
     axes[1].set_yticks([])
-    paths.append(_save(fig, _png(out, f"{pid}_overlay.png")))
+    return _close(plt, fig, path)
+
+
+def _close(plt, fig, path: Path) -> Path:
+    p = _save(fig, path)
     plt.close(fig)
-
-    paths.append(_histograms(images, pid, out, normalised_input=is_shards))
-    paths.append(_class_balance(ctx, is_shards, out))
-    return paths
+    return p
 
 
-def _histograms(images: np.ndarray, pid: str, out: Path, normalised_input: bool) -> Path:
+def _histograms(images: np.ndarray, pid: str, names: Names, out: Path, normalised_input: bool) -> Path:
     plt = _plt()
     brain = np.any(images != 0, axis=0)
     rows = [("normalised (as stored in the shards)", images)] if normalised_input else [("raw", images)]
     if not normalised_input:
         norm = np.zeros_like(images)
-        for c in range(4):
+        for c in range(len(images)):
             v = images[c][brain]
             norm[c][brain] = (v - v.mean()) / (v.std() + 1e-8)
         rows.append(("after z-score over the brain", norm))
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 2.8 * len(rows)), squeeze=False)
+    m = len(names.modalities)
+    fig, axes = plt.subplots(len(rows), m, figsize=(3 * m, 2.8 * len(rows)), squeeze=False)
     for r, (label, arr) in enumerate(rows):
-        for c in range(4):
+        for c in range(m):
             axes[r][c].hist(arr[c][brain], bins=100, color="C0")
-            axes[r][c].set_title(f"{MODALITY_NAMES[c]} — {label}", fontsize=8)
+            axes[r][c].set_title(f"{names.modalities[c]} — {label}", fontsize=8)
             axes[r][c].tick_params(labelsize=7)
     fig.suptitle(f"{pid}: intensity histograms of brain voxels", fontsize=10)
     fig.tight_layout()
-    p = _save(fig, _png(out, f"{pid}_histograms.png"))
-    plt.close(fig)
-    return p
+    return _close(plt, fig, _png(out, f"{pid}_histograms.png"))
 
 
-def _class_balance(ctx, is_shards: bool, out: Path) -> Path:
-    """Tumour sub-region voxels as a share of brain voxels, per patient."""
+def _raw_fractions(patients, names: Names) -> tuple[list, list]:
+    """(patient ids, per patient the share of brain voxels of each sub-region) of a release folder;
+    the brain is where the grey modality (the release's last) is non-zero."""
+    pids, fractions = [], []
+    for pf in tqdm(patients, desc="class balance", unit="patient", disable=None):
+        rel = pf.release
+        if pf.problem or SEG not in pf.files and not pf.slices and rel.layout != "msd":
+            continue
+        if pf.slices or rel.layout == "msd":  # an HDF5 slice export or a 4D file: the volumes come whole
+            vols, _ = load_patient(pf)
+            seg, grey = vols[SEG].data if SEG in vols else None, vols[rel.modalities[-1]].data
+        else:
+            seg, grey = load_volume(pf.files[SEG]).data, load_volume(pf.files[rel.modalities[-1]]).data
+        if seg is None or tuple(rel.subregions) != names.channels:
+            continue
+        brain = max(int(np.count_nonzero(grey)), 1)
+        pids.append(pf.pid)
+        fractions.append([np.count_nonzero(seg == rel.label_of(s)) / brain for s in rel.subregions])
+    return pids, fractions
+
+
+def _class_balance(ctx, is_shards: bool, names: Names, out: Path) -> Path:
+    """Tumour channel voxels as a share of brain voxels (raw) or slice pixels (shards), per patient."""
     plt = _plt()
-    names, fractions = [], []
+    k = len(names.channels)
     if is_shards:
-        for pid, p in sorted(ctx.manifest["patients"].items()):
-            names.append(pid)
-            fractions.append([c / max(p["pixels"], 1) for c in (p["mask_pixels"] + [0, 0, 0])[:3]])
+        pids = sorted(ctx.manifest["patients"])
+        fractions = [[c / max(p["pixels"], 1) for c in p["mask_pixels"][:k]]
+                     for p in (ctx.manifest["patients"][pid] for pid in pids)]
         what = "share of slice pixels (shards)"
     else:
-        from tqdm import tqdm
-
-        from preprocess.nifti import load_volume
-        from preprocess.pipeline import load_patient
-
-        for pf in tqdm(ctx.patients, desc="class balance", unit="patient", disable=None):
-            if pf.slices:  # HDF5 slice export: the volume comes whole
-                vols, _ = load_patient(pf)
-                seg, flair = vols["seg"].data, vols["flair"].data
-            elif "seg" in pf.files and "flair" in pf.files:
-                seg, flair = load_volume(pf.files["seg"]).data, load_volume(pf.files["flair"]).data
-            else:
-                continue
-            brain = max(int(np.count_nonzero(flair)), 1)
-            names.append(pf.pid)
-            fractions.append([np.count_nonzero(seg == lab) / brain for lab in (1, 2, pf.labels[-1])])
+        pids, fractions = _raw_fractions(ctx.patients, names)
         what = "share of brain voxels (raw input)"
-    f = np.array(fractions).reshape(-1, 3) * 100
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
-    bottom = np.zeros(len(names))
-    for c, (label, colour) in enumerate(zip(("NCR/NET", "ED", "ET"), ("C3", "C2", "C1"))):
-        ax.bar(range(len(names)), f[:, c], bottom=bottom, label=label, color=colour)
+    f = np.array(fractions, dtype=np.float64).reshape(-1, k) * 100
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(pids)), 4))
+    bottom = np.zeros(len(pids))
+    for c, label in enumerate(names.channels):
+        ax.bar(range(len(pids)), f[:, c], bottom=bottom, label=label, color=BAR_COLOURS[c % len(BAR_COLOURS)])
         bottom += f[:, c]
-    ax.set_ylim(0, max(bottom.max(), 1e-3) * 1.08)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylim(0, max(bottom.max(initial=0), 1e-3) * 1.08)
+    ax.set_xticks(range(len(pids)))
+    ax.set_xticklabels(pids, rotation=90, fontsize=6)
     ax.set_ylabel("%")
-    ax.set_title(f"Class imbalance: tumour sub-regions as {what}; the rest is healthy tissue", fontsize=9)
+    ax.set_title(f"Class imbalance: tumour channels as {what}; "
+                 f"the rest is healthy tissue", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = _save(fig, _png(out, "class_balance.png"))
-    plt.close(fig)
-    return p
+    return _close(plt, fig, _png(out, "class_balance.png"))
 
 
 def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[Path]:
     """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
-    import torch
-
-    from train.plots import predictions
-    from shards.domain import regions_of
-    from train.data import with_context
-    from train.predict import load_checkpoint, predict_slices
-    from shards.source import ShardSource
-
     run, out = Path(run), Path(out)
     shards = _run_shards(run)
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
@@ -264,15 +291,14 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
         order = np.argsort(-area, kind="stable")[:3]  # the most tumorous slices
         samples = [{"key": f"{pid} slice {int(i)}", "image": image[i].astype(np.float32), "mask": mask[i],
                     "pred": prob[i] > 0.5} for i in sorted(order)]
-        paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})"))
+        paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})",
+                                 grey=MODALITY_NAMES[member["release"].modalities[-1]]))
     return paths
 
 
 def _run_shards(run: Path) -> str:
     """The shard-set location a run was trained on, from RUN/config.json read bounded (a FIFO or
     device is refused unread). The value is data: a location string, nothing else."""
-    from shards.manifest import ManifestError, read_local
-
     path = run / "config.json"
     try:
         raw = read_local(path, MAX_RUN_CONFIG_BYTES)

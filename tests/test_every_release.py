@@ -1,0 +1,141 @@
+"""`show` and `export` for every release of the table: channel counts and names come from the
+checkpoint and the release table, never from the glioma sets' four modalities and three channels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shards.domain import MODALITY_NAMES, RELEASES, label_rule
+from shards.source import ShardSource
+from cli_run import cli  # tests/cli_run.py
+from train.config import TrainConfig
+from train.export import export, read_metadata
+from train.loop import train
+from train.plots import COLOURS
+from train.predict import load_checkpoint
+from train.show import BAR_COLOURS, figures
+
+FORCED = {"ped-2024", "ped-2023"}  # same file names, other labels: the release must be named
+ALPHA = 0.45  # train.plots.overlay's blend: pixel = (1 - ALPHA) grey + ALPHA colour
+TINY = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1, max_batches=2, context=1)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """release -> (toy input folder, shard set of 32 px slices)."""
+    out = {}
+    for name in RELEASES:
+        root = tmp_path_factory.mktemp(name)
+        code, _, err, exc = cli("make-demo-data", root / "in", "--patients", "2", "--shape", "40,44,30",
+                                "--release", name, "--kind", "toy", "--seed", "1")
+        assert code == 0 and exc is None, (name, err, exc)
+        more = ("--release", name) if name in FORCED else ()
+        code, _, err, exc = cli("build-shards", root / "in", root / "shards", "--workers", "0", "--size", "32",
+                                "--quiet", "--val-fraction", "0.5", *more)
+        assert code == 0 and exc is None, (name, err, exc)
+        out[name] = (root / "in", root / "shards")
+    return out
+
+
+def colours_shown(path, k_max: int = len(COLOURS)) -> set[int]:
+    """The overlay colours (indices into train.plots.COLOURS) that at least 20 pixels of a PNG show:
+    a pixel shows colour c when removing ALPHA * c leaves a grey."""
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)[..., :3].astype(np.float64)
+    coloured = img.max(-1) - img.min(-1) > 0.2  # grey pixels and white margins are not overlays
+    shown = set()
+    for c in range(k_max):
+        rest = img - ALPHA * COLOURS[c]
+        match = coloured & (rest.max(-1) - rest.min(-1) < 0.03) & (rest.min(-1) > -0.02)
+        if match.sum() >= 20:
+            shown.add(c)
+    return shown
+
+
+def bar_pixels(path) -> list[int]:
+    """Pixels of each class-balance bar colour (train.show.BAR_COLOURS) in a PNG."""
+    import matplotlib.colors
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)[..., :3]
+    return [int((np.abs(img - matplotlib.colors.to_rgb(c)).max(-1) < 0.02).sum()) for c in BAR_COLOURS]
+
+
+@pytest.mark.parametrize("name", list(RELEASES))
+@pytest.mark.parametrize("which", ["raw", "shards"])
+def test_show_draws_every_release(sets, tmp_path, name, which):
+    inp, shards = sets[name]
+    rel = RELEASES[name]
+    src = inp if which == "raw" else shards
+    paths = figures(src, tmp_path, release=name if name in FORCED and which == "raw" else None)
+    pid = paths[0].name.rsplit("_", 1)[0]
+    assert sorted(p.name for p in paths) == sorted(
+        [f"{pid}_{k}.png" for k in ("modalities", "planes", "overlay", "histograms")] + ["class_balance.png"])
+    for p in paths:
+        assert p.stat().st_size > 5000, p
+    k = len(rel.subregions)
+    shown = colours_shown(tmp_path / f"{pid}_overlay.png")
+    assert shown and shown <= set(range(k)), (name, shown)  # only the release's channels' colours
+    if which == "shards":  # exactly the channels present in the drawn slice: the most tumorous one
+        s = ShardSource(shards)
+        _, mask, _ = s.read_patient(pid, "zarr")
+        z = int(mask.reshape(len(mask), -1).sum(1).argmax())
+        present = {c for c in range(k) if mask[z, c].any()}
+        assert shown == present, (name, shown, present)
+    if which == "shards":  # a bar colour per channel with pixels, none past the release's channels
+        pixels = np.sum([p["mask_pixels"] for p in s.manifest["patients"].values()], axis=0)
+        bars = bar_pixels(tmp_path / "class_balance.png")
+        assert [bars[c] >= 30 for c in range(k + 1)] == [bool(v) for v in pixels[:k]] + [False], (name, bars)
+
+
+def test_show_refuses_a_release_the_shard_set_is_not(sets, tmp_path):
+    code, _, err, _ = cli("show", sets["men-rt"][1], "--out", tmp_path, "--release", "2020")
+    assert code == 2 and "men-rt" in err and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(sets, tmp_path_factory):
+    out = {}
+    for name in ("gli-2024", "men-rt"):
+        run = tmp_path_factory.mktemp(f"run-{name}")
+        train(str(sets[name][1]), run, TINY, progress=False)
+        out[name] = run / "checkpoints" / "last.pt"
+    return out
+
+
+@pytest.mark.parametrize("name,outputs", [("gli-2024", ["WT", "TC", "ET", "RC"]), ("men-rt", ["GTV"])])
+def test_export_of_other_releases_matches_torch(checkpoints, tmp_path, name, outputs):
+    ort = pytest.importorskip("onnxruntime")
+    rel = RELEASES[name]
+    m = len(rel.modalities)
+    x = np.random.default_rng(0).standard_normal((3, 3 * m, 32, 32)).astype(np.float32)  # context 1: 3 slices
+    model = load_checkpoint(checkpoints[name], torch.device("cpu"))["model"]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert want.shape == (3, len(outputs), 32, 32)
+
+    onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.pt"
+    meta = export(checkpoints[name], onnx_path, "onnx")
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    export(checkpoints[name], ts_path, "torchscript")
+    with torch.no_grad():
+        got_ts = torch.jit.load(str(ts_path)).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got_ts, want, atol=1e-4)
+
+    for path in (onnx_path, ts_path):
+        stored = read_metadata(path)
+        assert stored["output"]["channels"] == outputs and stored["output"]["shape"][1] == len(outputs)
+        assert stored["input"]["channels"] == [f"{MODALITY_NAMES[mod]}@{o}" for o in ("-1", "0", "+1")
+                                               for mod in rel.modalities]
+        assert f"*{m} + m" in stored["context"]["rule"]
+        assert stored["labels"]["rule"] == label_rule(rel, stored["output"]["mask_mode"])
+        labels = stored["labels"]["releases"]  # every release of the same channels, with its label values
+        assert labels[name] == {s: rel.label_of(s) for s in rel.subregions}
+        assert all(sorted(v) == sorted(rel.subregions) for v in labels.values())
+    assert json.loads((tmp_path / "m.onnx.json").read_text()) == {**meta}
