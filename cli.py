@@ -229,46 +229,50 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
 ):
     """Train a 2D U-Net / Attention U-Net on a shard set (local or remote), with checkpoints and plots."""
+    from train.config import RECIPE_FIELDS, from_options
+    from train.loop import train as run
+
+    options = dict(locals())  # the recipe options by name, as RECIPE_FIELDS names them
+    cfg = _config(from_options, recipe_name=recipe, recipe_options={k: options[k] for k in RECIPE_FIELDS},
+                  model=model, base_channels=base_channels, depth=depth, loss=loss, warmup_epochs=warmup_epochs,
+                  folds=folds, fold=fold, epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                  fmt=format, device=device, compile=compile, log_samples=log_samples, max_batches=max_batches,
+                  checkpoint_every=checkpoint_every)
+    with _refusals():
+        history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
+                      storage_options=_json_object(storage_options, "--storage-options"), cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,
+                      log=tuple(log or ()), run_name=run_name, given=_given(ctx, recipe))
+    if history and not quiet:
+        typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
+
+
+def _given(ctx: typer.Context, recipe: str) -> dict[str, str]:
+    """The TrainConfig fields given on the command line, field -> option: --resume takes the others
+    from the checkpoint. A --recipe given gives every recipe field it sets."""
     import dataclasses
 
-    from train.config import TrainConfig
-    from train.loop import train as run
-    from train.recipe import SEED_RECIPE
+    from train.config import RECIPE_FIELDS, TrainConfig
     from train.resume import option_name
-    from train.tracking import require
 
-    if recipe not in ("default", "seed"):
-        _fail(f"--recipe must be default or seed, not {recipe!r}")
-    chosen = dict(norm=norm, act=act, deep_supervision=deep_supervision, targets=targets, optimizer=optimizer,
-                  lr=lr, weight_decay=weight_decay, schedule=schedule, augment=augment, fg_fraction=fg_fraction,
-                  context=context, postprocess=postprocess)
-    base = dict(SEED_RECIPE) if recipe == "seed" else {}
-    base.update({k: v for k, v in chosen.items() if v is not None})
-    cfg = _config(TrainConfig, model=model, base_channels=base_channels, depth=depth, loss=loss,
-                  warmup_epochs=warmup_epochs, folds=folds, fold=fold, epochs=epochs, batch_size=batch_size,
-                  num_workers=num_workers, seed=seed, fmt=format, device=device, compile=compile,
-                  log_samples=log_samples, max_batches=max_batches, checkpoint_every=checkpoint_every, **base)
-    # --resume takes the options left out from the checkpoint: which were given, and by which option
-    typed = {f.name: "format" if f.name == "fmt" else f.name for f in dataclasses.fields(TrainConfig)}
     def typed_in(param):  # by the source's name: typer may bring its own click, with its own enum
         return getattr(ctx.get_parameter_source(param), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
+    typed = {f.name: "format" if f.name == "fmt" else f.name for f in dataclasses.fields(TrainConfig)}
     given = {field: option_name(field) for field, param in typed.items() if param in ctx.params and typed_in(param)}
     if typed_in("recipe"):
-        given.update({k: f"--recipe {recipe}" for k in SEED_RECIPE if k not in given})
+        given.update({k: f"--recipe {recipe}" for k in RECIPE_FIELDS if k not in given})
+    return given
+
+
+def _json_object(text: str | None, option: str) -> dict | None:
+    """A JSON object option (None when not given); anything else is a usage error."""
     try:
-        opts = json.loads(storage_options) if storage_options else None
+        value = json.loads(text) if text else None
     except ValueError as e:
-        _fail(f"--storage-options is not JSON: {e}")
-    if opts is not None and not isinstance(opts, dict):
-        _fail("--storage-options must be a JSON object")
-    with _refusals():
-        require(log or [])  # on every rank, before anything is written: a missing package is refused up front
-        history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
-                      storage_options=opts, cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,
-                      log=tuple(log or ()), run_name=run_name, given=given)
-    if history and not quiet:
-        typer.echo(f"metrics: {out / 'metrics.csv'}  plots: {out / 'plots'}  checkpoints: {out / 'checkpoints'}")
+        _fail(f"{option} is not JSON: {e}")
+    if value is not None and not isinstance(value, dict):
+        _fail(f"{option} must be a JSON object")
+    return value
 
 
 @app.command()

@@ -99,3 +99,19 @@ def model_channels(config: dict, cfg: "TrainConfig") -> tuple[int, int]:
 def chooses_postprocess(rel: Release) -> bool:
     """Post-processing (ET->NCR, small components) is defined on the glioma regions [WT, TC, ET]."""
     return tuple(rel.regions) == REGIONS
+
+
+# --recipe: the named presets of the recipe fields (SEED_RECIPE's keys); the default recipe is
+# TrainConfig's defaults
+RECIPES = {"default": {}, "seed": recipe.SEED_RECIPE}
+RECIPE_FIELDS = tuple(recipe.SEED_RECIPE)
+
+
+def from_options(recipe_name: str, recipe_options: dict, **options) -> TrainConfig:
+    """`train`'s config: the preset of `recipe_name`, each of `recipe_options` (RECIPE_FIELDS) given
+    (not None) overriding it, and the `options` every recipe shares. ValueError for an unknown
+    recipe or a bad value."""
+    if recipe_name not in RECIPES:
+        raise ValueError(f"--recipe must be {' or '.join(RECIPES)}, not {recipe_name!r}")
+    chosen = {**RECIPES[recipe_name], **{k: v for k, v in recipe_options.items() if v is not None}}
+    return TrainConfig(**options, **chosen)

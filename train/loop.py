@@ -96,6 +96,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
     `given` (resume): the options the user gave, field -> option; the others are the
     checkpoint's (train/resume.py; None: all of `cfg` was given). One run at a time holds OUT
     (train/runlock.py): a second one is refused before it reads or writes anything there."""
+    tracking.require(list(log))  # on every rank, before anything is written: a missing package is refused up front
     rank, _, distributed = dist_env()
     with RunLock(Path(out)) if rank == 0 else contextlib.nullcontext():
         # -- setup (and resume)

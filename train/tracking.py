@@ -165,8 +165,8 @@ def mlflow_uri(out: Path) -> str:
 
 
 def require(kinds: list[str]) -> None:
-    """Refuse unknown kinds and kinds whose packages are missing, before any work is done: the
-    CLI calls this up front (on every rank), so a run never starts to fail at its first epoch."""
+    """Refuse unknown kinds and kinds whose packages are missing, before any work is done:
+    `train` calls this first (on every rank), so a run never starts to fail at its first epoch."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise TrackingError(f"--log {','.join(unknown)}: unknown, choose from {', '.join(KINDS)}")
