@@ -9,7 +9,7 @@ whole batches. Same seed, same order. Memory: the buffer plus one patient, whate
 
 Recipe options (`StreamConfig`):
   * `patients`: an explicit subset of the split (cross-validation folds, `fold_patients`).
-  * `context` K (2.5D): each slice's image carries the slices at source offsets -K..K, 4 modality
+  * `context` K (2.5D): each slice's image carries the slices at source offsets -K..K, M modality
     channels each, in offset order (the slice itself in the middle). Rule for a neighbour that is
     not stored (outside the brain's slice range, or a tumour-free slice dropped at build time): the
     nearest stored slice between it and the centre slice takes its place (at the edges: the edge
@@ -118,52 +118,41 @@ class SliceStream(IterableDataset):
         image = with_context(image, self.source.manifest["patients"][pid]["slice_index"], self.cfg.context)
         return [a.copy() for a in image], [m.copy() for m in mask], keys  # each slice owns its memory
 
-    def samples(self, pids, rng):
-        """Slices of `pids`, through the shuffle buffer when training. Every slice owns its
-        memory, so the buffer's size bounds what is held."""
-        buf = []
+    def slices(self, pids):
+        """Per patient of `pids`, its slices as (image, mask, key, patient) items."""
         for pid in pids:
             image, mask, keys = self.read_patient(pid)
             # the id travels with each slice: keys rewrite '.' to '_', so they cannot give it back
-            items = [(img, m, key, pid) for img, m, key in zip(image, mask, keys)]
-            if rng is None:
-                yield from items
-                continue
-            buf.extend(items)
-            self.peak_buffered = max(self.peak_buffered, len(buf))
-            while len(buf) > self.cfg.buffer_size:
-                j = rng.integers(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        if rng is not None:
-            rng.shuffle(buf)
-            yield from buf
+            yield [(img, m, key, pid) for img, m, key in zip(image, mask, keys)]
+
+    def samples(self, pids, rng):
+        """Slices of `pids`, through the shuffle buffer when training (`rng`). Every slice owns its
+        memory, so the buffer's size bounds what is held."""
+        if rng is None:
+            return (item for items in self.slices(pids) for item in items)
+        return shuffled(self.slices(pids), self.cfg.buffer_size, rng, self._held)
+
+    def _held(self, n: int) -> None:
+        self.peak_buffered = max(self.peak_buffered, n)
 
     def __iter__(self):
+        """The stages: this worker's patients -> their slices (shuffled through the buffer when
+        training) -> the worker's quota -> batches -> foreground oversampling -> collated tensors."""
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        workers = info.num_workers if info is not None else 1
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.num_workers:
             raise RuntimeError(f"SliceStream planned for {self.num_workers} workers, DataLoader has {workers}")
         pids = deal(self.order(self.epoch), self.rank, self.world, worker, workers)
-        quota = self.quota(self.epoch, worker)
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, self.epoch, self.rank, worker)) if self.cfg.train else None
+        train = self.cfg.train
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, self.epoch, self.rank, worker)) if train else None
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.epoch, self.rank, worker, "aug") % 2**63)
-        batch, n, reservoir = [], 0, []
-        for item in self.samples(pids, rng):
-            if quota is not None and n >= quota:
-                break
-            batch.append(item)
-            n += 1
-            if self.cfg.fg_fraction and self.cfg.train and item[1].any():
-                reservoir.append(item)
-                del reservoir[:-FG_RESERVOIR]
-            if len(batch) == self.cfg.batch_size:
-                if self.cfg.fg_fraction and self.cfg.train:
-                    oversample(batch, reservoir, self.cfg.fg_fraction, rng)
-                yield self.collate(batch, gen)
-                batch = []
-        if batch and quota is None:
+        items = self.samples(pids, rng)
+        if train:  # every rank's worker w yields the same number of whole batches
+            items = take(items, self.quota(self.epoch, worker))
+        batches = batched(items, self.cfg.batch_size, keep_last=not train)
+        if train and self.cfg.fg_fraction:
+            batches = with_foreground(batches, self.cfg.fg_fraction, rng)
+        for batch in batches:
             yield self.collate(batch, gen)
 
     def collate(self, batch, gen):
@@ -176,6 +165,54 @@ class SliceStream(IterableDataset):
         if self.cfg.augment and self.cfg.train:
             image, mask = augment(image, mask, gen)
         return {"image": image, "mask": mask, "keys": [b[2] for b in batch], "patients": [b[3] for b in batch]}
+
+
+def shuffled(groups, buffer_size: int, rng, held=None):
+    """Items of `groups` (lists, a patient's slices each) in a shuffled order: each group joins a
+    buffer, from which random items leave while it holds more than `buffer_size`; what is left
+    at the end leaves shuffled. `held(n)` is told the buffer's size after each group joins."""
+    buf = []
+    for group in groups:
+        buf.extend(group)
+        if held is not None:
+            held(len(buf))
+        while len(buf) > buffer_size:
+            j = rng.integers(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def take(items, n: int):
+    """The first `n` of `items`."""
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+def batched(items, size: int, keep_last: bool):
+    """Lists of `size` items; the last, shorter one too when `keep_last`."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch and keep_last:
+        yield batch
+
+
+def with_foreground(batches, fraction: float, rng):
+    """Each batch with at least ceil(fraction * len) tumour slices (`oversample`), drawn from the
+    last FG_RESERVOIR tumour slices of the stream so far (this batch's included)."""
+    reservoir = []
+    for batch in batches:
+        reservoir.extend(item for item in batch if item[1].any())
+        del reservoir[:-FG_RESERVOIR]
+        oversample(batch, reservoir, fraction, rng)
+        yield batch
 
 
 def oversample(batch: list, reservoir: list, fraction: float, rng) -> None:
