@@ -151,7 +151,7 @@ def train_peer(shards: str, out: Path, slices: int, seed: int = 0, batch_size: i
     """Train MONAI's DynUNet 2D recipe on the train split of `shards` until `slices` training slices were seen
     (the same budget the compared recipes get). Writes out/peer.pt (state_dict + the DynUNet kwargs + the
     shard set's preprocess config) and returns {"model": nn.Module in eval mode whose forward gives (B,3,H,W)
-    region logits [WT,TC,ET], "slices_per_s": float, "seconds": float, "preprocess": dict, "mask_mode": "regions"}
+    region logits [WT,TC,ET], "slices_per_s": float, "seconds": float, "preprocess": dict, "output_mode": "regions"}
     (plus "losses": the loss of every step, and "slices": how many were seen)."""
     import torch
     from monai.utils import set_determinism
@@ -194,7 +194,7 @@ def train_peer(shards: str, out: Path, slices: int, seed: int = 0, batch_size: i
     torch.save({"model": model.state_dict(), "network": kwargs, "preprocess": pre, "recipe": recipe},
                out / "peer.pt")
     return {"model": model, "slices_per_s": slices / seconds, "seconds": seconds, "preprocess": pre,
-            "mask_mode": "regions", "losses": losses, "slices": slices}
+            "output_mode": "regions", "losses": losses, "slices": slices}
 
 
 def load_peer(path: str | Path, device: str = "cpu"):
@@ -209,7 +209,7 @@ def load_peer(path: str | Path, device: str = "cpu"):
 
 def predict_peer(model, shards_preprocess: dict, input_dir: Path, out_dir: Path, device="cpu", tta=False) -> dict:
     """Write out_dir/<pid>.nii.gz for every patient of input_dir with train.predict.predict_patient
-    (mask_mode "regions"), exactly as `python cli.py predict` would for our own checkpoints.
+    (output_mode "regions"), exactly as `python cli.py predict` would for our own checkpoints.
     Returns {'written': [...], 'failed': {pid: reason}}."""
     import torch
 
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     first, last = np.mean(r["losses"][:10]), np.mean(r["losses"][-10:])
     print(json.dumps({"peer": str(a.out / "peer.pt"), "slices": r["slices"], "seconds": round(r["seconds"], 2),
                       "slices_per_s": round(r["slices_per_s"], 1), "loss_first10": round(float(first), 4),
-                      "loss_last10": round(float(last), 4), "mask_mode": r["mask_mode"]}))
+                      "loss_last10": round(float(last), 4), "output_mode": r["output_mode"]}))
 
 
 if __name__ == "__main__":

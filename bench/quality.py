@@ -111,14 +111,14 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     return out
 
 
-def score(work: Path, name: str, members: list, mask_mode: str, post, test: Path, device) -> dict:
+def score(work: Path, name: str, members: list, output_mode: str, post, test: Path, device) -> dict:
     """Write every test case's labels as NIfTI and evaluate them against the references."""
     pred_dir = work / "pred" / name.replace("/", "_")
     pred_dir.mkdir(parents=True, exist_ok=True)
     pre = members[0][2]
     for pf in discover(test, need_seg=False).patients:
         ps, affine = prepare_patient(pf, pre)
-        labels = segment(ps, [(m, k) for m, k, _ in members], mask_mode, pf.release, affine, device, post=post)
+        labels = segment(ps, [(m, k) for m, k, _ in members], output_mode, pf.release, affine, device, post=post)
         save_volume(pred_dir / f"{pf.pid}.nii.gz", labels, affine)
     r = evaluate(pred_dir, test, pred_dir / "metrics.csv", progress=False)
     summary = {}
@@ -142,7 +142,7 @@ def run_recipe(work: Path, name: str, cfg, reuse, shards: Path, test: Path, devi
     if reuse:  # predict-only: the same model without post-processing
         post = None
     result = {"recipe": name, "scores": score(work, name, [(m["model"], m["context"], m["preprocess"])],
-                                               m["mask_mode"], post, test, device)}
+                                               m["output_mode"], post, test, device)}
     if cfg is not None:
         result.update(train_seconds=seconds, slices_per_s=slices_per_s, slices=slices, config=cfg.to_dict(),
                       postprocess=m["postprocess"].to_dict())
@@ -164,7 +164,7 @@ def run_peer(work: Path, s: dict, shards: Path, test: Path, device) -> dict:
     r = train_peer(str(shards), work / "runs" / "monai", slices, seed=0, batch_size=s["batch"], device=str(device),
                    base_filters=s["base"])
     pre = dataclasses.replace(PreprocessConfig.from_dict(r["preprocess"]), tumour_free_fraction=1.0)
-    scores = score(work, "monai", [(r["model"], 0, pre)], r["mask_mode"], None, test, device)
+    scores = score(work, "monai", [(r["model"], 0, pre)], r["output_mode"], None, test, device)
     return {"recipe": "monai", "scores": scores, "train_seconds": r["seconds"], "slices_per_s": r["slices_per_s"],
             "slices": slices}
 

@@ -271,7 +271,7 @@ def test_checkpoint_from_before_channels_and_thresholds_were_stored(trained, tmp
     """Older checkpoints lack channels, output_mode and postprocess: they read as before."""
     old = edited(trained, tmp_path, lambda ck: [ck.pop(k) for k in ("channels", "output_mode", "postprocess")])
     rec = ckpt.read(old)
-    assert rec["mask_mode"] == "regions" and rec["channels"] == ["WT", "TC", "ET"]
+    assert rec["output_mode"] == "regions" and rec["channels"] == ["WT", "TC", "ET"]
     assert rec["postprocess"].et_min_mm3 == 0.0
     assert isinstance(ckpt.build(rec), torch.nn.Module)
 

@@ -69,7 +69,7 @@ def test_augmentation_moves_image_and_label_together():
 
 def test_train_reload_and_predict(cropped_set, release_2020, tmp_path):
     r = train_peer(str(cropped_set), tmp_path / "run", slices=320, seed=0, batch_size=16)
-    assert r["mask_mode"] == "regions" and r["slices"] == 320 and len(r["losses"]) == 20
+    assert r["output_mode"] == "regions" and r["slices"] == 320 and len(r["losses"]) == 20
     assert r["slices_per_s"] > 0 and r["seconds"] > 0 and r["preprocess"]["size"] == 32
     assert np.mean(r["losses"][-5:]) < np.mean(r["losses"][:5]), r["losses"]
 

@@ -212,7 +212,7 @@ def test_predict_refuses_an_ensemble_of_different_preprocessing(default_run, tmp
     ck["output_mode"] = "subregions"
     other = tmp_path / "other.pt"
     checkpoint.save(other, ck)
-    with pytest.raises(PredictError, match="mask_mode"):
+    with pytest.raises(PredictError, match="output_mode"):
         predict([run / "checkpoints" / "best.pt", other], release_2020, tmp_path / "p", progress=False)
 
 

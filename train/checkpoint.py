@@ -66,14 +66,14 @@ def save(path: Path, state: dict) -> None:
 
 
 def state(parts: dict, epoch: int, cfg: TrainConfig, source: ShardSource, names: list[str],
-          history: list[dict], best: float, mask_mode: str, post: dict, position: dict | None = None) -> dict:
+          history: list[dict], best: float, output_mode: str, post: dict, position: dict | None = None) -> dict:
     """What a checkpoint holds: the state of `parts`, the epoch and RNG a resume continues from,
     the config and shard set it was trained with, and what predict needs (preprocess, output
     channels and their mask mode, context, post-processing thresholds); mid-epoch, the loader
     `position` (epoch under way, steps done, running loss, keys seen, torch RNG)."""
     return {**{key: parts[key].state_dict() for key in STATEFUL}, "epoch": epoch, "config": cfg.to_dict(),
             "manifest_sha256": source.manifest_sha256, "preprocess": source.manifest["config"],
-            "channels": names, "output_mode": mask_mode, "postprocess": post.get("config", {}),
+            "channels": names, "output_mode": output_mode, "postprocess": post.get("config", {}),
             "rng": torch.get_rng_state(), "history": history, "best_dice": best, "position": position,
             "fold_rule": FOLD_RULE}
 
@@ -180,7 +180,7 @@ def build(record: dict, device="cpu") -> torch.nn.Module:
 
 def check(ck: dict, path) -> dict:
     """The record predict and export need from a loaded checkpoint dict: config (TrainConfig),
-    set (the shard set's build config), preprocess (PreprocessConfig), release, mask_mode,
+    set (the shard set's build config), preprocess (PreprocessConfig), release, output_mode,
     channels, postprocess (PostprocessConfig), model_args, state_dict. Old checkpoints (fields
     missing that later versions added) read as before: `TrainConfig.from_dict`."""
 
@@ -201,7 +201,7 @@ def check(ck: dict, path) -> dict:
     expected_mode = recipe.output_mode(cfg.targets, set_mode)
     mode = ck.get("output_mode", expected_mode)  # older checkpoints: what their targets give
     if mode != expected_mode:
-        raise bad("output_mode", f"(the outputs' mask_mode) {str(mode)[:40]!r} contradicts config.targets {cfg.targets!r} on a "
+        raise bad("output_mode", f"(the outputs' mask mode) {str(mode)[:40]!r} contradicts config.targets {cfg.targets!r} on a "
                                  f"{set_mode} set (expected {expected_mode!r})")
     names = recipe.output_names(cfg.targets, set_mode, rel)
     channels = names if ck.get("channels") is None else ck["channels"]  # absent: older checkpoint; [] is a claim
@@ -226,7 +226,7 @@ def check(ck: dict, path) -> dict:
                       ("manifest_sha256", lambda v: isinstance(v, str) and len(v) <= 128)):
         if ck.get(field) is not None and not ok(ck[field]):
             raise bad(field, f"{str(ck[field])[:40]!r} is out of range or of the wrong type")
-    return {"config": cfg, "set": built, "preprocess": pre, "release": rel, "mask_mode": mode,
+    return {"config": cfg, "set": built, "preprocess": pre, "release": rel, "output_mode": mode,
             "channels": list(channels), "postprocess": post, "context": cfg.context, "model_args": args,
             "state_dict": ck["model"]}
 

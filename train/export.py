@@ -110,7 +110,7 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
         raise ExportError(f"{checkpoint}: the model reads {in_ch} channels, {len(mods)} modalities and context "
                           f"{k} give {len(mods) * (2 * k + 1)}")
     rel = rec["release"]
-    mode = rec["mask_mode"]
+    mode = rec["output_mode"]
     meta = {
         "format_version": FORMAT_VERSION,
         "input": {"name": INPUT_NAME, "shape": ["N", in_ch, size, size], "dtype": "float32",

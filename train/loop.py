@@ -57,7 +57,7 @@ class Run:
     val_ds: SliceStream
     rel: Release
     set_mode: str  # the set's mask mode: 'subregions' or 'regions'
-    mask_mode: str  # the outputs' mask mode
+    output_mode: str  # the outputs' mask mode
     names: list[str]  # the output channels
     groups: torch.Tensor  # the modality of each input channel (augmentation draws per modality)
     history: list = field(default_factory=list)
@@ -72,7 +72,7 @@ class Run:
 
     def state(self, epoch: int, position: dict | None = None) -> dict:
         return checkpoint.state(self.parts, epoch, self.cfg, self.source, self.names, self.history, self.best,
-                                self.mask_mode, self.post, position)
+                                self.output_mode, self.post, position)
 
 
 @dataclass

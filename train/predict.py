@@ -58,7 +58,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
         rec = ckpt.read(path)
     except ckpt.CheckpointError as e:  # predict's refusals are PredictErrors; the message names file and field
         raise PredictError(str(e)) from None
-    return {"model": ckpt.build(rec, device), "preprocess": rec["preprocess"], "mask_mode": rec["mask_mode"],
+    return {"model": ckpt.build(rec, device), "preprocess": rec["preprocess"], "output_mode": rec["output_mode"],
             "context": rec["context"], "postprocess": rec["postprocess"], "path": str(path),
             "release": rec["release"], "record": rec}
 
@@ -67,7 +67,7 @@ def check_ensemble(members: list[dict]) -> None:
     """An ensemble's checkpoints must agree on what they read and what they output."""
     first = members[0]
     for m in members[1:]:
-        for key in ("preprocess", "mask_mode", "release"):
+        for key in ("preprocess", "output_mode", "release"):
             if m[key] != first[key]:
                 raise PredictError(f"{m['path']} and {first['path']} differ in {key}: they cannot form an ensemble")
 
@@ -100,14 +100,14 @@ def check_release(pf: PatientFiles, trained) -> None:
                                f"{', '.join(trained.subregions)})")
 
 
-def predict_patient(model, pre: PreprocessConfig, mask_mode: str, pf: PatientFiles, device, batch_size=32,
+def predict_patient(model, pre: PreprocessConfig, output_mode: str, pf: PatientFiles, device, batch_size=32,
                     tta=False, context: int = 0, post: PostprocessConfig | None = None,
                     ensemble: list | None = None, trained=None) -> tuple[np.ndarray, np.ndarray]:
     """(label map, affine) of one patient. `model` may be one model or, with `ensemble`, ignored
     in favour of a list of (model, context) pairs whose probabilities are averaged."""
     check_release(pf, trained)
     ps, affine = prepare_patient(pf, pre)
-    labels = segment(ps, ensemble or [(model, context)], mask_mode, pf.release, affine, device, batch_size, tta, post)
+    labels = segment(ps, ensemble or [(model, context)], output_mode, pf.release, affine, device, batch_size, tta, post)
     return labels, affine
 
 
@@ -121,7 +121,7 @@ def prepare_patient(pf: PatientFiles, pre: PreprocessConfig):
     return process_volumes(pf, vols, pre), vols[pf.release.modalities[0]].affine
 
 
-def segment(ps, members: list, mask_mode: str, release, affine, device, batch_size: int = 32, tta: bool = False,
+def segment(ps, members: list, output_mode: str, release, affine, device, batch_size: int = 32, tta: bool = False,
             post: PostprocessConfig | None = None) -> np.ndarray:
     """The label map of a prepared patient on its source grid: the members' (model, context)
     probabilities averaged, mapped back, thresholded, post-processed, labelled in `release`'s convention."""
@@ -130,9 +130,9 @@ def segment(ps, members: list, mask_mode: str, release, affine, device, batch_si
     prob = ps.geometry.inverse(prob, ps.slice_index)  # (K, X, Y, Z) as the source is stored
     positive = prob > THRESHOLD
     if post is not None and (post.et_min_mm3 or post.min_component_mm3) and tuple(release.regions) == REGIONS:
-        positive = postprocess(to_regions(positive, mask_mode), post, float(np.prod(spacing_of(affine))))
-        mask_mode = "regions"
-    return to_labels(positive, mask_mode, release)
+        positive = postprocess(to_regions(positive, output_mode), post, float(np.prod(spacing_of(affine))))
+        output_mode = "regions"
+    return to_labels(positive, output_mode, release)
 
 
 def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: str = "auto",
@@ -145,12 +145,12 @@ def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: s
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     members = [load_checkpoint(p, dev) for p in paths]
     check_ensemble(members)
-    pre, mask_mode = members[0]["preprocess"], members[0]["mask_mode"]
+    pre, output_mode = members[0]["preprocess"], members[0]["output_mode"]
     post = members[0]["postprocess"] if postprocess else None
     ensemble = [(m["model"], m["context"]) for m in members]
     disc = discover(input_dir, need_seg=False, release=release)
     return write_predictions(disc.patients, output_dir, progress, lambda pf: predict_patient(
-        None, pre, mask_mode, pf, dev, batch_size, tta, post=post, ensemble=ensemble, trained=members[0]["release"]))
+        None, pre, output_mode, pf, dev, batch_size, tta, post=post, ensemble=ensemble, trained=members[0]["release"]))
 
 
 def write_predictions(patients, output_dir: str | Path, progress: bool, label_map) -> dict:

@@ -273,17 +273,17 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
     shards = _run_shards(run)
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
     member = load_checkpoint(ck, torch.device(device))
-    model, mask_mode, context = member["model"], member["mask_mode"], member["context"]
+    model, output_mode, context = member["model"], member["output_mode"], member["context"]
     src = ShardSource(shards)
     set_mode = src.manifest["config"]["preprocess"]["mask"]
-    names = list(member["release"].channels(mask_mode))
+    names = list(member["release"].channels(output_mode))
     paths = []
     for pid in src.patients("val"):
         if src.n_slices(pid) == 0:
             continue
         image, mask = _read_patient(src, pid, shards)
         _png(out, f"run_{pid}.png")
-        if mask_mode != set_mode:  # a region-trained model on a sub-region set: compare regions
+        if output_mode != set_mode:  # a region-trained model on a sub-region set: compare regions
             mask = regions_of(mask, 1, member["release"]).astype(np.uint8)
         prob = predict_slices(model, with_context(image, src.manifest["patients"][pid]["slice_index"], context),
                               torch.device(device))

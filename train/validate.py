@@ -24,7 +24,7 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
     regions (3, S, H, W) for choosing post-processing. `modes`: (targets, the set's mask mode)."""
     net.eval()
     targets, set_mode = modes
-    mask_mode = recipe.output_mode(targets, set_mode)
+    output_mode = recipe.output_mode(targets, set_mode)
     conf = torch.zeros(len(recipe.output_names(targets, set_mode, rel)), 3, dtype=torch.long)
     sub_conf = torch.zeros(len(rel.subregions), 3, dtype=torch.long)  # the sub-regions, whatever the outputs are
     patients: dict[str, np.ndarray] = {}  # pid -> (3 regions, TP/FP/FN)
@@ -40,7 +40,7 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
         n += len(batch["keys"])
         pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, K, H, W) bool
         conf += confusion(pred, truth)
-        pr, tr = to_regions(pred.numpy(), mask_mode, 1, rel), to_regions(truth.numpy(), mask_mode, 1, rel)  # once
+        pr, tr = to_regions(pred.numpy(), output_mode, 1, rel), to_regions(truth.numpy(), output_mode, 1, rel)  # once
         sub_conf += confusion(torch.from_numpy(subregions_of(pr, 1, rel)), torch.from_numpy(subregions_of(tr, 1, rel)))
         _count_patient_regions(patients, pr, tr, batch["patients"])
         if keep:
