@@ -123,7 +123,7 @@ def build_shards(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.build import BuildConfig, build
     from shards.domain import RELEASES
 
@@ -385,7 +385,7 @@ DEMO_SHAPE = (160, 160, 104)
 
 def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
     from preprocess.realistic import make_realistic_data as make
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.build import BuildConfig, build
     from shards.domain import REGIONS
     from train.config import TrainConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from preprocess.discover import discover
 from preprocess.nifti import decode_only
-from preprocess.pipeline import PreprocessConfig
+from preprocess.config import PreprocessConfig
 from preprocess.synthetic import make_demo_data
 from preprocess.build import BuildConfig, build
 

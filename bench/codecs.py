@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from preprocess.discover import discover
-from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
 from preprocess.synthetic import make_demo_data
 from shards import readers, zarr_io
 

@@ -214,7 +214,7 @@ def predict_peer(model, shards_preprocess: dict, input_dir: Path, out_dir: Path,
     import torch
 
     from preprocess.discover import discover
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from train.predict import predict_patient, write_predictions
 
     dev = torch.device(device)

@@ -41,7 +41,7 @@ import torch
 from preprocess.build import BuildConfig, build
 from preprocess.discover import discover
 from preprocess.nifti import save_volume
-from preprocess.pipeline import PreprocessConfig
+from preprocess.config import PreprocessConfig
 from preprocess.realistic import make_realistic_data
 from shards.domain import REGIONS
 from train.evaluate import evaluate

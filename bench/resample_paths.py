@@ -38,7 +38,8 @@ from PIL import Image
 from preprocess import kernel
 from preprocess.discover import discover
 from preprocess.nifti import decode_only
-from preprocess.pipeline import PreprocessConfig, load_patient, prepare_volumes, validate
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import load_patient, prepare_volumes, validate
 from preprocess.synthetic import make_demo_data
 
 DEFAULT_DATA = (Path("/tmp/k_bench64"), Path(tempfile.gettempdir()) / "brats-shards-bench-data")

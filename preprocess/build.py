@@ -45,8 +45,9 @@ from typing import Literal, get_args
 from preprocess.discover import PatientFiles, discover
 from preprocess import nifti
 from preprocess.h5slices import NOTE as _H5_NOTE
-from preprocess.pipeline import PreprocessConfig, process_patient
-from preprocess.steps import InputError
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
+from preprocess.errors import InputError
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, provenance, wds_io, zarr_io
 from shards.atomic import TMP_NAME, dumps, fsync_file, sha256_file, write_json
 from shards.domain import MASK_CHANNELS, MODALITIES

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocess.h5slices import RELEASE, find_volumes
 from preprocess.input_tree import DiscoveryError, walk
 from shards.domain import RELEASES, SEG, Release
 from shards.names import patient_id_problem
@@ -344,8 +345,6 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
             if _NII.match(name) and not name.startswith("."):
                 by_folder.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
     if not by_folder:  # the seed's per-slice HDF5 export?
-        from preprocess.h5slices import RELEASE, find_volumes
-
         volumes = find_volumes(root)
         if volumes and release not in (None, RELEASE):  # the export's masks are 2020's channels
             raise DiscoveryError(f"{root} is an HDF5 slice export (volume_*_slice_*.h5), always read as {RELEASE}; "

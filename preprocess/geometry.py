@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from preprocess import kernel, steps  # kernel: numba's or numpy's resize, the same bytes
+from preprocess.nifti import canonical_ornt
 from shards.domain import RELEASES
 
 
@@ -24,6 +25,28 @@ def spacing_of(affine) -> tuple[float, float, float]:
     """Voxel size (mm) along each storage axis of a 4x4 affine: the norms of its first three columns."""
     zooms = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
     return tuple(float(z) for z in zooms)
+
+
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation from n_in to n_out samples with half-pixel centres (align_corners
+    False): per output index the two source indices and their float32 weights, computed in float32
+    as torch's `interpolate(mode="bilinear")` computes them."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                     np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, np.float32(1) - w1, w1
+
+
+def bilinear(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(..., H, W) float32 -> (..., height, width): each output pixel the weighted sum of its two
+    rows of its two columns' weighted sums, in that order (as torch sums them)."""
+    r0, r1, a0, a1 = linear_taps(arr.shape[-2], height)
+    c0, c1, b0, b1 = linear_taps(arr.shape[-1], width)
+    rows = arr[..., c0] * b0 + arr[..., c1] * b1  # (..., H, width)
+    return rows[..., r0, :] * a0[:, None] + rows[..., r1, :] * a1[:, None]
 
 
 # ---------------------------------------------------------------- validators (parse_*: value or ValueError)
@@ -109,7 +132,7 @@ class Geometry:
     def of_source(cls, affine: np.ndarray, source_shape, convention: str, affine_known: bool = True) -> "Geometry":
         """The geometry of a source volume before any crop: reorientation from the affine, the box
         the whole plane, the labels those of the release."""
-        ornt = steps.canonical_ornt(affine).astype(int)
+        ornt = canonical_ornt(affine).astype(int)
         canonical = canonical_shape_of(source_shape, ornt)
         return cls(affine=affine, source_shape=source_shape, ornt=ornt, canonical_shape=canonical,
                    crop_box=(0, canonical[0], 0, canonical[1]), labels=RELEASES[convention].label_values,
@@ -175,15 +198,11 @@ class Geometry:
     def from_slices(self, slices: np.ndarray, slice_index) -> np.ndarray:
         """Undo steps 3-2: (S, C, size, size) float -> canonical (C, X, Y, Z) float32, resized back
         to the box (bilinear) and zero outside it and on the slices not kept."""
-        import torch
-        import torch.nn.functional as F
-
         x0, x1, y0, y1 = self.crop_box
         canon = np.zeros((slices.shape[1],) + self.canonical_shape, np.float32)
         if len(slice_index):
-            t = F.interpolate(torch.from_numpy(np.asarray(slices, np.float32)), size=(x1 - x0, y1 - y0),
-                              mode="bilinear", align_corners=False)
-            canon[:, x0:x1, y0:y1, list(slice_index)] = t.numpy().transpose(1, 2, 3, 0)  # (C, bx, by, S)
+            t = bilinear(np.asarray(slices, np.float32), x1 - x0, y1 - y0)
+            canon[:, x0:x1, y0:y1, list(slice_index)] = t.transpose(1, 2, 3, 0)  # (C, bx, by, S)
         return canon
 
     def from_canonical(self, arr: np.ndarray) -> np.ndarray:

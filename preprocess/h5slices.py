@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.nifti import MAX_DIM, MAX_VOXELS, RawVolume, read_regular
-from preprocess.steps import InputError
+from preprocess.errors import InputError
 from shards.domain import MODALITIES, RELEASES, SEG, encode_mask, to_labels
 
 RELEASE = "2020"  # the export is of BraTS 2020: its mask channels become that release's labels

@@ -50,7 +50,7 @@ def _numba_kernels():
     worker process loads them instead of compiling)."""
     if importlib.util.find_spec("numba") is None:
         return None
-    from preprocess import kernel_numba
+    from preprocess import kernel_numba  # inside: numba is optional (numpy does the same bytes)
 
     return kernel_numba.slices_kernel, kernel_numba.brain_sums_kernel
 
@@ -78,7 +78,7 @@ def _taps_of(n_in: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The numpy path's taps for one axis, in its order: (size, T) int64 source indices and
     float32 weights. `resize_image` skips a plane already size x size: a single tap of weight 1
     gives the same bytes (x * 1.0 is exact)."""
-    idx, w = steps._taps(n_in, size)
+    idx, w = steps.taps(n_in, size)
     keep = [k for k in range(idx.shape[1]) if np.any(w[:, k])]  # as `steps._resample_last`
     return np.ascontiguousarray(idx[:, keep]), np.ascontiguousarray(w[:, keep])
 
@@ -174,17 +174,15 @@ def _flat_layout(vols: list[np.ndarray]) -> str | None:
 
 
 def brain_and_sums(vols: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
-    """The brain mask (voxels nonzero in any volume, `pipeline.brain_mask`) in the volumes' own
+    """The brain mask (voxels nonzero in any volume, `steps.brain_mask`) in the volumes' own
     axis order, and per volume its exact (sum, sum of squares) -- one compiled pass per volume
     when numba is in use and the volumes are contiguous integers of at most 16 bits; otherwise
     (None for the sums) the caller computes the statistics itself (`steps.brain_stats`)."""
-    from preprocess.pipeline import brain_mask
-
     kernels = _numba_kernels() if which() == "numba" else None
     order = _flat_layout(vols)
     if kernels is None or order is None or any(v.dtype.kind not in "iu" or v.dtype.itemsize > 2 for v in vols) \
             or vols[0].size >= 2**31:
-        return brain_mask(vols), None
+        return steps.brain_mask(vols), None
     brain = np.zeros(vols[0].shape, np.uint8, order=order)
     flat_brain = brain.ravel(order=order)  # a view
     sums = [tuple(int(x) for x in kernels[1](v.ravel(order=order), flat_brain)) for v in vols]

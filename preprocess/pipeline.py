@@ -30,38 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import kernel, steps
+from preprocess.config import PreprocessConfig
 from preprocess.discover import IMAGE4D, PatientFiles
+from preprocess.errors import InputError
 from preprocess.geometry import Geometry
+from preprocess.h5slices import load_volumes
 from preprocess.nifti import RawVolume, load_volume
-from shards.config import from_known_fields
-from shards.domain import MASK_CHANNELS, MSD_ORDER, SEG, encode_mask
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    size: int = 128
-    normalize: str = "volume"  # "volume" | "slice"
-    crop: bool = False
-    mask: str = "subregions"  # "subregions" [NCR/NET, ED, ET] | "regions" [WT, TC, ET]
-    tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.normalize not in ("volume", "slice"):
-            raise ValueError(f"normalize must be 'volume' or 'slice', not {self.normalize!r}")
-        if self.mask not in MASK_CHANNELS:
-            raise ValueError(f"mask must be {' or '.join(map(repr, MASK_CHANNELS))}, not {self.mask!r}")
-        if not 0.0 <= self.tumour_free_fraction <= 1.0:
-            raise ValueError("tumour_free_fraction must lie in [0, 1]")
-        if not 8 <= self.size <= 1024:
-            raise ValueError("size must lie in [8, 1024]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        return from_known_fields(cls, d)
+from shards.domain import MSD_ORDER, SEG, encode_mask
 
 
 @dataclass(frozen=True)
@@ -79,14 +54,12 @@ class PatientSlices:
 def load_patient(pf: PatientFiles, root: Path | None = None):
     """Read the patient's files; returns (volumes by modality and "seg", sources dict)."""
     if pf.slices:
-        from preprocess.h5slices import load_volumes
-
         try:
             return load_volumes(list(pf.slices), root)
-        except steps.InputError:  # already names the file
+        except InputError:  # already names the file
             raise
         except (OSError, ValueError, KeyError) as e:
-            raise steps.InputError(f"{type(e).__name__}: {e}") from e
+            raise InputError(f"{type(e).__name__}: {e}") from e
     vols, sources = {}, {}
     for name in [IMAGE4D] + list(pf.release.modalities) + [SEG]:
         path = pf.files.get(name)
@@ -94,10 +67,10 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
             continue
         try:
             vols[name] = load_volume(path)
-        except steps.InputError:  # already names the file and what is wrong
+        except InputError:  # already names the file and what is wrong
             raise
         except Exception as e:  # nibabel raises many types for truncated / non-NIfTI files
-            raise steps.InputError(f"cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
+            raise InputError(f"cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
         rel = str(Path(path).relative_to(root)) if root else str(path)
         sources[name] = {"path": rel, "sha256": vols[name].sha256, "bytes": vols[name].nbytes}
     if IMAGE4D in vols:
@@ -108,7 +81,7 @@ def load_patient(pf: PatientFiles, root: Path | None = None):
 def split_4d(vol: RawVolume, name: str) -> dict:
     """An MSD 4D image (X, Y, Z, 4) -> one volume per modality, in the task's order (MSD_ORDER)."""
     if vol.data.ndim != 4 or vol.data.shape[3] != len(MSD_ORDER):
-        raise steps.InputError(f"{name} has shape {vol.data.shape}; an MSD image is 4D with "
+        raise InputError(f"{name} has shape {vol.data.shape}; an MSD image is 4D with "
                                f"{len(MSD_ORDER)} volumes ({', '.join(MSD_ORDER)})")
     return {m: RawVolume(np.ascontiguousarray(vol.data[..., i]), vol.affine, vol.sha256, vol.nbytes)
             for i, m in enumerate(MSD_ORDER)}
@@ -138,17 +111,17 @@ def validate(pf: PatientFiles, vols: dict) -> dict[str, int] | None:
     for name, v in vols.items():
         fname = _name(pf, name)
         if why := affine_problem(v.affine):
-            raise steps.InputError(f"{fname} {why}")
+            raise InputError(f"{fname} {why}")
         if v.data.ndim != 3:
-            raise steps.InputError(f"{fname} is {v.data.ndim}D with shape {v.data.shape}; expected 3D")
+            raise InputError(f"{fname} is {v.data.ndim}D with shape {v.data.shape}; expected 3D")
         if v.data.shape != ref.data.shape:
-            raise steps.InputError(f"{fname} has shape {v.data.shape}, {_name(pf, ref_name)} has {ref.data.shape}")
+            raise InputError(f"{fname} has shape {v.data.shape}, {_name(pf, ref_name)} has {ref.data.shape}")
         if not np.allclose(v.affine, ref.affine, atol=1e-3):
-            raise steps.InputError(f"{fname} has a different affine from {_name(pf, ref_name)}")
+            raise InputError(f"{fname} has a different affine from {_name(pf, ref_name)}")
     if SEG in vols:
         seg = vols[SEG].data
         if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
-            raise steps.InputError(f"{_name(pf, 'seg')} holds NaN/Inf values")
+            raise InputError(f"{_name(pf, 'seg')} holds NaN/Inf values")
         return steps.label_counts(seg, pf.labels, _name(pf, SEG))
     return None
 
@@ -164,20 +137,11 @@ def _keep_tumour_free(pid: str, seed: int, n: int, fraction: float) -> np.ndarra
     return keep
 
 
-def brain_mask(images: list[np.ndarray]) -> np.ndarray:
-    """Voxels nonzero in any modality (BraTS volumes are skull-stripped: background is 0)."""
-    brain = images[0] != 0
-    tmp = np.empty_like(brain)
-    for img in images[1:]:
-        np.logical_or(brain, np.not_equal(img, 0, out=tmp), out=brain)
-    return brain
-
-
 def select_slices(pid: str, brain: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig) -> np.ndarray:
     """Axial slices with brain; of those without tumour, a fixed fraction when asked."""
     z_all = np.nonzero(brain.any(axis=(0, 1)))[0]
     if z_all.size == 0:
-        raise steps.InputError("no brain voxels: every modality is zero everywhere")
+        raise InputError("no brain voxels: every modality is zero everywhere")
     if seg is None or cfg.tumour_free_fraction >= 1.0:
         return z_all
     tumour = (seg[:, :, z_all] > 0).any(axis=(0, 1))
@@ -188,7 +152,7 @@ def _check_finite(pf: PatientFiles, image: np.ndarray) -> None:
     """No NaN/Inf is ever written to a shard: z-scores beyond float16's range (65504) become Inf."""
     bad = [m for c, m in enumerate(pf.release.modalities) if not np.isfinite(image[:, c]).all()]
     if bad:
-        raise steps.InputError(f"{pf.pid}: normalised {', '.join(_name(pf, m) for m in bad)} has values beyond "
+        raise InputError(f"{pf.pid}: normalised {', '.join(_name(pf, m) for m in bad)} has values beyond "
                                f"the float16 range (+-65504) of the shards: refused")
 
 
@@ -196,7 +160,7 @@ def _check_nonfinite(pf: PatientFiles, bad: dict, brain: np.ndarray) -> None:
     """A modality NaN/Inf on most of the brain fails the patient, named (`steps.mostly_nonfinite`)."""
     for m, where in bad.items():
         if hit := steps.mostly_nonfinite(where, brain):
-            raise steps.InputError(f"{_name(pf, m)}: NaN or Inf on {hit[0]} of the {hit[1]} brain voxels (more than "
+            raise InputError(f"{_name(pf, m)}: NaN or Inf on {hit[0]} of the {hit[1]} brain voxels (more than "
                                    f"half, or no brain left: an overflowing scl_slope in its header?); fix or "
                                    f"replace the file")
 
@@ -286,7 +250,7 @@ def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources
 def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None = None) -> PatientSlices:
     """The whole recipe for one patient; raises InputError naming the file on bad input."""
     if pf.problem:
-        raise steps.InputError(pf.problem)
+        raise InputError(pf.problem)
     vols, sources = load_patient(pf, root)
     counts = validate(pf, vols)
     return process_volumes(pf, vols, cfg, sources, label_voxels=counts)

@@ -11,26 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.domain import release_of_values
-from shards.domain import encode_mask as domain_encode_mask
-from shards.errors import EXIT_PATIENTS_FAILED, BratsShardsError
-
-
-class InputError(BratsShardsError, ValueError):
-    """A patient's data breaks the release's rules; the message names the file or rule. A build
-    records it in the manifest's `failed` and carries on (exit 1)."""
-
-    exit_code = EXIT_PATIENTS_FAILED
+from preprocess.errors import InputError
 
 
 # ---------------------------------------------------------------- orientation
-
-def canonical_ornt(affine: np.ndarray) -> np.ndarray:
-    """Orientation transform (nibabel `ornt` form) from storage axes to RAS+."""
-    from nibabel.orientations import io_orientation
-
-    return io_orientation(affine)
-
 
 def apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Reorder/flip the three spatial axes (the last three) of `arr` as `ornt` says."""
@@ -57,6 +41,15 @@ def invert_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
             out = np.flip(out, axis=lead + j)
     # output axis k (storage) is canonical axis perm[k]
     return out.transpose(list(range(lead)) + [lead + perm[k] for k in range(3)])
+
+
+def brain_mask(images: list[np.ndarray]) -> np.ndarray:
+    """Voxels nonzero in any modality (BraTS volumes are skull-stripped: background is 0)."""
+    brain = images[0] != 0
+    tmp = np.empty_like(brain)
+    for img in images[1:]:
+        np.logical_or(brain, np.not_equal(img, 0, out=tmp), out=brain)
+    return brain
 
 
 # ---------------------------------------------------------------- normalisation
@@ -206,7 +199,7 @@ def square_box(mask2d: np.ndarray, margin: int = 2) -> tuple[int, int, int, int]
     return x0, x1, y0, y1
 
 
-def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Antialiased linear (triangle) resampling weights: (n_out, K) source indices and weights."""
     scale = n_in / n_out
     support = max(scale, 1.0)  # widen the triangle when shrinking: antialiasing
@@ -222,11 +215,11 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 def _resample_last(arr: np.ndarray, n_out: int) -> np.ndarray:
     """Resample the last axis of a float32 array: out = sum_k w_k * arr[..., idx_k], k in a
     fixed order (elementwise multiply and add only: identical bytes on any CPU)."""
-    idx, w = _taps(arr.shape[-1], n_out)
-    taps = [k for k in range(idx.shape[1]) if np.any(w[:, k])]
+    idx, w = taps(arr.shape[-1], n_out)
+    used = [k for k in range(idx.shape[1]) if np.any(w[:, k])]
     out = np.empty(arr.shape[:-1] + (n_out,), np.float32)
     tmp = np.empty_like(out)
-    for j, k in enumerate(taps):
+    for j, k in enumerate(used):
         dst = out if j == 0 else tmp
         np.take(arr, idx[:, k], axis=-1, out=dst, mode="clip")  # "clip": unbuffered (indices are in range)
         np.multiply(dst, w[:, k], out=dst)
@@ -256,12 +249,6 @@ def resize_labels(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- masks
-
-def encode_mask(seg: np.ndarray, et_label: int, mode: str = "subregions") -> np.ndarray:
-    """Old spelling of `shards.domain.encode_mask`, kept for train/show.py until it passes the
-    patient's release (`encode_mask(seg, pf.release, mode)`)."""
-    return domain_encode_mask(seg, release_of_values({et_label}), mode)  # 2018-2021 or 2023 glioma
-
 
 def label_counts(seg: np.ndarray, allowed: tuple[int, ...], name: str = "segmentation") -> dict[str, int]:
     """Voxels per label; raises InputError naming values outside the release's label set."""

@@ -62,7 +62,7 @@ def release_dotted(release_2020, tmp_path_factory) -> Path:
 
 
 def _build_set(release: Path, out: Path) -> Path:
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.build import BuildConfig, build
 
     build(release, out, BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.2), workers=0,

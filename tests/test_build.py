@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from preprocess.discover import discover
-from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
 from preprocess.synthetic import make_demo_data
 from preprocess.build import BuildConfig, BuildError, OutputLock, assign_splits, build
 from shards.manifest import load_manifest, verify

@@ -15,7 +15,8 @@ import pytest
 from preprocess import steps
 from preprocess.discover import DiscoveryError, discover
 from preprocess.nifti import load_volume, save_volume
-from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
 from preprocess.steps import InputError
 from preprocess.build import BuildConfig, BuildError, assign_splits, build, split_score
 from shards.manifest import load_manifest, verify

@@ -250,7 +250,8 @@ def test_a_modality_overflowing_to_inf_fails_its_patient_named(toy, tmp_path):
 def test_a_few_nonfinite_voxels_are_still_zeroed_and_counted(toy, tmp_path):
     import nibabel as nib
 
-    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import process_patient
 
     inp = _copy(toy, "2020", tmp_path / "in")
     pf = discover(inp).patients[0]
@@ -267,7 +268,8 @@ def test_nan_written_as_background_outside_the_brain_is_still_background(toy, tm
     """Some tools write NaN outside the brain: most of the volume, none of the brain."""
     import nibabel as nib
 
-    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import process_patient
 
     inp = _copy(toy, "2020", tmp_path / "in")
     pf = discover(inp).patients[0]
@@ -285,7 +287,8 @@ def test_the_only_modality_all_inf_fails_its_patient_named(tmp_path):
     write_release(inp, "men-rt", 2, shape=TINY, seed=4)
     pf = discover(inp).patients[0]
     _overflow(pf.files["t1gd"])
-    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import process_patient
     from preprocess.steps import InputError
 
     with pytest.raises(InputError, match=f"{pf.files['t1gd'].name}: NaN or Inf"):
@@ -295,7 +298,8 @@ def test_the_only_modality_all_inf_fails_its_patient_named(tmp_path):
 def test_a_modality_mostly_nan_fails_its_patient(toy, tmp_path):
     import nibabel as nib
 
-    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import process_patient
     from preprocess.steps import InputError
 
     inp = _copy(toy, "2020", tmp_path / "in")
@@ -396,7 +400,7 @@ def test_a_stray_folder_named_as_a_ped_case_fails_alone(tmp_path):
 def test_predict_fails_an_msd_id_in_both_image_folders_and_writes_the_others_once(toy, tmp_path):
     """predict's own loop (train.predict.write_predictions over discover(need_seg=False)): the
     colliding id is named, with both files, and no output is written twice."""
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from train.predict import prepare_patient, write_predictions
 
     inp = _copy(toy, "msd", tmp_path / "in")

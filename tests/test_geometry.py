@@ -130,7 +130,8 @@ def test_a_processed_patient_stores_the_record_as_before(tmp_path, orientation):
     """The record of a real patient is the dict the recipe wrote before Geometry existed (same
     values, types and key order: the shard sets' bytes depend on it)."""
     from preprocess.discover import discover
-    from preprocess.pipeline import PreprocessConfig, process_patient
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import process_patient
     from preprocess.synthetic import make_case, write_case
 
     write_case(make_case(2, (40, 36, 12)), tmp_path, orientation=orientation)

@@ -7,7 +7,7 @@ pytest.importorskip("h5py")
 
 from preprocess.discover import discover  # noqa: E402
 from preprocess.h5slices import write_export  # noqa: E402
-from preprocess.pipeline import PreprocessConfig  # noqa: E402
+from preprocess.config import PreprocessConfig  # noqa: E402
 from preprocess.synthetic import make_case, write_case  # noqa: E402
 from preprocess.build import BuildConfig, build  # noqa: E402
 from shards.manifest import verify  # noqa: E402

@@ -14,7 +14,8 @@ import pytest
 
 from preprocess import kernel
 from preprocess.build import BuildConfig, build
-from preprocess.pipeline import PreprocessConfig, brain_mask
+from preprocess.config import PreprocessConfig
+from preprocess.steps import brain_mask
 from shards import wds_io, zarr_io
 
 needs_numba = pytest.mark.skipif(kernel._numba_kernels() is None, reason="numba not installed (the 'fast' extra)")

@@ -29,7 +29,7 @@ def one_thread():
 def cropped_set(release_2020, tmp_path_factory):
     """release_2020 built at 32x32 with the brain crop, sub-region masks (the peer trains on regions)."""
     from preprocess.build import BuildConfig, build
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
 
     out = tmp_path_factory.mktemp("peer") / "set"
     build(release_2020, out, BuildConfig(preprocess=PreprocessConfig(size=32, crop=True), val_fraction=0.2),

@@ -3,7 +3,8 @@ import pytest
 
 from preprocess.discover import discover
 from preprocess.nifti import load_volume, save_volume
-from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
 from preprocess.steps import InputError
 from preprocess.synthetic import make_case, write_case
 

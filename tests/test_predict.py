@@ -7,7 +7,8 @@ import pytest
 
 from preprocess.discover import discover
 from preprocess.nifti import load_volume
-from preprocess.pipeline import PreprocessConfig, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import process_patient
 from preprocess.synthetic import make_case, write_case
 from shards.domain import RELEASES, to_labels
 from train.evaluate import patient_metrics

@@ -12,7 +12,9 @@ import pytest
 from preprocess.build import BuildConfig, build
 from preprocess.discover import DiscoveryError, discover
 from preprocess.nifti import load_volume
-from preprocess.pipeline import PreprocessConfig, brain_mask, process_patient
+from preprocess.config import PreprocessConfig
+from preprocess.steps import brain_mask
+from preprocess.pipeline import process_patient
 from preprocess.synthetic import make_demo_data
 from preprocess.synthetic_releases import release_case, write_release, write_release_case
 from shards.domain import RELEASES, regions_of, subregion_channels, subregions_of

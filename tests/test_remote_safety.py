@@ -99,7 +99,7 @@ def test_cache_paths_never_come_from_manifest_text(shard_set, serve, tmp_path, m
 @pytest.fixture(scope="module")
 def two_sets(release_2020, tmp_path_factory):
     """Set A and set B: same patients, same file sizes, other bytes (--normalize slice)."""
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.build import BuildConfig, build
 
     root = tmp_path_factory.mktemp("ab")

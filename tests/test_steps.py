@@ -5,6 +5,7 @@ import pytest
 from nibabel.orientations import apply_orientation
 
 from preprocess import steps
+from preprocess.errors import InputError
 
 
 @pytest.mark.parametrize("perm,flips", [(p, f) for p in itertools.permutations(range(3))
@@ -62,18 +63,9 @@ def test_resize_labels_keeps_label_set():
     assert out.shape == (128, 128) and set(np.unique(out)) == {0, 1, 2, 4}
 
 
-def test_encode_mask_subregions_and_regions():
-    seg = np.array([0, 1, 2, 4])
-    sub = steps.encode_mask(seg, 4, "subregions")
-    reg = steps.encode_mask(seg, 4, "regions")
-    assert sub.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
-    assert reg.tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]
-    assert steps.encode_mask(np.array([3]), 3)[2].tolist() == [1]
-
-
 def test_label_counts_and_offenders():
     assert steps.label_counts(np.array([0, 0, 1, 4, 4, 4]), (0, 1, 2, 4)) == {"0": 2, "1": 1, "4": 3}
-    with pytest.raises(steps.InputError, match=r"seg.nii labels \[3\] outside .*\[0, 1, 2, 4\]"):
+    with pytest.raises(InputError, match=r"seg.nii labels \[3\] outside .*\[0, 1, 2, 4\]"):
         steps.label_counts(np.array([0, 1, 3]), (0, 1, 2, 4), "seg.nii")
 
 

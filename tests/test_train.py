@@ -62,7 +62,7 @@ def test_cli_end_to_end(shard_set_dotted, tmp_path):
 
 def test_learns_on_small_data(tmp_path):
     """The whole chain learns: images and masks are paired right, the loss and metrics agree."""
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.synthetic import make_demo_data
     from preprocess.build import BuildConfig, build
 

@@ -91,7 +91,7 @@ def _case_in_val(pid: str) -> bool:
 
 
 def test_val_patients_keeps_ids_differing_only_by_dot_and_underscore(tmp_path):
-    from preprocess.pipeline import PreprocessConfig
+    from preprocess.config import PreprocessConfig
     from preprocess.synthetic import make_case, write_case
     from preprocess.build import BuildConfig, build
 

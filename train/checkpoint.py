@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from preprocess.config import PreprocessConfig
 from shards.atomic import NotRegularFile, atomic_path, open_regular, read_bounded
 from shards.domain import RELEASES
 from shards.errors import BratsShardsError
@@ -267,8 +268,6 @@ def _train_config(d, bad, TrainConfig):
 def _set_config(built, bad):
     """preprocess: the shard set's build config; its preprocess fields valid, its release known,
     its modalities and mask channels those of the release."""
-    from preprocess.pipeline import PreprocessConfig  # the build side (nibabel, kernels): loaded only here
-
     if not isinstance(built, dict) or not isinstance(built.get("preprocess"), dict):
         raise bad("preprocess", "is not the shard set's build config (a mapping with 'preprocess')")
     p = built["preprocess"]

@@ -54,8 +54,8 @@ import numpy as np
 from preprocess.discover import DiscoveryError, discover
 from preprocess.geometry import spacing_of
 from preprocess.pipeline import affine_problem
-from preprocess.nifti import load_volume
-from preprocess.steps import apply_ornt, canonical_ornt
+from preprocess.nifti import canonical_affine, canonical_ornt, load_volume
+from preprocess.steps import apply_ornt
 from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_of_id, release_of_values,
                            subregion_channels, to_regions)
 from shards.errors import BratsShardsError
@@ -176,8 +176,6 @@ def _load(path: Path, what: str):
 def _canonical(vol, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(labels, affine) reoriented to RAS+: files storing the same voxels in another axis order
     then compare voxel by voxel."""
-    from nibabel.orientations import inv_ornt_aff
-
     data = np.asarray(vol.data)
     if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):  # (X, Y, Z, 1), as some tools write
         data = data.reshape(data.shape[:3])
@@ -186,7 +184,7 @@ def _canonical(vol, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if (why := affine_problem(vol.affine)) is not None:  # NaN or singular: no orientation to read
         raise PatientFailed(f"{path} {why}")
     ornt = canonical_ornt(vol.affine)
-    return np.ascontiguousarray(apply_ornt(data, ornt)), vol.affine @ inv_ornt_aff(ornt, data.shape)
+    return np.ascontiguousarray(apply_ornt(data, ornt)), canonical_affine(vol.affine, ornt, data.shape)
 
 
 def _check_grid(path: Path, pred_shape, pred_affine, ref_shape, ref_affine) -> None:

@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preprocess import steps
+from preprocess.errors import InputError
 from preprocess.discover import PatientFiles, discover
 from preprocess.nifti import save_volume
 from preprocess.geometry import spacing_of
-from preprocess.pipeline import PreprocessConfig, load_patient, process_volumes, validate
+from preprocess.config import PreprocessConfig
+from preprocess.pipeline import load_patient, process_volumes, validate
 from shards.domain import REGIONS, SEG, to_labels, to_regions
 from shards.errors import BratsShardsError
 from train import checkpoint as ckpt
@@ -95,7 +96,7 @@ def check_release(pf: PatientFiles, trained) -> None:
     rel = pf.release
     if trained is not None and (rel.modalities != trained.modalities or rel.subregions != trained.subregions
                                 or tuple(rel.regions) != tuple(trained.regions)):
-        raise steps.InputError(f"{pf.pid} is {rel.name} ({', '.join(rel.modalities)} -> {', '.join(rel.subregions)}); "
+        raise InputError(f"{pf.pid} is {rel.name} ({', '.join(rel.modalities)} -> {', '.join(rel.subregions)}); "
                                f"the checkpoint was trained on {trained.name} ({', '.join(trained.modalities)} -> "
                                f"{', '.join(trained.subregions)})")
 
@@ -114,7 +115,7 @@ def predict_patient(model, pre: PreprocessConfig, output_mode: str, pf: PatientF
 def prepare_patient(pf: PatientFiles, pre: PreprocessConfig):
     """(PatientSlices, source affine) of one patient: read, checked, preprocessed as recorded."""
     if pf.problem:
-        raise steps.InputError(pf.problem)
+        raise InputError(pf.problem)
     pf = replace(pf, files={k: v for k, v in pf.files.items() if k != SEG})  # never look at a reference
     vols, _ = load_patient(pf)
     validate(pf, vols)
@@ -165,7 +166,7 @@ def write_predictions(patients, output_dir: str | Path, progress: bool, label_ma
         try:
             labels, affine = label_map(pf)
         except Exception as e:  # named and counted; the other patients are still written
-            failed[pf.pid] = str(e) if isinstance(e, steps.InputError) else f"{type(e).__name__}: {e}"
+            failed[pf.pid] = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
             continue
         path = out / f"{pf.pid}.nii.gz"
         save_volume(path, labels, affine)

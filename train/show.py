@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from preprocess import steps
 from preprocess.discover import discover
-from preprocess.nifti import load_volume
+from preprocess.nifti import canonical_ornt, load_volume
 from preprocess.pipeline import load_patient, validate
-from preprocess.steps import InputError
+from preprocess.errors import InputError
 from shards.domain import MODALITY_NAMES, SEG, encode_mask, regions_of
 from shards.errors import BratsShardsError
 from shards.manifest import ManifestError, read_local, set_channels
@@ -90,7 +90,7 @@ def _volume_from_raw(src: Path, patient: str | None, release: str | None = None)
     except InputError as e:
         raise ShowError(f"{pf.pid}: {e}") from None
     rel = pf.release
-    ornt = steps.canonical_ornt(vols[rel.modalities[0]].affine)
+    ornt = canonical_ornt(vols[rel.modalities[0]].affine)
     images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in rel.modalities])
     seg = steps.apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
     names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions))

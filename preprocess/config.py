@@ -1,0 +1,36 @@
+"""The per-patient recipe's options, as a build records them in the manifest and a checkpoint
+carries them to predict; validated when made."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from shards.config import from_known_fields
+from shards.domain import MASK_CHANNELS
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 128
+    normalize: str = "volume"  # "volume" | "slice"
+    crop: bool = False
+    mask: str = "subregions"  # "subregions" [NCR/NET, ED, ET] | "regions" [WT, TC, ET]
+    tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.normalize not in ("volume", "slice"):
+            raise ValueError(f"normalize must be 'volume' or 'slice', not {self.normalize!r}")
+        if self.mask not in MASK_CHANNELS:
+            raise ValueError(f"mask must be {' or '.join(map(repr, MASK_CHANNELS))}, not {self.mask!r}")
+        if not 0.0 <= self.tumour_free_fraction <= 1.0:
+            raise ValueError("tumour_free_fraction must lie in [0, 1]")
+        if not 8 <= self.size <= 1024:
+            raise ValueError("size must lie in [8, 1024]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return from_known_fields(cls, d)
