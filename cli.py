@@ -152,8 +152,7 @@ def verify(
     sources: Annotated[Optional[Path], typer.Option("--sources", help="Also re-hash the source files the manifest names, relative to this input folder, and name each that no longer matches.")] = None,
 ):
     """Re-hash every file against the manifest and check slice counts."""
-    from shards.manifest import verify as run
-    from shards.provenance import verify_sources
+    from shards.verify import verify as run, verify_sources
 
     if sources is not None and not sources.is_dir():
         _fail(f"--sources {sources} is not a folder (the input folder the set was built from)")

@@ -49,6 +49,7 @@ from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
 from preprocess.errors import InputError
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout, provenance, wds_io, zarr_io
+from shards.codecs import parse_codec_spec
 from shards.atomic import TMP_NAME, dumps, fsync_file, sha256_file, write_json
 from shards.domain import MASK_CHANNELS, MODALITIES
 from shards.errors import BratsShardsError
@@ -102,7 +103,7 @@ class BuildConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     formats: tuple[Format, ...] = ("zarr", "wds")
-    codec: str = "blosc-lz4:5"  # `zarr_io.CodecName[:level]`; chosen by bench/codecs.py + bench/loader.py
+    codec: str = "blosc-lz4:5"  # `shards.codecs.CodecName[:level]`; chosen by bench/codecs.py + bench/loader.py
 
     def __post_init__(self):
         if not isinstance(self.preprocess, PreprocessConfig):
@@ -110,7 +111,7 @@ class BuildConfig:
         object.__setattr__(self, "formats", parse_formats(self.formats))
         parse_val_fraction(self.val_fraction)
         parse_seed(self.split_seed)
-        zarr_io.parse_codec_spec(self.codec)
+        parse_codec_spec(self.codec)
 
     def to_dict(self) -> dict:
         d = asdict(self)

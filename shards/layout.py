@@ -16,7 +16,10 @@ adding or removing patients leaves the other patients' files untouched (incremen
 
 from __future__ import annotations
 
+import os
 import re
+
+from shards.tree import walk  # not os.walk: it recurses, and a planted tree can be deep
 
 SPLITS = ("train", "val")
 LAYOUTS = ("zarr", "wds")
@@ -71,10 +74,6 @@ def symlink_inside(root, names) -> str | None:
 
     A writer that followed such a link would write, or delete, outside the folder its user
     named (`OUTPUT/wds` -> someone else's folder), so callers refuse the whole folder instead."""
-    import os
-
-    from shards.tree import walk  # not os.walk: it recurses, and a planted tree can be deep
-
     for name in names:
         top = os.path.join(root, name)
         if os.path.islink(top):

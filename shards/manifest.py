@@ -1,4 +1,5 @@
-"""Reading a shard set's manifest: load (local or remote), validate, verify, summarise.
+"""Reading a shard set's manifest: load (local or remote), validate, summarise (verifying the files
+against it: shards/verify.py).
 
 A manifest may come from a colleague or a URL: it is untrusted data. `parse_manifest` checks
 its whole structure before anything else reads it: every relative path stays inside the set,
@@ -15,10 +16,9 @@ import stat
 from pathlib import Path
 
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout
-from shards.atomic import NotRegularFile, open_regular, read_bounded, sha256_file
+from shards.atomic import NotRegularFile, open_regular, read_bounded
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
-from shards.tree import walk
 
 SPLITS, LAYOUTS = layout.SPLITS, layout.LAYOUTS
 MAX_MANIFEST_BYTES = 256 * 2**20
@@ -193,141 +193,6 @@ def load_manifest(root: str | Path) -> dict:
     return parse_manifest(raw, str(path))
 
 
-def verify(root: str | Path) -> list[str]:
-    """Check a local shard set against its manifest; returns the problems (one line each).
-
-    Every listed file: a regular file of the listed size and sha256. Nothing else under zarr/ or
-    wds/ (a file dropped into a patient group, a stray tar). Every patient: listed once in its
-    split, and its files hold exactly what the contract allows (`_check_counts`). Raises
-    ManifestError only when the manifest itself is unusable."""
-    root = Path(root)
-    m = load_manifest(root)
-    problems, bad = [], set()
-    for f in m["files"]:
-        why = _file_problem(root, f)
-        if why is not None:
-            problems.append(f"{f['path']}: {why}")
-            bad.add(f["path"])
-    problems += _unlisted(root, m)
-    problems += _check_counts(root, m, bad)
-    return problems
-
-
-def _file_problem(root: Path, f: dict) -> str | None:
-    p = root / f["path"]
-    try:
-        st = p.stat()
-        if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
-        if st.st_size != f["bytes"]:
-            return f"{st.st_size} bytes, manifest says {f['bytes']}"
-        if sha256_file(p) != f["sha256"]:
-            return "sha256 differs from the manifest"
-    except FileNotFoundError:
-        return "missing"
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    return None
-
-
-_MAX_LISTED = 100
-
-
-def _unlisted(root: Path, m: dict) -> list[str]:
-    """Entries under zarr/ and wds/ that the manifest does not list (readers never look at
-    them, but other tools would: a pickle dropped into a patient group, a stray tar)."""
-    listed = {f["path"] for f in m["files"]}
-    found = []
-    for top in LAYOUTS:
-        base = root / top
-        if not base.is_dir():
-            continue
-        for dirpath, dirnames, filenames in walk(base):  # not os.walk: it recurses on deep trees
-            rel_dir = Path(dirpath).relative_to(root).as_posix()
-            for d in list(dirnames):
-                if os.path.islink(os.path.join(dirpath, d)):  # never followed: report it
-                    found.append(f"{rel_dir}/{d}")
-                    dirnames.remove(d)
-            found += [f"{rel_dir}/{n}" for n in filenames if f"{rel_dir}/{n}" not in listed]
-    found.sort()
-    out = [f"{_plain(r)}: not listed in the manifest (a shard set holds only the files its manifest lists)"
-           for r in found[:_MAX_LISTED]]
-    if len(found) > _MAX_LISTED:
-        out.append(f"... and {len(found) - _MAX_LISTED} more files not listed in the manifest")
-    return out
-
-
-def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> list[str]:
-    """Each patient's files hold what the manifest promises and nothing the contract does not
-    allow: zarr metadata and chunks that decode to exactly `n_slices` contract slices (the
-    metadata is read as JSON and checked before anything is allocated), tars holding exactly the
-    contract's members in order. Patients with a file in `bad` (already reported) are skipped."""
-    from collections import Counter
-
-    from shards.readers import ShardFormatError, read_zarr_patient, scan_tar
-
-    problems = []
-    layouts = m["format"]["layouts"]
-    listed = {f["path"]: f for f in m["files"]}
-
-    def read(rel):
-        f = listed.get(rel)
-        return None if f is None else read_local(root / rel, f["bytes"])
-
-    for split, pids in m["splits"].items():
-        for pid, k in sorted(Counter(pids).items()):
-            if k > 1:
-                problems.append(f"patient {pid} is listed {k} times in split {split}")
-    wds_files, zarr_files = {}, {}
-    for f in m["files"]:
-        if f["format"] == "wds" and f.get("patient") is not None:
-            wds_files.setdefault(f["patient"], []).append(f["path"])
-        elif f["format"] == "zarr":
-            pid = f.get("patient")
-            if pid is None:
-                ok = f["path"] in layout.zarr_group_meta()
-            else:
-                ok = f["path"] in layout.zarr_patient_files(m["patients"][pid]["split"], pid)
-                zarr_files.setdefault(pid, []).append(f["path"])
-            if not ok:
-                problems.append(f"{f['path']}: not a file of the zarr layout")
-        elif f["format"] == "wds":
-            problems.append(f"{f['path']}: a WebDataset shard that names no patient")
-    for pid, p in m["patients"].items():
-        split, n = p["split"], p["n_slices"]
-        if pid not in m["splits"].get(split, []):
-            problems.append(f"patient {pid} is not listed in split {split}")
-        try:
-            if "zarr" in layouts and not bad.intersection(zarr_files.get(pid, [])):
-                prefix = layout.zarr_group(split, pid)
-                group_meta = f"{prefix}/{layout.ZARR_META}"
-                group = read(group_meta)
-                if group is None:
-                    problems.append(f"{group_meta}: missing from the manifest")
-                else:
-                    try:
-                        g = json.loads(bytes(group))
-                    except (ValueError, RecursionError):
-                        g = None
-                    if not (isinstance(g, dict) and g.get("zarr_format") == 3 and g.get("node_type") == "group"):
-                        problems.append(f"{group_meta}: not the metadata of a zarr v3 group")
-                read_zarr_patient(read, prefix, n_slices=n)
-            if "wds" in layouts:
-                tars = wds_files.get(pid, [])
-                if len(tars) != 1:
-                    problems.append(f"patient {pid}: {len(tars)} WebDataset shards in the manifest; one per patient")
-                for rel in tars:
-                    if rel not in bad:
-                        scan_tar(read(rel), rel, n, pid, strict=True, copy=False)
-        except (ShardFormatError, ManifestError) as e:
-            problems.append(str(e))
-        except FileNotFoundError as e:
-            problems.append(f"{e.filename}: missing")
-        except OSError as e:
-            problems.append(f"{e.filename or pid}: cannot read: {e.strerror or e}")
-    return problems
-
-
 def summary(m: dict) -> dict:
     """Patients and slices per split, class balance, bytes on disk, build config."""
     n_chan = max((len(p["mask_pixels"]) for p in m["patients"].values()), default=3)
@@ -347,7 +212,7 @@ def summary(m: dict) -> dict:
             "failed": m["failed"], "config": m["config"]}
 
 
-def _plain(v, limit: int = 200) -> str:
+def plain(v, limit: int = 200) -> str:
     """Text from a manifest, safe for a terminal line: control characters escaped, length bounded."""
     text = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[: limit + 1])
@@ -356,16 +221,16 @@ def _plain(v, limit: int = 200) -> str:
 
 def format_summary(s: dict) -> str:
     fmt = s["format"]
-    lines = [f"shard set format {_plain(fmt['name'])} v{_plain(fmt['version'])} "
-             f"({', '.join(_plain(x) for x in fmt['layouts'])})"]
+    lines = [f"shard set format {plain(fmt['name'])} v{plain(fmt['version'])} "
+             f"({', '.join(plain(x) for x in fmt['layouts'])})"]
     for split, d in s["splits"].items():
         frac = ", ".join(f"{c} {100 * v:.3f}%" for c, v in zip(s["mask_channels"], d["mask_fraction"]))
-        lines.append(f"  {_plain(split):5s}: {d['patients']:5d} patients {d['slices']:7d} slices   mask pixels: {frac}")
-    lines.append("  bytes: " + ", ".join(f"{_plain(k)} {v / 1e6:.1f} MB" for k, v in sorted(s["bytes"].items())))
+        lines.append(f"  {plain(split):5s}: {d['patients']:5d} patients {d['slices']:7d} slices   mask pixels: {frac}")
+    lines.append("  bytes: " + ", ".join(f"{plain(k)} {v / 1e6:.1f} MB" for k, v in sorted(s["bytes"].items())))
     c = s["config"]
-    lines.append(f"  config: {_plain(c.get('preprocess'), 400)} "
-                 + " ".join(f"{k}={_plain(c.get(k), 60)}" for k in ("val_fraction", "split_seed", "codec", "convention")))
+    lines.append(f"  config: {plain(c.get('preprocess'), 400)} "
+                 + " ".join(f"{k}={plain(c.get(k), 60)}" for k in ("val_fraction", "split_seed", "codec", "convention")))
     if s["failed"]:
         lines.append(f"  failed: {len(s['failed'])} patient(s): "
-                     + "; ".join(f"{_plain(f['patient'], 80)}: {_plain(f['reason'])}" for f in s["failed"]))
+                     + "; ".join(f"{plain(f['patient'], 80)}: {plain(f['reason'])}" for f in s["failed"]))
     return "\n".join(lines)

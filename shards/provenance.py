@@ -126,17 +126,3 @@ def changed_patients(root: Path, records: dict, threads: int | None = None) -> d
     with ThreadPoolExecutor(max(1, threads)) as pool:
         found = pool.map(lambda p: source_problems(root, records[p].get("sources"), records[p].get("stamps")), pids)
         return {p: probs for p, probs in zip(pids, found) if probs}
-
-
-def verify_sources(shards: str | Path, input_dir: str | Path) -> list[str]:
-    """'{pid}: {file}: {why}' for each source file named in the set's manifest that no longer
-    matches under `input_dir` (missing, other size, other sha256, outside the folder)."""
-    from shards.manifest import load_manifest
-
-    m = load_manifest(shards)
-    records = {pid: {"sources": p.get("sources")} for pid, p in m["patients"].items()}
-    changed = changed_patients(Path(input_dir), records)
-    for pid, r in records.items():  # nothing recorded is nothing checked: said, never an OK
-        if not r["sources"] and pid not in changed:
-            changed[pid] = ["the manifest records no source files for this patient: not checked"]
-    return [f"{pid}: {why}" for pid in sorted(changed) for why in changed[pid]]

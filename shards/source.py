@@ -17,7 +17,6 @@ exponential backoff; every remote failure ends as a one-line `ShardSetError` nam
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import mmap
 import os
@@ -30,8 +29,12 @@ import numpy as np
 
 from shards import MANIFEST, layout
 from shards.atomic import NotRegularFile, open_regular, write_bytes
+from shards.contract import ShardFormatError
 from shards.errors import BratsShardsError
+from shards.remote import MIN_RATE, TooSlow, failure_reason, is_transient
 from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local, set_channels
+from shards.wds_io import read_wds_patient, sample_key
+from shards.zarr_io import read_zarr_patient
 
 _CHUNK = 1 << 20  # one streamed read of a download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -47,56 +50,6 @@ def is_url(location: str) -> bool:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BRATS_SHARDS_CACHE", Path.home() / ".cache" / "brats-shards"))
-
-
-def _transient(e: BaseException) -> bool:
-    """Worth another attempt: a server error, a dropped connection, a timeout; not 404/403."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - http(s) needs aiohttp; other protocols may not
-        aiohttp = None
-    if aiohttp is not None:
-        if isinstance(e, aiohttp.ClientResponseError):
-            return e.status >= 500 or e.status in (408, 429)
-        if isinstance(e, (aiohttp.ClientSSLError, aiohttp.InvalidURL)):  # retrying will not help
-            return False
-        if isinstance(e, aiohttp.ClientError):  # connection refused/reset, payload cut short
-            return True
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-    except ImportError:  # s3 is optional
-        BotoConnectionError = ()
-    if BotoConnectionError and isinstance(e, BotoConnectionError):  # refused, reset, timed out
-        return True
-    return isinstance(e, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError))
-
-
-_SERVER_TEXT = 200  # characters of what a server says (a reason phrase, an error body) in one line
-
-
-def _reason(e: BaseException, timeout: float) -> str:
-    try:
-        import aiohttp
-
-        if isinstance(e, aiohttp.ClientResponseError):
-            return f"HTTP {e.status} {' '.join(str(e.message).split())[:_SERVER_TEXT]}".strip()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(e, TooSlow):
-        return str(e)
-    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
-        return f"no response within the {timeout:g} s timeout ({type(e).__name__})"
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:_SERVER_TEXT]}" if text else type(e).__name__
-
-
-class TooSlow(TimeoutError):
-    """A transfer whose average rate fell below the minimum (a server that trickles bytes)."""
-
-
-MIN_RATE = 64 * 1024  # bytes/s a download must average, after its first `timeout` seconds
 
 
 class ShardSource:
@@ -188,13 +141,13 @@ class ShardSource:
                                                           if rel == MANIFEST else "")) from None
             except Exception as e:  # noqa: BLE001 - every remote failure becomes one clean line
                 earlier = f" (after {attempt - 1} failed attempt{'s' * (attempt > 2)} retried)" if attempt > 1 else ""
-                if not _transient(e):
-                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)}; not retried, "
+                if not is_transient(e):
+                    raise ShardSetError(f"cannot read {url}: {failure_reason(e, self.timeout)}; not retried, "
                                         f"a permanent error{earlier}") from e
                 if attempt == attempts:
-                    raise ShardSetError(f"cannot read {url}: {_reason(e, self.timeout)}; "
+                    raise ShardSetError(f"cannot read {url}: {failure_reason(e, self.timeout)}; "
                                         f"gave up after {attempts} attempts" if attempts > 1 else
-                                        f"cannot read {url}: {_reason(e, self.timeout)}; not retried "
+                                        f"cannot read {url}: {failure_reason(e, self.timeout)}; not retried "
                                         f"(no retries allowed)") from e
                 time.sleep(self.backoff * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
@@ -367,9 +320,6 @@ class ShardSource:
         gives lists of (C, H, W) arrays that each own their memory (a slice kept in a shuffle
         buffer does not pin its patient). Read bounded by the manifest's n_slices: content that
         does not match it or the contract is a ShardFormatError naming the file."""
-        from shards.readers import ShardFormatError, read_wds_patient, read_zarr_patient
-        from shards.wds_io import sample_key
-
         if fmt not in self.layouts():
             raise ShardSetError(f"the shard set {self.location} holds {self.layouts()}, not {fmt}")
         p = self.manifest["patients"].get(pid)
@@ -400,8 +350,6 @@ class ShardSource:
 
     def _check_channels(self, image, mask, where: str) -> None:
         """The image and mask channels the manifest promises (M modalities, K mask channels)."""
-        from shards.readers import ShardFormatError
-
         mods, chans = set_channels(self.manifest)
         if len(image) and (image[0].shape[-3] != len(mods) or mask[0].shape[-3] != len(chans)):
             raise ShardFormatError(f"{where}: image/mask slices have {image[0].shape[-3]}/{mask[0].shape[-3]} "

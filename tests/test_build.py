@@ -9,13 +9,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from reference import tar_samples  # tests/reference.py
 
 from preprocess.discover import discover
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
 from preprocess.synthetic import make_demo_data
 from preprocess.build import BuildConfig, BuildError, OutputLock, assign_splits, build
-from shards.manifest import load_manifest, verify
+from shards.manifest import load_manifest
+from shards.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.34)
@@ -55,8 +57,6 @@ def test_round_trip_equals_direct_processing(release_2020, tmp_path):
     """volume -> shards -> read back (both formats) equals the recipe applied in memory."""
     import zarr
 
-    from shards import wds_io
-
     m = _build(release_2020, tmp_path / "s")
     for pid, p in m["patients"].items():
         ps = process_patient(next(x for x in discover(release_2020).patients if x.pid == pid), CFG.preprocess)
@@ -65,7 +65,7 @@ def test_round_trip_equals_direct_processing(release_2020, tmp_path):
         assert g.attrs["slice_index"] == ps.slice_index
         (tar,) = [f["path"] for f in m["files"] if f["patient"] == pid and f["format"] == "wds"]
         with open(tmp_path / "s" / tar, "rb") as fh:
-            samples = list(wds_io.iter_tar(fh))
+            samples = tar_samples(fh)
         assert len(samples) == p["n_slices"]
         assert np.array_equal(np.stack([s["image"] for s in samples]), ps.image)
         assert np.array_equal(np.stack([s["mask"] for s in samples]), ps.mask)

@@ -19,7 +19,8 @@ from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
 from preprocess.steps import InputError
 from preprocess.build import BuildConfig, BuildError, assign_splits, build, split_score
-from shards.manifest import load_manifest, verify
+from shards.manifest import load_manifest
+from shards.verify import verify
 
 CFG = BuildConfig(preprocess=PreprocessConfig(size=32), val_fraction=0.34)
 

@@ -101,7 +101,7 @@ def test_a_damaged_build_record_is_not_published(release_2020, tmp_path):
 
 
 def test_an_image_shard_left_out_of_the_manifest_is_refused_not_read_as_zeros(shard_set, tmp_path):
-    from shards.readers import ShardFormatError
+    from shards.contract import ShardFormatError
     from shards.source import ShardSource
 
     root = tmp_path / "set"

@@ -296,7 +296,8 @@ def _snapshot(top: Path) -> dict:
 
 def run_case(root: Path, scratch: Path, seed: int, case: int, manifest: dict, original: dict) -> dict:
     from shards.errors import BratsShardsError
-    from shards.manifest import format_summary, load_manifest, summary, verify
+    from shards.manifest import format_summary, load_manifest, summary
+    from shards.verify import verify
 
     rng = random.Random(seed * 1_000_003 + case)
     before = _snapshot(scratch)
@@ -352,7 +353,8 @@ def worker(set_dir: str, scratch: str, seed: int, cases: list[int]) -> None:
     root = scratch / "set"
     shutil.copytree(set_dir, root)
     os.chdir(scratch / "cwd")
-    from shards.manifest import load_manifest, verify
+    from shards.manifest import load_manifest
+    from shards.verify import verify
 
     manifest = load_manifest(root)
     assert verify(root) == []

@@ -15,7 +15,8 @@ from preprocess.discover import discover
 from preprocess.config import PreprocessConfig
 from preprocess.synthetic import make_demo_data
 from shards import FORMAT_VERSION, layout
-from shards.manifest import ManifestError, load_manifest, verify
+from shards.manifest import ManifestError, load_manifest
+from shards.verify import verify
 
 TINY = (48, 48, 24)
 SEED = 5

@@ -17,6 +17,7 @@ from preprocess.build import BuildConfig, build
 from preprocess.config import PreprocessConfig
 from preprocess.steps import brain_mask
 from shards import wds_io, zarr_io
+from shards.npy import npy_bytes
 
 needs_numba = pytest.mark.skipif(kernel._numba_kernels() is None, reason="numba not installed (the 'fast' extra)")
 
@@ -259,8 +260,8 @@ def _tarfile_reference(pid, split, image, mask, slice_index):
         for i, z in enumerate(slice_index):
             key = wds_io.sample_key(pid, i)
             meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
-            add(tar, f"{key}.image.npy", wds_io.npy_bytes(image[i]))
-            add(tar, f"{key}.mask.npy", wds_io.npy_bytes(mask[i]))
+            add(tar, f"{key}.image.npy", npy_bytes(image[i]))
+            add(tar, f"{key}.mask.npy", npy_bytes(mask[i]))
             add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
     return buf.getvalue()
 

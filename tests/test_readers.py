@@ -3,7 +3,9 @@ import io
 import numpy as np
 import pytest
 
-from shards import readers, wds_io, zarr_io
+from reference import tar_samples  # tests/reference.py
+from shards import npy, wds_io, zarr_io
+from shards.contract import ShardFormatError
 
 
 @pytest.mark.parametrize("codec", ["blosc-lz4:5", "blosc-zstd:3", "zstd:3", "none"])
@@ -16,11 +18,11 @@ def test_direct_zarr_decode_matches_zarr(tmp_path, codec):
     mask[2, 1, 3:9, 4:6] = 1  # most mask chunks are empty: never written, read as the fill value
     zarr_io.write_patient(tmp_path / "p", image, mask, {"a": 1}, codec)
     read = lambda rel: (tmp_path / rel).read_bytes() if (tmp_path / rel).exists() else None  # noqa: E731
-    im, mk = readers.read_zarr_patient(read, "p")
+    im, mk = zarr_io.read_zarr_patient(read, "p")
     g = zarr.open_group(str(tmp_path / "p"), mode="r")
     assert np.array_equal(im, g["image"][:]) and np.array_equal(mk, g["mask"][:])
     assert np.array_equal(im, image) and np.array_equal(mk, mask)
-    ims, mks = readers.read_zarr_patient(read, "p", per_slice=True)
+    ims, mks = zarr_io.read_zarr_patient(read, "p", per_slice=True)
     assert np.array_equal(np.stack(ims), image) and np.array_equal(np.stack(mks), mask)
     assert all(a.base is None for a in ims)  # each slice owns its memory: nothing pins the patient
 
@@ -31,8 +33,8 @@ def test_wds_fast_reader_matches_tarfile(tmp_path):
     mask = (rng.random((5, 3, 8, 8)) > 0.7).astype(np.uint8)
     p, _ = wds_io.write_patient(tmp_path / "x.tar", "BraTS20_Training_001", "train", image, mask, [3, 4, 5, 6, 9])
     data = p.read_bytes()
-    ims, mks, keys = readers.read_wds_patient(data)
-    ref = list(wds_io.iter_tar(io.BytesIO(data)))
+    ims, mks, keys = wds_io.read_wds_patient(data)
+    ref = tar_samples(io.BytesIO(data))
     assert keys == [s["__key__"] for s in ref] == [f"BraTS20_Training_001_s{i:03d}" for i in range(5)]
     assert np.array_equal(np.stack(ims), image) and np.array_equal(np.stack(mks), mask)
     assert [s["meta"]["source_slice"] for s in ref] == [3, 4, 5, 6, 9]
@@ -42,10 +44,10 @@ def test_npy_view_refuses_pickles():
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object"):
-        readers.npy_view(memoryview(buf.getvalue()))
+        npy.npy_view(memoryview(buf.getvalue()))
     buf = io.BytesIO()
     np.save(buf, np.arange(6, dtype=np.int32).reshape(2, 3))
-    assert readers.npy_view(memoryview(buf.getvalue())).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert npy.npy_view(memoryview(buf.getvalue())).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 # -- bounded by the manifest and the contract: malformed content is a one-line ShardFormatError -------------
@@ -60,10 +62,10 @@ def _zarr_patient(tmp_path, codec="blosc-lz4:5", n=5):
 
 def test_zarr_reader_refuses_a_slice_count_other_than_the_manifests(tmp_path):
     read, image, _ = _zarr_patient(tmp_path)
-    im, _ = readers.read_zarr_patient(read, "p", n_slices=5)
+    im, _ = zarr_io.read_zarr_patient(read, "p", n_slices=5)
     assert np.array_equal(im, image)
-    with pytest.raises(readers.ShardFormatError, match=r"p/image/zarr.json: claims 5 slices, the manifest says 6"):
-        readers.read_zarr_patient(read, "p", n_slices=6)
+    with pytest.raises(ShardFormatError, match=r"p/image/zarr.json: claims 5 slices, the manifest says 6"):
+        zarr_io.read_zarr_patient(read, "p", n_slices=6)
 
 
 def test_zarr_metadata_claiming_terabytes_is_refused_before_allocating(tmp_path):
@@ -73,10 +75,10 @@ def test_zarr_metadata_claiming_terabytes_is_refused_before_allocating(tmp_path)
     meta = json.loads(read("p/image/zarr.json"))
     meta["shape"][0] = meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 10**9
     (tmp_path / "p/image/zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(readers.ShardFormatError, match="claims 1000000000 slices"):
-        readers.read_zarr_patient(read, "p", per_slice=True, n_slices=5)
-    with pytest.raises(readers.ShardFormatError, match="MiB per array"):  # no manifest: the contract's bound
-        readers.read_zarr_patient(read, "p", per_slice=True)
+    with pytest.raises(ShardFormatError, match="claims 1000000000 slices"):
+        zarr_io.read_zarr_patient(read, "p", per_slice=True, n_slices=5)
+    with pytest.raises(ShardFormatError, match="MiB per array"):  # no manifest: the contract's bound
+        zarr_io.read_zarr_patient(read, "p", per_slice=True)
 
 
 @pytest.mark.parametrize("codec", ["blosc-zstd:3", "zstd:3", "none"])
@@ -100,8 +102,8 @@ def test_zarr_chunk_decoding_to_another_size_is_refused(tmp_path, codec):
     index[0] = (len(body), len(wrong))
     idx = index.astype("<u8").tobytes()
     (tmp_path / rel).write_bytes(body + bytes(wrong) + idx + struct.pack("<I", google_crc32c.value(idx)))
-    with pytest.raises(readers.ShardFormatError, match=r"p/image/c/0/0/0/0: chunk 0: .*a slice is 2048"):
-        readers.read_zarr_patient(read, "p", n_slices=5)
+    with pytest.raises(ShardFormatError, match=r"p/image/c/0/0/0/0: chunk 0: .*a slice is 2048"):
+        zarr_io.read_zarr_patient(read, "p", n_slices=5)
 
 
 def test_wds_reader_refuses_more_samples_than_promised_before_decoding_them(tmp_path):
@@ -110,28 +112,28 @@ def test_wds_reader_refuses_more_samples_than_promised_before_decoding_them(tmp_
     mask = np.zeros((4, 3, 8, 8), np.uint8)
     p, _ = wds_io.write_patient(tmp_path / "x.tar", "BraTS20_Training_001", "train", image, mask, [0, 1, 2, 3])
     data = p.read_bytes()
-    ims, _, keys = readers.read_wds_patient(data, n_slices=4, pid="BraTS20_Training_001", where="x.tar")
+    ims, _, keys = wds_io.read_wds_patient(data, n_slices=4, pid="BraTS20_Training_001", where="x.tar")
     assert np.array_equal(np.stack(ims), image) and len(keys) == 4
-    with pytest.raises(readers.ShardFormatError, match="x.tar: holds more than the manifest's 3 samples"):
-        readers.read_wds_patient(data, n_slices=3, where="x.tar")
-    with pytest.raises(readers.ShardFormatError, match="x.tar: 4 samples, the manifest says 5"):
-        readers.read_wds_patient(data, n_slices=5, where="x.tar")
-    with pytest.raises(readers.ShardFormatError, match="where the contract has 'Other_s000.image.npy'"):
-        readers.read_wds_patient(data, n_slices=4, pid="Other", where="x.tar")
+    with pytest.raises(ShardFormatError, match="x.tar: holds more than the manifest's 3 samples"):
+        wds_io.read_wds_patient(data, n_slices=3, where="x.tar")
+    with pytest.raises(ShardFormatError, match="x.tar: 4 samples, the manifest says 5"):
+        wds_io.read_wds_patient(data, n_slices=5, where="x.tar")
+    with pytest.raises(ShardFormatError, match="where the contract has 'Other_s000.image.npy'"):
+        wds_io.read_wds_patient(data, n_slices=4, pid="Other", where="x.tar")
 
 
-def test_plain_tar_reader_refuses_bad_tars_and_npys_in_one_line(tmp_path):
+def test_tar_reader_refuses_bad_tars_and_npys_in_one_line(tmp_path):
     p, _ = wds_io.write_patient(tmp_path / "x.tar", "P", "train", np.zeros((1, 4, 8, 8), np.float16),
                                 np.zeros((1, 3, 8, 8), np.uint8), [0])
     data = p.read_bytes()
-    with pytest.raises(readers.ShardFormatError, match="x.tar"):
-        list(wds_io.iter_tar(io.BytesIO(data[:700]), where="x.tar"))
+    with pytest.raises(ShardFormatError, match="x.tar"):
+        wds_io.read_wds_patient(data[:700], where="x.tar")
     big = np.lib.format.header_data_from_array_1_0(np.zeros((4, 8, 8), np.float16))
     big["shape"] = (4, 10**6, 10**6)  # 8 TB promised, 512 bytes present
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, big)
-    with pytest.raises(readers.ShardFormatError, match="npy data is 0 bytes"):
-        wds_io.read_npy(buf.getvalue())
+    with pytest.raises(ShardFormatError, match="npy data is 0 bytes"):
+        npy.read_npy(buf.getvalue())
 
 
 def test_one_read_api_gives_the_same_patient_from_both_formats(shard_set):

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.manifest import verify
-from shards.wds_io import iter_tar, npy_bytes, sample_key
+from shards.verify import verify
+from reference import tar_samples  # tests/reference.py
+from shards.npy import npy_bytes
+from shards.wds_io import sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 EMPTY = 2**64 - 1
@@ -283,7 +285,8 @@ CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
 from shards.errors import BratsShardsError
-from shards.manifest import load_manifest, summary, verify
+from shards.manifest import load_manifest, summary
+from shards.verify import verify
 from train.data import SliceStream, StreamConfig
 from shards.source import ShardSource
 
@@ -447,7 +450,7 @@ def test_safe_readme_reading_never_unpickles(shard_set, tmp_path):
     (rel_tar,) = [f["path"] for f in m["files"] if f["format"] == "wds" and f["patient"] == "BraTS20_Training_001"]
     tar = root / rel_tar  # the tar the README's example reads
     with open(tar, "rb") as f:
-        want = list(iter_tar(f))
+        want = tar_samples(f)
     ms = _members(tar.read_bytes())
     key = want[1]["__key__"]
     evil = {ext: tmp_path / f"marker_{ext}" for ext in ("pyd", "pkl", "pickle")}
