@@ -1,5 +1,6 @@
-"""Reading a shard set's manifest: load (local or remote), validate, summarise (verifying the files
-against it: shards/verify.py).
+"""A shard set's manifest, both sides: assembled from the build's per-patient records (`assemble`,
+`file_entry`, `config_channels`), and read back: load (local or remote), validate, summarise
+(verifying the files against it: shards/verify.py).
 
 A manifest may come from a colleague or a URL: it is untrusted data. `parse_manifest` checks
 its whole structure before anything else reads it: every relative path stays inside the set,
@@ -16,7 +17,8 @@ import stat
 from pathlib import Path
 
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout
-from shards.atomic import NotRegularFile, open_regular, read_bounded
+from shards.atomic import NotRegularFile, open_regular, read_bounded, sha256_file
+from shards.domain import MASK_CHANNELS, MODALITIES, Release
 from shards.errors import BratsShardsError
 from shards.names import patient_id_problem, relpath_problem
 
@@ -43,6 +45,44 @@ def set_channels(m: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     c = m["config"]
     return (tuple(c.get("modalities", DEFAULT_MODALITIES)),
             tuple(c.get("mask_channels", DEFAULT_MASK_CHANNELS[c["preprocess"]["mask"]])))
+
+
+def config_channels(rel: Release, mask: str) -> dict:
+    """The set's image and mask channels, for the manifest's config: written only where they differ
+    from the 2018-2023 glioma sets' (4 modalities; [NCR/NET, ED, ET] or [WT, TC, ET]), so those
+    sets keep their bytes; `set_channels` reads both."""
+    mods, chans = list(rel.modalities), list(rel.channels(mask))
+    if mods == list(MODALITIES) and chans == list(MASK_CHANNELS[mask]):
+        return {}
+    return {"modalities": mods, "mask_channels": chans}
+
+
+def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: str, sha256: str | None = None) -> dict:
+    """The manifest's entry of one file of the set at `out` (hashed unless `sha256` is given);
+    the zarr group metadata shared by all patients has no patient and no split."""
+    return {"path": path.relative_to(out).as_posix(), "bytes": path.stat().st_size,
+            "sha256": sha256 or sha256_file(path), "patient": pid, "split": split, "format": fmt}
+
+
+# fields of the build's per-patient records that are the build's own, not the manifest's
+BUILD_ONLY = ("files", "pid", "stamps")
+
+
+def assemble(config: dict, source: dict, records: dict, failed: dict, shared_files: list[dict]) -> dict:
+    """The manifest of a build: `records` pid -> the build's record of a finished patient (its
+    fields, less BUILD_ONLY, are its manifest entry; its `files` the file entries), `failed`
+    pid -> reason, `shared_files` the entries of files of no patient, `source` what was read."""
+    files = [f for pid in sorted(records) for f in records[pid]["files"]] + list(shared_files)
+    patients = {pid: {k: v for k, v in records[pid].items() if k not in BUILD_ONLY} for pid in sorted(records)}
+    return {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION, "layouts": list(config["formats"])},
+        "config": config,
+        "source": source,
+        "patients": patients,
+        "splits": {s: [p for p in sorted(records) if records[p]["split"] == s] for s in SPLITS},
+        "files": sorted(files, key=lambda f: f["path"]),
+        "failed": [{"patient": p, "reason": failed[p]} for p in sorted(failed)],
+    }
 
 
 def _names_problem(v, allowed: tuple | None, most: int) -> bool:

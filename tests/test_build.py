@@ -128,7 +128,7 @@ def test_local_workers_start_without_dask_malloc_trim(monkeypatch):
     patient's arrays; the build's own workers start without it unless the user set it."""
     from dask.distributed import Client
 
-    from preprocess.build import _local_cluster
+    from preprocess.build.run import _local_cluster
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with _local_cluster(1) as cluster, Client(cluster) as c:
@@ -187,11 +187,11 @@ def test_failed_zarr_write_waits_for_the_tar_and_leaves_no_temporaries(release_2
 def test_patients_a_dead_worker_never_flushed_are_flushed_by_the_driver(release_2020, tmp_path, monkeypatch):
     """A worker that returned a patient and died before flushing it: the driver flushes its files
     and writes its done record itself before the manifest."""
-    import preprocess.build as b
+    import preprocess.build.durable as b  # the flushes and done records
 
     synced = []
     real = b.fsync_file
-    monkeypatch.setattr(b._SEALS, "add", lambda *a, **kw: None)  # the worker's flush never happens
+    monkeypatch.setattr(b.FLUSHES, "add", lambda *a, **kw: None)  # the worker's flush never happens
     monkeypatch.setattr(b, "fsync_file", lambda p: (synced.append(Path(p)), real(p))[1])
     out = tmp_path / "s"
     m = _build(release_2020, out)
@@ -204,7 +204,7 @@ def test_patients_a_dead_worker_never_flushed_are_flushed_by_the_driver(release_
 def test_flush_failures_on_dask_workers_stop_the_build(release_2020, tmp_path, monkeypatch):
     from dask.distributed import LocalCluster
 
-    import preprocess.build as b
+    import preprocess.build.durable as b  # the flushes and done records
 
     def failing(p):
         raise OSError(5, "Input/output error", str(p))
@@ -219,7 +219,7 @@ def test_flush_failures_on_dask_workers_stop_the_build(release_2020, tmp_path, m
 def test_a_patient_rebuilt_loses_its_stale_done_record_first(release_2020, tmp_path, monkeypatch):
     """A done record describes files on disk; when its patient is rebuilt (its files were found
     incomplete), the record goes before the new, not yet flushed, files are written."""
-    import preprocess.build as b
+    import preprocess.build.durable as b  # the flushes and done records
 
     out = tmp_path / "s"
     real = b.fsync_file
@@ -232,13 +232,15 @@ def test_a_patient_rebuilt_loses_its_stale_done_record_first(release_2020, tmp_p
     assert (out / ".build" / "done" / "BraTS20_Training_001.json").is_file() and tar.is_file()
     tar.write_bytes(tar.read_bytes()[:-512])  # no longer what its record says
     seen = {}
-    real_task = b.build_patient
+    import preprocess.build.run as run_mod
+
+    real_task = run_mod.build_patient
 
     def task(pf, *a, **kw):
         seen[pf.pid] = (out / ".build" / "done" / f"{pf.pid}.json").exists()
         return real_task(pf, *a, **kw)
 
-    monkeypatch.setattr(b, "build_patient", task)
+    monkeypatch.setattr(run_mod, "build_patient", task)
     _build(release_2020, out)
     assert seen == {"BraTS20_Training_001": False, "BraTS20_Training_003": False}
     monkeypatch.undo()
@@ -249,7 +251,7 @@ def test_a_patient_rebuilt_loses_its_stale_done_record_first(release_2020, tmp_p
 def test_done_records_are_written_only_after_their_files_are_on_disk(release_2020, tmp_path, monkeypatch):
     """Files are renamed into place unsynced and flushed on a background thread; a patient's done
     record (which a re-run trusts) follows the flush of every one of its files, Zarr and tar."""
-    import preprocess.build as b
+    import preprocess.build.durable as b  # the flushes and done records
 
     log = []
     real_fsync, real_json = b.fsync_file, b.write_json
@@ -268,7 +270,7 @@ def test_done_records_are_written_only_after_their_files_are_on_disk(release_202
 def test_a_failed_flush_stops_the_build_and_the_patient_is_redone(release_2020, tmp_path, monkeypatch):
     import errno
 
-    import preprocess.build as b
+    import preprocess.build.durable as b  # the flushes and done records
 
     real = b.fsync_file
 

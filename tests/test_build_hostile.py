@@ -131,7 +131,7 @@ def test_a_symlink_outside_the_managed_names_is_left_alone(built, fewer, tmp_pat
 def test_a_link_planted_during_the_run_is_not_followed(built, release, fewer, tmp_path, monkeypatch):
     """`wds` swapped for a link while the first patient is being processed: its tar is not written
     through the link, and the sweep deletes nothing there."""
-    import preprocess.build as b
+    import preprocess.build.task as b  # where the task calls process_patient
 
     out = tmp_path / "set"
     shutil.copytree(built, out, symlinks=True)
@@ -324,7 +324,7 @@ def test_a_changed_flair_is_rebuilt_to_the_bytes_of_a_fresh_build(set_and_input,
 
 def test_an_interrupted_build_rebuilds_a_done_patient_whose_input_changed(release, tmp_path, monkeypatch):
     """The done records of a killed build: a source changed since is not trusted."""
-    import preprocess.build as b
+    import preprocess.build.run as b  # where the driver checks its manifest
 
     inp, out = tmp_path / "in", tmp_path / "set"
     shutil.copytree(release, inp)
@@ -332,7 +332,7 @@ def test_an_interrupted_build_rebuilds_a_done_patient_whose_input_changed(releas
     def stop(*a, **kw):
         raise b.BuildError("stopped before the manifest")
 
-    monkeypatch.setattr(b, "_check_own_manifest", stop)
+    monkeypatch.setattr(b, "check_own_manifest", stop)
     _refused(_build(inp, out), "stopped")
     assert len(list((out / ".build" / "done").glob("*.json"))) == N
     monkeypatch.undo()
