@@ -76,30 +76,12 @@ def make_demo_data(
     kind: Annotated[str, typer.Option(help="realistic (MNI152 anatomy, glioma-like tumours, confounders, thick slices, rater noise: hard enough to rank recipes) or toy (an ellipsoid brain with a concentric tumour: fast, for tiny test shapes).")] = "realistic",
 ):
     """Write synthetic BraTS-format cases (brain, tumour sub-regions, four modalities)."""
-    from preprocess.synthetic import make_demo_data as make_toy
-    from shards.domain import RELEASES
+    from preprocess.synthetic.demo import write_demo_data
 
-    if orientation not in ("lps", "ras"):
-        _fail(f"--orientation must be lps or ras, not {orientation!r}")
-    if kind not in ("realistic", "toy"):
-        _fail(f"--kind must be realistic or toy, not {kind!r}")
-    if kind == "realistic":
-        from preprocess.realistic import make_realistic_data as make
-    else:
-        make = make_toy
-    if kind == "toy" and release not in ("2020", "2023"):
-        from preprocess.synthetic_releases import write_release
-
-        if release not in RELEASES:
-            _fail(f"unknown release {release!r}; known: {', '.join(RELEASES)}")
-        ids = write_release(out, release, patients, shape=_shape(shape), seed=seed, start=start,
-                            defaced=release in ("ped-2023", "ped-2024", "men-rt"))
-        typer.echo(f"wrote {len(ids)} {kind} cases ({release} layout) to {out}")
-        return
     try:
-        ids = make(out, patients, shape=_shape(shape), release=release, seed=seed, orientation=orientation,
-                   start=start, progress=True)
-    except ValueError as e:  # an unknown release
+        ids = write_demo_data(out, patients, _shape(shape), release=release, kind=kind, seed=seed,
+                              orientation=orientation, start=start, progress=True)
+    except ValueError as e:  # a kind, release or orientation that does not fit
         _fail(str(e))
     typer.echo(f"wrote {len(ids)} {kind} cases ({release} layout) to {out}")
 
@@ -383,7 +365,7 @@ DEMO_SHAPE = (160, 160, 104)
 
 
 def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
-    from preprocess.realistic import make_realistic_data as make
+    from preprocess.synthetic.realistic import make_realistic_data as make
     from preprocess.config import PreprocessConfig
     from preprocess.build import BuildConfig, build
     from shards.domain import REGIONS

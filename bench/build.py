@@ -20,7 +20,7 @@ from pathlib import Path
 from preprocess.discover import discover
 from preprocess.nifti import decode_only
 from preprocess.config import PreprocessConfig
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 from preprocess.build import BuildConfig, build
 
 

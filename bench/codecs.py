@@ -19,7 +19,7 @@ import zarr
 from preprocess.discover import discover
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 from shards import zarr_io
 
 CANDIDATES = ["none", "blosc-lz4:5", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "zstd:1", "zstd:3"]

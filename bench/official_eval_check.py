@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.nifti import save_volume
-from preprocess.synthetic import make_case
+from preprocess.synthetic.toy import make_case
 from shards.domain import REGIONS, RELEASES, subregion_channels, to_regions
 from train.evaluate import EMPTY_HD95, patient_metrics
 from train.lesionwise import BRATS_EVALUATION, lesion_metrics

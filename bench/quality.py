@@ -2,7 +2,7 @@
 
     python bench/quality.py [--setting cpu|full] [--work DIR] [--only NAME,...] [--device auto]
 
-Data: realistic synthetic cases (`preprocess.realistic`, BraTS 240x240x155 1 mm grid): a shard set
+Data: realistic synthetic cases (`preprocess.synthetic.realistic`, BraTS 240x240x155 1 mm grid): a shard set
 of `patients` cases with the build's fixed hash split (train/val), and separate test cases
 (other indices, never in the set). Every recipe sees the same number of training slices
 (epochs x batches x batch size); the MONAI peer gets the same budget.
@@ -42,7 +42,7 @@ from preprocess.build import BuildConfig, build
 from preprocess.discover import discover
 from preprocess.nifti import save_volume
 from preprocess.config import PreprocessConfig
-from preprocess.realistic import make_realistic_data
+from preprocess.synthetic.realistic import make_realistic_data
 from shards.domain import REGIONS
 from train.evaluate import evaluate
 from train.loop import TrainConfig, train

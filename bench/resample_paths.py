@@ -40,7 +40,7 @@ from preprocess.discover import discover
 from preprocess.nifti import decode_only
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import load_patient, prepare_volumes, validate
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 
 DEFAULT_DATA = (Path("/tmp/k_bench64"), Path(tempfile.gettempdir()) / "brats-shards-bench-data")
 FIXED_BITS = 14  # weight scale: each axis's weights sum to exactly 2**14

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 
 TINY = (48, 48, 24)
 

@@ -14,7 +14,7 @@ from reference import tar_samples  # tests/reference.py
 from preprocess.discover import discover
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 from preprocess.build import BuildConfig, BuildError, OutputLock, assign_splits, build
 from shards.manifest import load_manifest
 from shards.verify import verify

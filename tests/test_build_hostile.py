@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 from cli_run import build as _build, cli as _cli, refused as _refused  # tests/cli_run.py
 
 REPO = Path(__file__).resolve().parents[1]

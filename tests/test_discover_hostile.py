@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from preprocess.discover import DiscoveryError, discover
-from preprocess.synthetic_releases import write_release
+from preprocess.synthetic.releases import write_release
 from shards.domain import RELEASES
 from cli_run import build as _build, cli as _cli, refused as _refused  # tests/cli_run.py
 
@@ -377,7 +377,7 @@ def test_links_that_reach_one_folder_many_ways_are_refused_not_walked(tmp_path):
 
 def test_a_release_given_for_an_hdf5_slice_export_is_refused(tmp_path):
     from preprocess.h5slices import write_export
-    from preprocess.synthetic import make_case
+    from preprocess.synthetic.toy import make_case
 
     case = make_case(1, shape=(16, 16, 4), release="2020", seed=1)
     write_export(tmp_path / "h5", 1, np.stack(case.images), case.seg)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from preprocess.nifti import save_volume
-from preprocess.synthetic import make_case, ras_affine, write_case
+from preprocess.synthetic.cases import ras_affine, write_case
+from preprocess.synthetic.toy import make_case
 from train.evaluate import EvaluateError, evaluate
 
 SHAPE = (40, 36, 16)  # not square: catches swapped axes

@@ -682,8 +682,8 @@ def worker(base: str, scratch: str, seed: int, cases: list[str]) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, release_2020) -> Path:
     """What the cases start from: one small folder per release, a build of the 2020 one, a short run."""
-    from preprocess.synthetic import make_demo_data
-    from preprocess.synthetic_releases import write_release
+    from preprocess.synthetic.toy import make_demo_data
+    from preprocess.synthetic.releases import write_release
 
     root = tmp_path_factory.mktemp("fuzz-base")
     shutil.copytree(release_2020, root / "rel-2020")

@@ -7,7 +7,7 @@ import pytest
 from nibabel.orientations import apply_orientation
 
 from preprocess.geometry import Geometry, spacing_of
-from preprocess.synthetic import lps_affine, ras_affine
+from preprocess.synthetic.cases import lps_affine, ras_affine
 
 SHAPE = (12, 10, 7)  # not cubic: catches swapped axes
 # storage axis 0 runs anterior, 1 superior, 2 towards the left; voxels 1 x 2 x 1.5 mm
@@ -132,7 +132,8 @@ def test_a_processed_patient_stores_the_record_as_before(tmp_path, orientation):
     from preprocess.discover import discover
     from preprocess.config import PreprocessConfig
     from preprocess.pipeline import process_patient
-    from preprocess.synthetic import make_case, write_case
+    from preprocess.synthetic.cases import write_case
+    from preprocess.synthetic.toy import make_case
 
     write_case(make_case(2, (40, 36, 12)), tmp_path, orientation=orientation)
     pf = discover(tmp_path).patients[0]

@@ -8,7 +8,8 @@ pytest.importorskip("h5py")
 from preprocess.discover import discover  # noqa: E402
 from preprocess.h5slices import write_export  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
-from preprocess.synthetic import make_case, write_case  # noqa: E402
+from preprocess.synthetic.cases import write_case  # noqa: E402
+from preprocess.synthetic.toy import make_case
 from preprocess.build import BuildConfig, build  # noqa: E402
 from shards.verify import verify  # noqa: E402
 from test_show import check_png  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)

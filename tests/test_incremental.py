@@ -13,7 +13,7 @@ import pytest
 from preprocess.build import BuildConfig, BuildError, assign_splits, build
 from preprocess.discover import discover
 from preprocess.config import PreprocessConfig
-from preprocess.synthetic import make_demo_data
+from preprocess.synthetic.toy import make_demo_data
 from shards import FORMAT_VERSION, layout
 from shards.manifest import ManifestError, load_manifest
 from shards.verify import verify

@@ -6,7 +6,8 @@ from preprocess.nifti import load_volume, save_volume
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
 from preprocess.steps import InputError
-from preprocess.synthetic import make_case, write_case
+from preprocess.synthetic.cases import write_case
+from preprocess.synthetic.toy import make_case
 
 SHAPE = (48, 48, 24)
 

@@ -9,7 +9,8 @@ from preprocess.discover import discover
 from preprocess.nifti import load_volume
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
-from preprocess.synthetic import make_case, write_case
+from preprocess.synthetic.cases import write_case
+from preprocess.synthetic.toy import make_case
 from shards.domain import RELEASES, to_labels
 from train.evaluate import patient_metrics
 from train.loop import TrainConfig, train

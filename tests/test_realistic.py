@@ -12,15 +12,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from preprocess.nifti import load_volume
-from preprocess.realistic import (
-    VOLUME_RANGES_CM3,
-    _realistic_case_with_truth,
-    _thick_slices,
-    make_realistic_case,
-    make_realistic_data,
-    volume_ranges_voxels,
-    voxel_volume_mm3,
-)
+from preprocess.synthetic.acquisition import thick_slices as _thick_slices
+from preprocess.synthetic.anatomy import voxel_volume_mm3
+from preprocess.synthetic.realistic import _realistic_case_with_truth, make_realistic_case, make_realistic_data
+from preprocess.synthetic.tumour import VOLUME_RANGES_CM3, volume_ranges_voxels
 
 SMALL = (96, 96, 64)  # 2.5 mm voxels: the BraTS field of view at a fast size
 N_CASES = 20
@@ -221,8 +216,8 @@ def test_template_loads_without_the_network():
         "import socket\n"
         "def refuse(*a, **k): raise OSError('network used')\n"
         "socket.socket.connect = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse\n"
-        "from preprocess.realistic import _template_1mm\n"
-        "t = _template_1mm(); print(t.t1.shape, float(t.wm.max()))\n"
+        "from preprocess.synthetic.anatomy import template_1mm\n"
+        "t = template_1mm(); print(t.t1.shape, float(t.wm.max()))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,5 +1,5 @@
 """Every release of the table: discovery, build, train, predict and evaluate, on tiny fake cases
-(preprocess/synthetic_releases.py) of each layout, on odd grids."""
+(preprocess/synthetic/releases.py) of each layout, on odd grids."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from preprocess.nifti import load_volume
 from preprocess.config import PreprocessConfig
 from preprocess.steps import brain_mask
 from preprocess.pipeline import process_patient
-from preprocess.synthetic import make_demo_data
-from preprocess.synthetic_releases import release_case, write_release, write_release_case
+from preprocess.synthetic.toy import make_demo_data
+from preprocess.synthetic.releases import release_case, write_release, write_release_case
 from shards.domain import RELEASES, regions_of, subregion_channels, subregions_of
 from shards.source import ShardSource
 from train import checkpoint as ckpt

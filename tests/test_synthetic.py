@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from preprocess.nifti import load_volume
-from preprocess.synthetic import make_case, make_demo_data
+from preprocess.synthetic.toy import make_case, make_demo_data
 
 SHAPE = (48, 48, 24)
 

@@ -63,7 +63,7 @@ def test_cli_end_to_end(shard_set_dotted, tmp_path):
 def test_learns_on_small_data(tmp_path):
     """The whole chain learns: images and masks are paired right, the loss and metrics agree."""
     from preprocess.config import PreprocessConfig
-    from preprocess.synthetic import make_demo_data
+    from preprocess.synthetic.toy import make_demo_data
     from preprocess.build import BuildConfig, build
 
     make_demo_data(tmp_path / "in", 8, shape=(64, 64, 32), seed=4)

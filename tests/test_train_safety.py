@@ -92,7 +92,8 @@ def _case_in_val(pid: str) -> bool:
 
 def test_val_patients_keeps_ids_differing_only_by_dot_and_underscore(tmp_path):
     from preprocess.config import PreprocessConfig
-    from preprocess.synthetic import make_case, write_case
+    from preprocess.synthetic.cases import write_case
+    from preprocess.synthetic.toy import make_case
     from preprocess.build import BuildConfig, build
 
     # a pair of ids that both fall in val, and two patients that train

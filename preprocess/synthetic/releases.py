@@ -1,6 +1,6 @@
 """Tiny fake cases of every release in `shards.domain.RELEASES`, for tests and demos.
 
-A case is the toy glioma of `preprocess.synthetic.make_case` (necrosis, oedema, enhancing rim),
+A case is the toy glioma of `preprocess.synthetic.toy.make_case` (necrosis, oedema, enhancing rim),
 relabelled into the release's sub-regions, with what the release adds:
   * a resection cavity (RC) beside the tumour where the release has one (post-treatment GLI: the
     case ids take timepoint 100, as post-treatment scans do; MET);
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.nifti import save_volume
-from preprocess.synthetic import lps_affine, make_case
+from preprocess.synthetic.cases import lps_affine, lps_stored
+from preprocess.synthetic.toy import make_case
 from shards.domain import MODALITIES, MSD_ORDER, RELEASES, SEG
 
 # glioma sub-region of the toy case -> the names it goes by in other releases (the first one the
@@ -70,10 +71,7 @@ def write_release_case(root: Path, release: str, index: int, shape=(45, 54, 45),
     rel = RELEASES[release]
     pid, images, seg = release_case(release, index, shape, seed, defaced)
     affine = lps_affine(shape)
-
-    def stored(a):
-        return np.ascontiguousarray(a[::-1, ::-1, :])
-
+    stored = lps_stored
     root = Path(root)
     if rel.layout == "msd":
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -91,4 +89,5 @@ def write_release_case(root: Path, release: str, index: int, shape=(45, 54, 45),
 
 def write_release(root: Path, release: str, patients: int, shape=(45, 54, 45), seed: int = 0,
                   defaced: bool = False, start: int = 1) -> list[str]:
+    """Write `patients` toy cases of `release` in its layout; returns their ids."""
     return [write_release_case(root, release, i, shape, seed, defaced) for i in range(start, start + patients)]
