@@ -24,7 +24,7 @@ No NaN/Inf is ever written: a normalised image with values beyond float16 fails 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -184,14 +184,7 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
     rel = pf.release
     ref = vols[rel.modalities[0]]
     geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
-    nonfinite, bad = 0, {}
-    stored = []
-    for m in rel.modalities:
-        v, n = steps.nonfinite_to_zero(vols[m].data)
-        if n:  # where, to weigh against the brain below (rare: recomputed rather than always kept)
-            bad[m] = ~np.isfinite(vols[m].data)
-        nonfinite += n
-        stored.append(v)
+    stored, bad, nonfinite = _finite_volumes(vols, rel.modalities)
     images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
     seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if SEG in vols else None
 
@@ -202,13 +195,32 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
     z_keep = select_slices(pf.pid, brain, seg, cfg)
     if cfg.crop:
         geo = geo.cropped(steps.square_box(brain.any(axis=2)))
-    # Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the
-    # brain mask, so resizing x and B and then combining equals normalising then resizing
-    # (up to float rounding), at a quarter of the pixels. Statistics come from full volumes.
+    means, stds = _statistics(images, brain, sums, z_keep, cfg.normalize)
+    return KernelInputs(geo, images, brain, seg, z_keep, means, stds, nonfinite)
+
+
+def _finite_volumes(vols: dict, modalities) -> tuple[list, dict, int]:
+    """(each modality with NaN/Inf set to 0, where each had some, how many voxels in all)."""
+    stored, bad, nonfinite = [], {}, 0
+    for m in modalities:
+        v, n = steps.nonfinite_to_zero(vols[m].data)
+        if n:  # where, to weigh against the brain below (rare: recomputed rather than always kept)
+            bad[m] = ~np.isfinite(vols[m].data)
+        nonfinite += n
+        stored.append(v)
+    return stored, bad, nonfinite
+
+
+def _statistics(images: list, brain: np.ndarray, sums, z_keep, normalize: str) -> tuple[list, list]:
+    """Per modality the z-score's (mean, std): over the brain of the whole volume, or per kept slice.
+
+    Resize first, normalise after: z = (x - mean*B) / std is linear in (x, B) with B the brain
+    mask, so resizing x and B and then combining equals normalising then resizing (up to float
+    rounding), at a quarter of the pixels. Statistics come from full volumes."""
     n_brain = int(np.count_nonzero(brain))  # shared by the modalities' statistics
     means, stds = [], []
     for c, img in enumerate(images):
-        if cfg.normalize == "volume":
+        if normalize == "volume":
             if sums is not None:  # images are 0 outside the brain: whole-volume sums are the brain's
                 mean, std = steps.mean_std_of_sums(*sums[c], n_brain) if n_brain else (0.0, 1.0)
             else:
@@ -220,7 +232,7 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
             std = np.array([sd if sd > 1e-8 else 1.0 for _, sd in stats], np.float32)[:, None, None]
         means.append(mean)
         stds.append(std)
-    return KernelInputs(geo, images, brain, seg, z_keep, means, stds, nonfinite)
+    return means, stds
 
 
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None,

@@ -38,7 +38,7 @@ def short(v, n: int = 60) -> str:
 def slice_shape_problem(name: str, shape) -> str | None:
     """Why `shape` is not the contract's (C, H, W) of one `name` ('image' or 'mask') slice."""
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(type(v) is int for v in shape)):
-        return f"shape {_short(shape)} is not three integers (channels, H, W)"
+        return f"shape {short(shape)} is not three integers (channels, H, W)"
     c, h, w = shape
     if name == "image" and not 1 <= c <= MAX_IMAGE_CHANNELS:
         return f"{name} has {c} channels; the contract has 1 to {MAX_IMAGE_CHANNELS}"

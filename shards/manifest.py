@@ -11,9 +11,7 @@ every patient id is a plain name, every count and size is a bounded integer, eve
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from pathlib import Path
 
 from shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, layout

@@ -27,12 +27,6 @@ def sample_key(pid: str, i: int) -> str:
     return f"{pid.replace('.', '_')}_s{i:03d}"
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _tar_header(name: str, size: int) -> bytes:
     """A member's ustar header: fixed mtime/owner/mode, so the bytes depend on the name and size only."""
     info = tarfile.TarInfo(name)

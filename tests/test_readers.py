@@ -160,3 +160,20 @@ def test_one_read_api_gives_the_same_patient_from_both_formats(shard_set):
         src.read_patient("nobody", "zarr")
     with pytest.raises(ShardSetError, match="not parquet"):
         src.read_patient(src.patients("val")[0], "parquet")
+
+
+def test_a_slice_that_is_not_three_dimensional_is_one_format_error(tmp_path):
+    """A tar whose image member is 1-D: the contract's shape check names it (its message once
+    called a helper that was not there: a NameError instead of the refusal)."""
+    from shards.contract import slice_shape_problem
+
+    assert "is not three integers" in slice_shape_problem("image", (7,))
+    p, _ = wds_io.write_patient(tmp_path / "x.tar", "P", "train", np.zeros((1, 1, 8, 8), np.float16),
+                                np.zeros((1, 1, 8, 8), np.uint8), [0])
+    members = tar_samples(io.BytesIO(p.read_bytes()))
+    assert len(members) == 1
+    flat = wds_io.tar_bytes([("P_s000.image.npy", [npy.npy_bytes(np.zeros(64, np.float16))]),
+                             ("P_s000.mask.npy", [npy.npy_bytes(np.zeros((1, 8, 8), np.uint8))]),
+                             ("P_s000.meta.json", [b"{}"])])
+    with pytest.raises(ShardFormatError, match=r"x.tar: P_s000.image.npy: shape \(64,\) is not three integers"):
+        wds_io.read_wds_patient(bytes(flat), where="x.tar")

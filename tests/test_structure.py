@@ -139,6 +139,14 @@ def test_imports_inside_functions_say_why():
     assert silent == []
 
 
+def test_imports_follow_the_layers():
+    """shards/ (the contract) imports neither preprocess/ nor train/; preprocess/ never imports train/."""
+    below = {"shards": ("preprocess", "train"), "preprocess": ("train",)}
+    upward = [f"{m} -> {t}" for m, p in MODULES.items() for t in _imports(m, p)[0]
+              if t.split(".")[0] in below.get(m.split(".")[0], ())]
+    assert upward == []
+
+
 @pytest.mark.parametrize("name", ["train.show", "train.export", "train.predict", "train.checkpoint"])
 def test_predict_export_and_show_never_import_the_loop(name):
     """They read checkpoints through train/checkpoint.py, the one schema; the loop is for training."""

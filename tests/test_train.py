@@ -169,6 +169,31 @@ def test_run_killed_mid_epoch_resumes_to_the_straight_result(shard_set, tmp_path
 
 
 @pytest.mark.slow
+def test_run_killed_in_its_first_epoch_resumes_too(shard_set, tmp_path):
+    """Killed 3 steps into epoch 1: last.pt holds no finished epoch (epoch -1) and the position
+    of step 2; the resume takes it (it was refused as 'epoch -1 out of range') and ends with the
+    straight run's weights."""
+    cli = ["train", str(shard_set), "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "0",
+           "--epochs", "2", "--lr", "0.003", "--quiet", "--checkpoint-every", "2"]
+    ref = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(tmp_path / "ref")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP, "3"] + cli + ["--out", str(run)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ck = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert ck["epoch"] == -1 and ck["position"]["epoch"] == 0 and ck["position"]["batch"] == 2
+    again = subprocess.run([sys.executable, "cli.py"] + cli + ["--out", str(run), "--resume"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert _stable(_rows(run)) == _stable(_rows(tmp_path / "ref"))
+    a = checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_disjoint_data_equal_batches(shard_set, tmp_path):
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"

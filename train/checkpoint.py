@@ -223,7 +223,7 @@ def check(ck: dict, path) -> dict:
     args = {"name": cfg.model, "base_channels": cfg.base_channels, "depth": cfg.depth, "in_channels": n_in,
             "out_channels": n_out, "norm": cfg.norm, "act": cfg.act, "deep_supervision": cfg.deep_supervision}
     _check_weights(ck["model"], args, bad)
-    for field, ok in (("epoch", lambda v: type(v) is int and 0 <= v < 10**6),
+    for field, ok in (("epoch", lambda v: type(v) is int and -1 <= v < 10**6),  # -1: mid-way through the first
                       ("manifest_sha256", lambda v: isinstance(v, str) and len(v) <= 128)):
         if ck.get(field) is not None and not ok(ck[field]):
             raise bad(field, f"{str(ck[field])[:40]!r} is out of range or of the wrong type")
