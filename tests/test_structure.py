@@ -158,3 +158,12 @@ def test_predict_export_and_show_never_import_the_loop(name):
         seen.add(m)
         todo += _imports(m, MODULES[m])[0]
     assert "train.loop" not in seen
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages by name: a sub-package missing there is missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.relative_to(ROOT).parent.parts) for top in PACKAGES for p in (ROOT / top).rglob("__init__.py")}
+    assert found - listed == set()

@@ -1,0 +1,72 @@
+"""One patient's build task, run on a Dask worker (or in process): read and preprocess it, write
+its Zarr group and its tar, and queue its done record behind the flush of its files."""
+
+from __future__ import annotations
+
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from preprocess import nifti
+from preprocess.build.config import BuildConfig, writing
+from preprocess.build.durable import FLUSHES, done_path, refuse_link_on_the_way
+from preprocess.build.plan import plan_paths, source_stamps
+from preprocess.discover import PatientFiles
+from preprocess.errors import InputError
+from preprocess.pipeline import process_patient
+from shards import wds_io, zarr_io
+from shards.manifest import file_entry
+
+
+def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: BuildConfig) -> dict:
+    """Process and write one patient; returns a small dict (also saved as its done record).
+    Bad input is returned as {'pid', 'error'}; the build records it and carries on."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    stamps = source_stamps(pf, Path(in_root))  # before reading: a change while it is read shows next time
+    try:
+        if not pf.problem:  # from the headers alone: volumes each legal alone may not fit together
+            nifti.check_patient_footprint(pf.files.values())
+        ps = process_patient(pf, cfg.preprocess, Path(in_root))
+    except Exception as e:  # recorded in the manifest's `failed`, never swallowed
+        reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
+        return {"pid": pf.pid, "error": reason}
+    paths = plan_paths(pf.pid, split)
+    for fmt in cfg.formats:  # a link planted since the build checked its output (`refuse_links`)
+        refuse_link_on_the_way(out, paths[fmt])
+    files = []
+    attrs = {"patient": pf.pid, "split": split, "slice_index": ps.slice_index, "geometry": ps.geometry.to_dict(),
+             "modalities": list(pf.release.modalities), "mask_channels": list(pf.release.channels(cfg.preprocess.mask))}
+    # The tar is assembled, hashed and written on a second thread while this one encodes the Zarr
+    # arrays (the copies, sha256, blosc and the writes release the GIL). Both threads only read
+    # `ps`; each writes its own files atomically, unflushed (flushed by `FLUSHES`, below).
+    with ThreadPoolExecutor(1, thread_name_prefix="tar") as pool:
+        tar = pool.submit(_write_tar, out / paths["wds"], pf.pid, split, ps) if "wds" in cfg.formats else None
+        if "zarr" in cfg.formats:
+            with writing(out / paths["zarr"]):
+                written = zarr_io.write_patient(out / paths["zarr"], ps.image, ps.mask, attrs, cfg.codec)
+            for p in written:
+                files.append(file_entry(out, p, pf.pid, split, "zarr"))
+        if tar is not None:
+            p, digest = tar.result()
+            files.append(file_entry(out, p, pf.pid, split, "wds", digest))
+    record = {
+        "pid": pf.pid, "split": split, "n_slices": len(ps.slice_index), "slice_index": ps.slice_index,
+        "label_voxels": ps.label_voxels,
+        "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], ps.mask.shape[1], -1).sum(axis=(0, 2))],
+        "pixels": int(ps.mask.shape[0] * ps.mask.shape[2] * ps.mask.shape[3]),
+        "sources": ps.sources, "geometry": ps.geometry.to_dict(), "nonfinite_voxels": ps.nonfinite_voxels,
+        "notes": list(pf.notes), "files": files, "stamps": stamps,
+    }
+    # The files were renamed into place without waiting for the disk; a background thread now
+    # flushes them and only then writes the done record that a re-run trusts (`flush_then_record`).
+    FLUSHES.add(out, [out / f["path"] for f in files], done_path(out, pf.pid), record)
+    # measurements, not part of the done record (they vary run to run)
+    return dict(record, seconds=time.perf_counter() - t0,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _write_tar(path: Path, pid: str, split: str, ps) -> tuple[Path, str]:
+    with writing(path):
+        return wds_io.write_patient(path, pid, split, ps.image, ps.mask, ps.slice_index, sync=False)
