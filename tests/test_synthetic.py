@@ -53,3 +53,15 @@ def test_written_layout_dtype_and_affine(tmp_path):
     assert v.data.dtype == np.int16 and v.data.shape == SHAPE
     assert v.affine[0, 0] == -1 and v.affine[1, 1] == -1  # LPS-style storage, as BraTS ships
     assert (tmp_path / "name_mapping.csv").exists()
+
+
+@pytest.mark.parametrize("release", ["gli-2024", "met", "ped-2024", "men-rt", "msd", "men"])
+def test_realistic_cases_of_other_releases_are_one_refusal_and_nothing_written(tmp_path, release):
+    """The realistic generator draws glioma cases in the 2020/2023 layouts: other releases (a
+    post-treatment case needs a resection cavity, MSD its 4D layout) are refused before writing."""
+    from cli_run import cli, refused
+
+    out = tmp_path / "data"
+    refused(cli("make-demo-data", out, "--release", release, "--patients", "1", "--shape", "40,40,30"),
+            release, "--kind toy")
+    assert not out.exists()
