@@ -40,7 +40,7 @@ from pathlib import Path
 
 from preprocess.h5slices import RELEASE, find_volumes
 from preprocess.input_tree import DiscoveryError, walk
-from shards.domain import RELEASES, SEG, Release
+from shards.domain import RELEASES, SEG, Release, release_name
 from shards.names import patient_id_problem
 
 _NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
@@ -327,7 +327,7 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
     """Every folder holding NIfTI files is a patient, its id the folder name; sorted by id.
     `release`: read every patient as this release of `shards.domain.RELEASES` (default: told by
     the file names; `Discovery.convention` says which was detected)."""
-    root = Path(root)
+    root, release = Path(root), release_name(release)
     if not root.is_dir():
         raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
     if release is not None and release not in RELEASES:

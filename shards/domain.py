@@ -164,9 +164,18 @@ RELEASES = MappingProxyType({
 MSD_ORDER = ("flair", "t1", "t1gd", "t2")  # the modalities of an MSD 4D volume, in its 4th axis (dataset.json)
 
 
+# other names of an entry: BraTS 2018, 2019 and 2021 ship the 2020 file names and labels
+ALIASES = MappingProxyType({"2018": "2020", "2019": "2020", "2021": "2020"})
+
+
+def release_name(name: str | None) -> str | None:
+    """The table's name for a release name a user may type (2018, 2019, 2021 -> 2020)."""
+    return ALIASES.get(name, name) if isinstance(name, str) else name
+
+
 def release(name: str) -> Release:
     try:
-        return RELEASES[name]
+        return RELEASES[release_name(name)]
     except KeyError:
         raise ValueError(f"unknown release {name!r}; known: {', '.join(RELEASES)}") from None
 

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -59,3 +60,16 @@ def test_unusable_inputs_raise(tmp_path):
     _touch(tmp_path, "BraTS-GLI-00000-000", [f"BraTS-GLI-00000-000-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f", "seg")])
     with pytest.raises(DiscoveryError, match="mixes"):
         discover(tmp_path)
+
+
+@pytest.mark.parametrize("alias", ["2018", "2019", "2021"])
+def test_2018_2019_and_2021_are_names_of_the_2020_convention(release_2020, tmp_path, alias):
+    """BraTS 2018, 2019 and 2021 ship the 2020 file names and labels: --release takes their years."""
+    from cli_run import cli
+
+    d = discover(release_2020, release=alias)
+    assert d.convention == "2020" and d.patients and not any(p.problem for p in d.patients)
+    code, out, err, exc = cli("build-shards", release_2020, tmp_path / "s", "--workers", "0", "--size", "16",
+                              "--quiet", "--release", alias)
+    assert (code, exc) == (0, None), err
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["config"]["convention"] == "2020"

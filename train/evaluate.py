@@ -56,8 +56,8 @@ from preprocess.geometry import spacing_of
 from preprocess.pipeline import affine_problem
 from preprocess.nifti import canonical_affine, canonical_ornt, load_volume
 from preprocess.steps import apply_ornt
-from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_of_id, release_of_values,
-                           subregion_channels, to_regions)
+from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_name, release_of_id,
+                           release_of_values, subregion_channels, to_regions)
 from shards.errors import BratsShardsError
 from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
 from train.metrics import dice
@@ -118,6 +118,7 @@ def _references(ref_dir: Path, release: str | None = None) -> dict[str, tuple[Pa
 def _named_release(name: str | None) -> Release | None:
     if name is None:
         return None
+    name = release_name(name)
     if name not in RELEASES:
         raise EvaluateError(f"unknown --release {name!r}; known: {', '.join(RELEASES)}")
     return RELEASES[name]

@@ -7,7 +7,7 @@ from pathlib import Path
 from preprocess.synthetic.realistic import make_realistic_data
 from preprocess.synthetic.releases import write_release
 from preprocess.synthetic.toy import make_demo_data
-from shards.domain import RELEASES
+from shards.domain import RELEASES, release_name
 
 KINDS = ("realistic", "toy")
 REALISTIC = ("2020", "2023")  # the glioma layouts the realistic generator's labels are
@@ -19,6 +19,7 @@ def write_demo_data(out: Path, patients: int, shape, release: str = "2020", kind
     """Write `patients` synthetic cases of `release`: realistic glioma cases (2020 or 2023 layout) or
     toy ones (any release of the table; LPS storage beyond 2020/2023). ValueError, before anything
     is written, for a kind, release or orientation that does not fit."""
+    release = release_name(release)
     if orientation not in ("lps", "ras"):
         raise ValueError(f"--orientation must be lps or ras, not {orientation!r}")
     if kind not in KINDS:
