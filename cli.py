@@ -24,10 +24,11 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 @contextmanager
-def _refusals():
+def _refusals(interrupted: str | None = None):
     """Every deliberate refusal of the library (a BratsShardsError, whose message names the patient,
     file or URL) and every OS error on a named file becomes one line on stderr and an exit code:
-    0 ok, 1 some patients failed, 2 bad usage or refused input (see shards/errors.py)."""
+    0 ok, 1 some patients failed, 2 bad usage or refused input (see shards/errors.py). Ctrl-C
+    in a long command says how to continue (`interrupted`), exit 130."""
     from shards.errors import BratsShardsError
 
     try:
@@ -37,6 +38,15 @@ def _refusals():
     except OSError as e:  # read-only or full disk, a folder where a file should be, ...
         where = f"{e.filename}: " if e.filename else ""
         _fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        typer.echo(f"interrupted: {interrupted}", err=True)
+        raise typer.Exit(130) from None
+
+
+INTERRUPTED_BUILD = "re-run the same command to finish the build: the patients already written are kept"
+INTERRUPTED_DEMO = "run the same command again: the data is kept, the build completes and training resumes"
 
 
 def _report_failed(failed: dict[str, str]) -> None:
@@ -116,7 +126,7 @@ def build_shards(
                   tumour_free_fraction=tumour_free_fraction, seed=seed)
     cfg = _config(BuildConfig, preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats,
                   codec=codec)
-    with _refusals():
+    with _refusals(INTERRUPTED_BUILD):
         r = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet, release=release)
     m = r.manifest
     n = {s: len(p) for s, p in m["splits"].items()}
@@ -219,7 +229,7 @@ def train(
                   folds=folds, fold=fold, epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
                   fmt=format, device=device, compile=compile, log_samples=log_samples, max_batches=max_batches,
                   checkpoint_every=checkpoint_every)
-    with _refusals():
+    with _refusals(f"continue with the same command plus --resume (from {out / 'checkpoints' / 'last.pt'})"):
         history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
                       storage_options=_json_object(storage_options, "--storage-options"), cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,
                       log=tuple(log or ()), run_name=run_name, given=_given(ctx, recipe))
@@ -356,42 +366,10 @@ def demo(
     workers: Annotated[int, typer.Option(help="Dask workers for the build.")] = 2,
 ):
     """The whole pipeline on realistic synthetic data, on CPU in a few minutes: data, shards, the default recipe, Dice."""
-    with _refusals():
-        _demo(out, patients, epochs, workers)
+    from train.demo import run_demo
 
-
-# the BraTS field of view at 1.5 mm: realistic cases at a size the demo trains on in minutes
-DEMO_SHAPE = (160, 160, 104)
-
-
-def _demo(out: Path, patients: int, epochs: int, workers: int) -> None:
-    from preprocess.synthetic.realistic import make_realistic_data as make
-    from preprocess.config import PreprocessConfig
-    from preprocess.build import BuildConfig, build
-    from shards.domain import REGIONS
-    from train.config import TrainConfig
-    from train.loop import train as run
-
-    data, shards, run_dir = out / "data", out / "shards", out / "run"
-    if not (data / "name_mapping.csv").exists():
-        typer.echo(f"1/3 writing {patients} realistic synthetic patients to {data}")
-        make(data, patients, shape=DEMO_SHAPE, seed=0, progress=True)
-    typer.echo(f"2/3 building shards in {shards}")
-    pre = PreprocessConfig(size=64, crop=True, tumour_free_fraction=0.25)
-    m = build(data, shards, BuildConfig(preprocess=pre, val_fraction=0.25), workers=workers).manifest
-    typer.echo(f"    {len(m['splits']['train'])} train / {len(m['splits']['val'])} val patients, "
-               f"{len(m['failed'])} failed")
-    typer.echo(f"3/3 training a U-Net for {epochs} epochs into {run_dir}")
-    cfg = TrainConfig(base_channels=16, depth=3, batch_size=16, num_workers=1, epochs=epochs)  # the default recipe
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
-    history = run(str(shards), run_dir, cfg, resume=resume, overwrite=not resume)  # a run stopped before its first checkpoint restarts
-    last = history[-1]
-    names = [k[5:] for k in last if k.startswith("dice_") and not k.startswith("dice_sub_")]
-    typer.echo("\nvalidation after epoch {}: mean Dice {:.3f}".format(last["epoch"], last["mean_dice"]))
-    typer.echo("  per channel (2D, all slices): " + ", ".join(f"{n} {last['dice_' + n]:.3f}" for n in names))
-    typer.echo("  BraTS regions (3D, mean over patients): "
-               + ", ".join(f"{r} {last['patient_dice_' + r]:.3f}" for r in REGIONS))
-    typer.echo(f"  plots: {run_dir / 'plots'}  metrics: {run_dir / 'metrics.csv'}")
+    with _refusals(INTERRUPTED_DEMO):
+        run_demo(out, patients, epochs, workers, typer.echo)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ every patient id is a plain name, every count and size is a bounded integer, eve
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -222,12 +223,45 @@ def read_local(path: Path, limit: int) -> bytes:
     return data
 
 
+def missing_manifest(path: Path) -> str:
+    """The one line for a shard-set folder without manifest.json; for a folder of NIfTI files (a
+    release given where a shard set is meant), the command that makes a set of it."""
+    why = f"{path} not found: not a shard set, or its build has not finished"
+    if _holds_nifti(path.parent):
+        why += f"; {path.parent} holds NIfTI files: build a shard set from it first " \
+               f"(python cli.py build-shards {path.parent} SHARDS)"
+    return why
+
+
+def _holds_nifti(folder: Path, most: int = 2000) -> bool:
+    """Whether `folder` or a folder directly in it holds a .nii/.nii.gz file (at most `most`
+    entries looked at; links not followed)."""
+    todo, seen = [folder], 0
+    for depth in range(2):
+        nxt = []
+        for d in todo:
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        seen += 1
+                        if seen > most:
+                            return False
+                        if e.name.endswith((".nii", ".nii.gz")) and e.is_file(follow_symlinks=False):
+                            return True
+                        if depth == 0 and e.is_dir(follow_symlinks=False):
+                            nxt.append(e.path)
+            except OSError:
+                continue
+        todo = nxt
+    return False
+
+
 def load_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     try:
         raw = read_local(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
-        raise ManifestError(f"{path} not found: not a shard set, or its build has not finished") from None
+        raise ManifestError(missing_manifest(path)) from None
     return parse_manifest(raw, str(path))
 
 

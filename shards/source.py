@@ -32,7 +32,8 @@ from shards.atomic import NotRegularFile, open_regular, write_bytes
 from shards.contract import ShardFormatError
 from shards.errors import BratsShardsError
 from shards.remote import MIN_RATE, TooSlow, failure_reason, is_transient
-from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest, read_local, set_channels
+from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, missing_manifest, parse_manifest, read_local, \
+    set_channels
 from shards.wds_io import read_wds_patient, sample_key
 from shards.zarr_io import read_zarr_patient
 
@@ -95,7 +96,7 @@ class ShardSource:
         try:
             return read_local(path, MAX_MANIFEST_BYTES)
         except FileNotFoundError:
-            raise ShardSetError(f"{path} not found: not a shard set, or its build has not finished") from None
+            raise ShardSetError(missing_manifest(path)) from None
         except ManifestError as e:
             raise ShardSetError(str(e)) from None
 

@@ -112,3 +112,43 @@ def test_an_image_shard_left_out_of_the_manifest_is_refused_not_read_as_zeros(sh
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardFormatError, match="image/c/0/0/0/0: missing"):
         ShardSource(root).read_patient(pid, "zarr")
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command,patch,hint", [
+    ("train", "train.loop.train", "--resume"),
+    ("build-shards", "preprocess.build.build", "re-run the same command"),
+    ("demo", "train.demo.run_demo", "run the same command again"),
+])
+def test_ctrl_c_says_how_to_continue(shard_set, release_2020, tmp_path, monkeypatch, command, patch, hint):
+    from cli_run import cli
+
+    monkeypatch.setattr(patch, _interrupt)
+    argv = {"train": [shard_set, "--out", tmp_path / "run"], "build-shards": [release_2020, tmp_path / "s"],
+            "demo": ["--out", tmp_path / "demo"]}[command]
+    code, out, err, exc = cli(command, *argv)
+    assert exc is None and code == 130, (code, err, exc)
+    assert err.startswith("interrupted: ") and hint in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_in_a_real_training_run_says_how_to_resume(shard_set, tmp_path):
+    """SIGINT to a training process: one line naming --resume and the checkpoint, exit 130."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "cli.py", "train", str(shard_set), "--out", str(run), "--epochs", "50",
+                          "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--num-workers", "0",
+                          "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.csv").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)  # an epoch finished: the run is well under way
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"interrupted: continue with the same command plus --resume (from " \
+                                          f"{run / 'checkpoints' / 'last.pt'})", err[-2000:]
+    assert "Traceback" not in err
