@@ -57,12 +57,20 @@ def _report_failed(failed: dict[str, str]) -> None:
         raise typer.Exit(1)
 
 
+# config fields whose option is not named after them
+_OPTIONS = {"fmt": "--format", "split_seed": "--seed", "formats": "--format"}
+
+
 def _config(cls, **kw):
-    """A config dataclass, its validation error (bad option values) as a usage error."""
+    """A config dataclass, its validation error (bad option values) as a usage error naming the
+    option (`fmt must be ...` -> `--format must be ...`)."""
     try:
         return cls(**kw)
     except ValueError as e:
-        _fail(str(e))
+        field, _, rest = str(e).partition(" ")
+        if field.isidentifier() and field.islower() and rest.startswith("must"):
+            field = _OPTIONS.get(field, "--" + field.replace("_", "-"))
+        _fail(f"{field} {rest}".strip())
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -268,7 +276,7 @@ def _json_object(text: str | None, option: str) -> dict | None:
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt), or its run folder (its best.pt).")],
     input: Annotated[Path, typer.Argument(help="BraTS-layout folder; segmentations not needed.")],
     output: Annotated[Path, typer.Argument(help="Folder for <patient>.nii.gz label maps.")],
     ensemble: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="More checkpoints (e.g. the other folds): probabilities of all are averaged. Repeat the option.")] = None,
@@ -291,7 +299,7 @@ def predict(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt), or its run folder (its best.pt).")],
     out: Annotated[Path, typer.Argument(help="File to write (OUT.json beside it holds the metadata).")],
     format: Annotated[str, typer.Option(help="onnx (needs the export extra) or torchscript.")] = "onnx",
     opset: Annotated[int, typer.Option(help="ONNX opset (11-20).")] = 17,

@@ -166,10 +166,24 @@ def test_ensemble_member_that_is_no_checkpoint(trained, release_2020, tmp_path, 
 
 
 def test_a_run_folder_given_for_its_checkpoint(trained, release_2020, tmp_path):
-    """`predict RUN_FOLDER ...`: one line saying it is a folder, naming the checkpoint inside."""
+    """`predict RUN_FOLDER ...` and `export RUN_FOLDER ...` use the run's best.pt (else last.pt);
+    a folder holding neither is one line saying so."""
+    import nibabel as nib
+    import numpy as np
+
     run_folder = trained.parent.parent
-    line = predict_refused(run_folder, release_2020, tmp_path, run_folder, "is a folder")
-    assert str(trained) in line or str(trained.with_name("best.pt")) in line
+    best = run_folder / "checkpoints" / "best.pt"
+    for ck, out in ((run_folder, tmp_path / "by_run"), (best, tmp_path / "by_file")):
+        r = run("predict", ck, release_2020, out, "--quiet")
+        assert r.exit_code == 0, r.output
+    for f in sorted((tmp_path / "by_file").iterdir()):
+        assert np.array_equal(np.asarray(nib.load(f).dataobj), np.asarray(nib.load(tmp_path / "by_run" / f.name).dataobj))
+    r = run("export", run_folder, tmp_path / "m.pt", "--format", "torchscript")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.pt.json").read_text())["source"]["checkpoint"] == "best.pt"
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    predict_refused(empty, release_2020, tmp_path, empty, "is a folder", "run folder")
 
 
 def test_truncated_checkpoint(trained, release_2020, tmp_path):

@@ -152,3 +152,18 @@ def test_ctrl_c_in_a_real_training_run_says_how_to_resume(shard_set, tmp_path):
     assert err.strip().splitlines()[-1] == f"interrupted: continue with the same command plus --resume (from " \
                                           f"{run / 'checkpoints' / 'last.pt'})", err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["train", "SET", "--out", "RUN", "--format", "tar"], "error: --format must be one of zarr, wds, not 'tar'"),
+    (["train", "SET", "--out", "RUN", "--fg-fraction", "3"], "error: --fg-fraction must lie in [0, 1], not 3.0"),
+    (["train", "SET", "--out", "RUN", "--num-workers", "-1"], "error: --num-workers must be >= 0, not -1"),
+    (["build-shards", "SRC", "OUT", "--val-fraction", "2"], "error: --val-fraction must be a number in [0, 1], not 2.0"),
+    (["build-shards", "SRC", "OUT", "--normalize", "z"], "error: --normalize must be 'volume' or 'slice', not 'z'"),
+])
+def test_refusals_of_option_values_name_the_option(shard_set, release_2020, tmp_path, argv, line):
+    from cli_run import cli
+
+    subs = {"SET": shard_set, "RUN": tmp_path / "run", "SRC": release_2020, "OUT": tmp_path / "out"}
+    code, out, err, exc = cli(*[subs.get(a, a) for a in argv])
+    assert (code, exc, err) == (2, None, line + "\n")

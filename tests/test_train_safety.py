@@ -19,17 +19,15 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig.from_dict(dict(TINY.to_dict(), **kw))
 
 
-_RANGES = "epochs, batch size, depth and base channels must be >= 1, workers >= 0"
-
-
 @pytest.mark.parametrize("cls,kw,message", [
     (TrainConfig, dict(model="resnet"), "model must be one of unet, attention-unet, not 'resnet'"),
     (TrainConfig, dict(loss="ce"), "loss must be one of dice, dice-bce, not 'ce'"),
     (TrainConfig, dict(optimizer="lamb"), "optimizer must be one of sgd, adam, adamw, not 'lamb'"),
     (TrainConfig, dict(fmt="tar"), "fmt must be one of zarr, wds, not 'tar'"),
     (TrainConfig, dict(device="tpu"), "device must be one of auto, cpu, cuda, not 'tpu'"),
-    (TrainConfig, dict(epochs=0), _RANGES),
-    (TrainConfig, dict(num_workers=-1), _RANGES),
+    (TrainConfig, dict(epochs=0), "epochs must be >= 1, not 0"),
+    (TrainConfig, dict(num_workers=-1), "num_workers must be >= 0, not -1"),
+    (TrainConfig, dict(fg_fraction=1.5), "fg_fraction must lie in [0, 1], not 1.5"),
     (StreamConfig, dict(split="test"), "split must be one of train, val, not 'test'"),
     (StreamConfig, dict(fmt="parquet"), "fmt must be one of zarr, wds, not 'parquet'"),
     (StreamConfig, dict(fmt=""), "fmt must be one of zarr, wds, not ''"),

@@ -101,7 +101,7 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise _not_ours(path, "no such file") from None
     except NotRegularFile as e:
-        hint = f"; give a checkpoint file, e.g. {_run_checkpoint(Path(path))}" if Path(path).is_dir() else ""
+        hint = "; give a checkpoint file or a run folder (its checkpoints/best.pt)" if Path(path).is_dir() else ""
         raise _not_ours(path, f"it {e.strerror}{hint}") from None
     except OSError as e:
         raise _not_ours(path, e.strerror or type(e).__name__) from None
@@ -111,10 +111,15 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _run_checkpoint(folder: Path) -> Path:
-    """The checkpoint a user most likely meant by a run folder: its best.pt, else its last.pt."""
-    best = folder / "checkpoints" / "best.pt"
-    return best if best.is_file() or not (folder / "checkpoints" / "last.pt").is_file() else best.with_name("last.pt")
+def in_run(path: str | Path) -> Path:
+    """What a user means by a run folder given for a checkpoint: its checkpoints/best.pt, else its
+    checkpoints/last.pt; any other path (a folder holding neither included) as it is."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+    return path
 
 
 def _check_archive(path: Path, data: bytes) -> None:
@@ -161,8 +166,9 @@ def read_raw(path: str | Path) -> tuple[dict, bytes]:
 
 def read(path: str | Path) -> dict:
     """A checked checkpoint record (see `check`), plus "raw" (the loaded dict), "path" and
-    "sha256" (of the bytes that were loaded). Raises CheckpointError naming the file and field."""
-    path = Path(path)
+    "sha256" (of the bytes that were loaded); `path` may be a run folder (`in_run`). Raises
+    CheckpointError naming the file and field."""
+    path = in_run(path)
     raw, data = read_raw(path)
     record = check(raw, path)
     return {**record, "raw": raw, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}

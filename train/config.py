@@ -53,10 +53,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0 or self.depth < 1 or self.base_channels < 1:
-            raise ValueError("epochs, batch size, depth and base channels must be >= 1, workers >= 0")
-        if self.context < 0 or not 0.0 <= self.fg_fraction <= 1.0 or self.warmup_epochs < 0 or self.checkpoint_every < 0:
-            raise ValueError("context, warmup_epochs and checkpoint_every must be >= 0, fg_fraction in [0, 1]")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("depth", 1), ("base_channels", 1), ("num_workers", 0),
+                            ("context", 0), ("warmup_epochs", 0), ("checkpoint_every", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, not {getattr(self, name)}")
+        if not 0.0 <= self.fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must lie in [0, 1], not {self.fg_fraction}")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             raise ValueError(f"--folds must be 0 (off) or >= 2 and --fold in [0, folds), not {self.folds}, {self.fold}")
 

@@ -56,7 +56,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: Format, opset: int = 17
     """Write the checkpoint's model for deployment, with the metadata a deployer needs; returns the metadata.
 
     OUT gets the model (ONNX or TorchScript), OUT.json the same metadata as canonical JSON."""
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = ckpt.in_run(checkpoint), Path(out)  # a run folder: its best.pt
     sidecar = out.with_name(out.name + ".json")
     check_request(checkpoint, out, sidecar, fmt, opset)
     model, meta = load_for_export(checkpoint)
@@ -90,7 +90,7 @@ def check_request(checkpoint: Path, out: Path, sidecar: Path, fmt: str, opset: i
         raise ExportError(f"not a brats-shards checkpoint: no checkpoint at {checkpoint}")
     if not checkpoint.is_file():  # a run folder given for its checkpoint, a FIFO, a device
         raise ExportError(f"not a brats-shards checkpoint: {checkpoint} is not a checkpoint file"
-                          + (" (a folder; give its checkpoints/best.pt)" if checkpoint.is_dir() else ""))
+                          + (" (a folder holding no checkpoints/best.pt or last.pt)" if checkpoint.is_dir() else ""))
     for path in (out, sidecar):
         if path.is_dir():
             raise ExportError(f"{path} is an existing folder: give a file name to export to")
