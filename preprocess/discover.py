@@ -301,9 +301,24 @@ def _refuse_wrong_layout(root: Path, release: str | None, msd_here: bool) -> Non
                              f"{release} reads a folder per patient; use --release msd, or leave --release out")
 
 
+def _msd_below(root: Path) -> Path | None:
+    """An MSD layout as its archive unpacks (`Task01_BrainTumour/imagesTr/`): the one folder in
+    `root`, when `root` holds nothing else but hidden entries, and that folder holds imagesTr/
+    or imagesTs/."""
+    try:
+        entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    except OSError:
+        return None
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() \
+            and any((entries[0] / f).is_dir() for f in MSD_FOLDERS):
+        return entries[0]
+    return None
+
+
 def _refuse_nested_msd(root: Path, by_folder: dict) -> None:
-    """An MSD layout below the input (Task01_BrainTumour/imagesTr/) would be read as patients
-    named imagesTr and labelsTr: name the folder to give instead."""
+    """An MSD layout below the input beside other things (Task01_BrainTumour/imagesTr/ next to
+    patient folders), or deeper, would be read as patients named imagesTr and labelsTr: name
+    the folder to give instead (alone, one level down, it is found: `_msd_below`)."""
     for folder in sorted(by_folder):
         if folder.name in (*MSD_FOLDERS, "labelsTr") and folder != root:
             raise DiscoveryError(f"{folder.parent} holds a Medical Segmentation Decathlon layout ({folder.name}/): "
@@ -332,12 +347,12 @@ def discover(root: str | Path, need_seg: bool = True, release: str | None = None
         raise DiscoveryError(f"input folder {root} does not exist or is not a folder")
     if release is not None and release not in RELEASES:
         raise DiscoveryError(f"unknown release {release!r}; known: {', '.join(RELEASES)}")
-    msd_here = any((root / f).is_dir() for f in MSD_FOLDERS)
-    _refuse_wrong_layout(root, release, msd_here)
-    if msd_here:
-        patients = _msd(root, need_seg)
+    msd = root if any((root / f).is_dir() for f in MSD_FOLDERS) else _msd_below(root)
+    _refuse_wrong_layout(root, release, msd is not None)
+    if msd is not None:
+        patients = _msd(msd, need_seg)
         if not patients:
-            raise DiscoveryError(f"no MSD images (imagesTr/*.nii.gz) found under {root}")
+            raise DiscoveryError(f"no MSD images (imagesTr/*.nii.gz) found under {msd}")
         return Discovery(root=root, patients=patients)
     by_folder: dict[Path, list[Path]] = {}
     for dirpath, names in walk(root):

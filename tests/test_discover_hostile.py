@@ -119,13 +119,26 @@ def test_a_folder_release_on_an_msd_layout_is_refused_before_writing(toy, tmp_pa
     assert not out.exists()
 
 
-def test_an_msd_layout_one_level_down_is_refused_naming_its_folder(toy, tmp_path):
+def test_an_msd_download_one_level_down_is_found(toy, tmp_path):
+    """The archive unpacks to Task01_BrainTumour/: given the folder above it, the MSD layout is read
+    there (the patients, not imagesTr/ and labelsTr/ as two patients), and a shard set is built."""
     root = tmp_path / "in"
     _copy(toy, "msd", root / "Task01_BrainTumour")
-    with pytest.raises(DiscoveryError, match=f"{root / 'Task01_BrainTumour'}"):
-        discover(root)
-    with pytest.raises(DiscoveryError, match="Task01_BrainTumour"):
+    d = discover(root)
+    assert d.convention == "msd" and [p.pid for p in d.patients] == [p.pid for p in discover(toy / "msd").patients]
+    assert all(not p.problem and p.files for p in d.patients)
+    with pytest.raises(DiscoveryError, match="--release 2020 reads a folder per patient"):
         discover(root, release="2020")
+    code, _, err, exc = _build(root, tmp_path / "out")
+    assert (code, exc) == (0, None), err
+
+
+def test_an_msd_layout_below_other_folders_is_refused_naming_its_folder(toy, tmp_path):
+    root = tmp_path / "in"
+    _copy(toy, "msd", root / "downloads" / "Task01_BrainTumour")
+    (root / "notes").mkdir()
+    with pytest.raises(DiscoveryError, match=f"{root / 'downloads' / 'Task01_BrainTumour'}"):
+        discover(root)
 
 
 # ---------------------------------------------------------------- case 11: MSD ids that collide
