@@ -252,3 +252,17 @@ def test_train_cli_logs_tensorboard_read_back(shard_set, tmp_path):
     assert [e.step for e in acc.Scalars("patient_dice/ET")] == [1, 2]
     assert acc.Scalars("lr")[1].value < acc.Scalars("lr")[0].value  # poly decay, logged per epoch
     assert len(acc.Images(acc.Tags()["images"][0])) == 2
+
+
+def test_quiet_training_with_mlflow_prints_nothing(shard_set, tmp_path):
+    """--quiet silences MLflow's INFO lines (its store's table creation) as it does the loop's."""
+    pytest.importorskip("mlflow")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    argv = [sys.executable, str(REPO / "cli.py"), "train", str(shard_set), "--epochs", "1", "--base-channels", "4",
+            "--depth", "2", "--batch-size", "8", "--num-workers", "0", "--max-batches", "2", "--log", "mlflow"]
+    quiet = subprocess.run(argv + ["--out", str(tmp_path / "q"), "--quiet"], capture_output=True, text=True,
+                           cwd=tmp_path, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert (quiet.stdout, quiet.stderr) == ("", ""), (quiet.stdout, quiet.stderr)
+    loud = subprocess.run(argv + ["--out", str(tmp_path / "l")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert loud.returncode == 0 and "INFO" in loud.stdout + loud.stderr  # the lines --quiet removes are real

@@ -104,7 +104,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
                     dict(cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout))
         cfg, opt = run.cfg, run.parts["optimizer"]
-        trackers = start_recording(run, shards, overwrite, log, run_name) if rank == 0 else []
+        trackers = start_recording(run, shards, overwrite, log, run_name, quiet=not progress) if rank == 0 else []
         ok = False
         try:  # the trackers are closed however the loop ends (MLflow marks a failed run)
             for epoch in range(run.start, cfg.epochs):
@@ -194,11 +194,12 @@ def resume_position(run: Run, ck: dict) -> None:
             print(f"run already has {run.start} epochs; pass --epochs > {run.start} to extend it")
 
 
-def start_recording(run: Run, shards: str, overwrite: bool, log, run_name: str | None) -> list:
+def start_recording(run: Run, shards: str, overwrite: bool, log, run_name: str | None, quiet: bool = False) -> list:
     """The run folder (config.json, a cleared folder when overwriting) and the experiment trackers."""
     start_run_folder(run.out, run.cfg, shards, run.source, overwrite)
     return tracking.make_trackers(run.out, list(log), {"train": run.cfg.to_dict(), "shards": redact(shards),
-                                  "manifest_sha256": run.source.manifest_sha256}, run_name, start_step=run.start + 1)
+                                  "manifest_sha256": run.source.manifest_sha256}, run_name, start_step=run.start + 1,
+                                  quiet=quiet)
 
 
 def set_mode_of(source: ShardSource) -> str:

@@ -15,6 +15,7 @@ re-logged steps become the latest values there (MLflow cannot delete logged poin
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 import re
@@ -50,11 +51,15 @@ class Tracker(Protocol):
 
 
 def make_trackers(out: Path, kinds: list[str], config: dict, run_name: str | None = None,
-                  start_step: int = 1) -> list[Tracker]:
+                  start_step: int = 1, quiet: bool = False) -> list[Tracker]:
     """One tracker per --log kind. TensorBoard: event files under OUT/tensorboard/. MLflow: the
     store MLFLOW_TRACKING_URI names or, by default, a local SQLite store OUT/mlflow.db (artifacts
-    under OUT/mlartifacts/): never a server unless the user set one. `start_step` > 1 is a resume."""
+    under OUT/mlartifacts/): never a server unless the user set one. `start_step` > 1 is a resume.
+    `quiet` (--quiet): the trackers' own INFO lines too are not printed, only their warnings."""
     require(kinds)
+    if quiet:
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(out)
     made: list[Tracker] = []
     try:
