@@ -319,17 +319,26 @@ def evaluate(
     ref_dir: Annotated[Path, typer.Argument(help="BraTS-layout folder with segmentations, or flat <patient>.nii.gz files.")],
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Per-patient CSV (default PRED_DIR/metrics.csv).")] = None,
     release: Annotated[Optional[str], typer.Option(help="Read the input as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
+    split_from: Annotated[Optional[str], typer.Option(help="A shard set (folder or URL) or a training run: mark each patient train or val (the run's held-out fold with --folds) and summarise the validation patients apart.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Dice and HD95 of the BraTS regions WT/TC/ET (global and lesion-wise, BraTS 2023 rules) and sub-region Dice, per patient and summarised."""
-    from train.evaluate import evaluate as run, format_summary
+    from train.evaluate import evaluate as run, format_summary, patient_splits
 
     csv_path = csv_path or pred_dir / "metrics.csv"
     with _refusals():
-        r = run(pred_dir, ref_dir, csv_path, progress=not quiet, release=release)
+        splits = patient_splits(split_from) if split_from else None
+        r = run(pred_dir, ref_dir, csv_path, progress=not quiet, release=release, splits=splits)
+    for split, summary in (r["by_split"] or {"all": r["summary"]}).items() if r["rows"] else ():
+        n = sum(row.get("split", "all") == split for row in r["rows"])
+        typer.echo({"val": "validation patients:", "train": "training patients (the model has seen them):",
+                    "other": "patients the set does not hold:", "all": ""}[split])
+        typer.echo(format_summary(summary, n))
     if r["rows"]:
-        typer.echo(format_summary(r["summary"], len(r["rows"])))
         typer.echo(f"per-patient metrics: {csv_path}")
+        if splits is None:
+            typer.echo("every patient of REF_DIR is scored, training ones too: --split-from SHARDS_OR_RUN "
+                       "summarises the validation patients apart")
     if r["missing"]:
         typer.echo(f"no prediction for {len(r['missing'])} patient(s), scored as empty: {', '.join(r['missing'])}")
     if r["assumed"]:  # a flat reference folder without --release: say which labels were read

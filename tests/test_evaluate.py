@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,34 @@ def test_folders_missing_prediction_and_2023_labels(tmp_path):
     # every lesion here (WT 50 voxels, TC and ET 8) is at most 50 mm^3: not scored, even when
     # missed -> lesion-wise 1 / 0
     assert rows["BraTS-GLI-00002-000"]["lesion_dice_ET"] == 1.0 and rows["BraTS-GLI-00002-000"]["lesion_hd95_ET"] == 0.0
+
+
+def test_evaluate_marks_each_patient_train_or_val_and_summarises_them_apart(release_2020, shard_set, tmp_path):
+    """--split-from a shard set or a run: a 'split' column, and the validation patients summarised
+    on their own (a run with --folds holds out its fold of the training split)."""
+    import csv
+    import json as _json
+
+    from shards.manifest import load_manifest
+    from train.config import TrainConfig
+    from train.data import fold_patients
+    from train.evaluate import evaluate as score, patient_splits
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for seg in release_2020.glob("*/*_seg.nii.gz"):  # the references as predictions: Dice 1
+        shutil.copy(seg, pred / f"{seg.parent.name}.nii.gz")
+    m = load_manifest(shard_set)
+    splits = patient_splits(shard_set)
+    assert splits == {**{p: "train" for p in m["splits"]["train"]}, **{p: "val" for p in m["splits"]["val"]}}
+    r = score(pred, release_2020, tmp_path / "m.csv", progress=False, splits=splits)
+    with open(tmp_path / "m.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["patient"]: row["split"] for row in rows} == {p: splits.get(p, "other") for p in splits}
+    assert set(r["by_split"]) == {"train", "val"} and r["by_split"]["val"]["dice_WT"]["mean"] == 1.0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(_json.dumps({"shards": str(shard_set), "manifest_sha256": "x",
+                                                  "train": TrainConfig(folds=2, fold=1).to_dict()}))
+    held = fold_patients(tuple(m["splits"]["train"]), 2, 1)[1]
+    assert sorted(p for p, s in patient_splits(run).items() if s == "val") == sorted(held)

@@ -58,9 +58,14 @@ from preprocess.nifti import canonical_affine, canonical_ornt, load_volume
 from preprocess.steps import apply_ornt
 from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_name, release_of_id,
                            release_of_values, subregion_channels, to_regions)
+from shards import MANIFEST
 from shards.errors import BratsShardsError
+from shards.source import ShardSource
 from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
+from train.config import TrainConfig
+from train.data import fold_patients
 from train.metrics import dice
+from train.runfolder import read_run_config
 
 LESION_PARAMS = BRATS_2023  # the rules of the lesion-wise columns
 COLUMNS = (["patient"] + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
@@ -269,10 +274,12 @@ def _glioma_of_values(ref_values: set[int], pred_values: set[int], ref_path: Pat
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | None = None,
-             progress: bool = True, release: str | None = None) -> dict:
+             progress: bool = True, release: str | None = None, splits: dict[str, str] | None = None) -> dict:
     """Score every reference patient. Returns {"rows": [...], "summary": {...}, "missing": [pid]
     (scored as empty), "failed": {pid: reason}, "assumed": {pid: release read from the label
-    values (flat folder, no --release)}}; EvaluateError when nothing can be scored."""
+    values (flat folder, no --release)}, "by_split": {split: summary}}; EvaluateError when
+    nothing can be scored. `splits` (`patient_splits`): each row gets its patient's split
+    ('train', 'val', or 'other' for a patient the set does not hold), summarised apart."""
     from tqdm import tqdm
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -290,16 +297,42 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, out_csv: str | Path | No
             continue
         if preds[pid] is None:
             missing.append(pid)
+    by_split = {}
+    if splits is not None:
+        for r in rows:
+            r["split"] = splits.get(r["patient"], "other")
+        by_split = {s: summarise([r for r in rows if r["split"] == s]) for s in ("val", "train", "other")
+                    if any(r["split"] == s for r in rows)}
     summary = summarise(rows)
     if out_csv:
         write_csv(out_csv, rows)
-    return {"rows": rows, "summary": summary, "missing": missing, "failed": failed, "assumed": assumed}
+    return {"rows": rows, "summary": summary, "missing": missing, "failed": failed, "assumed": assumed,
+            "by_split": by_split}
+
+
+def patient_splits(location: str | Path) -> dict[str, str]:
+    """patient -> 'train' or 'val' as a shard set (folder or URL) or a training run holds them:
+    a run's validation patients are its set's val split, or with --folds the fold it held out."""
+    run = Path(location)
+    if run.is_dir() and (run / "config.json").is_file() and not (run / MANIFEST).exists():
+        conf = read_run_config(run)
+        try:
+            cfg = TrainConfig.from_dict(conf["train"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EvaluateError(f"{run / 'config.json'}: 'train' is not a training config ({e})") from None
+        m = ShardSource(conf["shards"]).manifest
+        train_pids, val_pids = m["splits"]["train"], m["splits"]["val"]
+        if cfg.folds:
+            train_pids, val_pids = fold_patients(tuple(train_pids), cfg.folds, cfg.fold)
+        return {**{p: "train" for p in train_pids}, **{p: "val" for p in val_pids}}
+    m = ShardSource(str(location)).manifest
+    return {p: s for s in ("train", "val") for p in m["splits"][s]}
 
 
 def summarise(rows: list[dict]) -> dict:
     if not rows:
         return {}
-    keys = [k for k in rows[0] if k != "patient"]
+    keys = [k for k in rows[0] if k not in ("patient", "split")]
     return {k: {"mean": float(np.mean([r[k] for r in rows])), "median": float(np.median([r[k] for r in rows])),
                 "std": float(np.std([r[k] for r in rows]))} for k in keys}
 

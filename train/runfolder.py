@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from shards import atomic
 from shards.domain import REGIONS
+from shards.manifest import ManifestError, read_local
 from shards.redact import redact
 from train.metrics import scores
 from train.errors import TrainError
@@ -152,3 +153,26 @@ def log_samples(out: Path, rank: int, epoch: int, n_batches: int, keys: list[str
     fd = os.open(out / f"samples_rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with open(fd, "a") as f:
         f.write(json.dumps({"epoch": epoch + 1, "batches": n_batches, "keys": keys}) + "\n")
+
+
+MAX_RUN_CONFIG_BYTES = 1 << 20
+
+
+def read_run_config(run: Path) -> dict:
+    """RUN/config.json read bounded (a FIFO or device is refused unread), as data: its 'shards' a
+    location string, its 'train' a mapping (checked by whoever builds a TrainConfig from it)."""
+    path = Path(run) / "config.json"
+    try:
+        raw = read_local(path, MAX_RUN_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise TrainError(f"{path} not found: not a training run folder") from None
+    except ManifestError as e:
+        raise TrainError(str(e)) from None
+    try:
+        conf = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise TrainError(f"{path} is not valid JSON: {str(e)[:100]}") from None
+    shards = conf.get("shards") if isinstance(conf, dict) else None
+    if not (isinstance(shards, str) and shards and len(shards) <= 4096 and shards.isprintable()):
+        raise TrainError(f"{path}: 'shards' is not a shard-set location (a non-empty string)")
+    return conf

@@ -9,7 +9,6 @@ bounded, and its `shards` value is only ever a location string.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from typing import NamedTuple
@@ -25,14 +24,14 @@ from preprocess.pipeline import load_patient, validate
 from preprocess.errors import InputError
 from shards.domain import MODALITY_NAMES, SEG, encode_mask, regions_of
 from shards.errors import BratsShardsError
-from shards.manifest import ManifestError, read_local, set_channels
+from shards.manifest import set_channels
 from shards.names import patient_id_problem
 from shards.source import ShardSource
 from train.data import with_context
 from train.plots import COLOUR_NAMES, _plt, _save, overlay, predictions
 from train.predict import load_checkpoint, predict_slices
+from train.runfolder import read_run_config
 
-MAX_RUN_CONFIG_BYTES = 1 << 20
 BAR_COLOURS = ("C3", "C2", "C1", "C0", "C4", "C5", "C6", "C7")  # class balance: a colour per channel
 
 
@@ -270,7 +269,7 @@ def _class_balance(ctx, is_shards: bool, names: Names, out: Path) -> Path:
 def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[Path]:
     """For a training run: truth vs prediction on the most tumorous slice of each validation patient."""
     run, out = Path(run), Path(out)
-    shards = _run_shards(run)
+    shards = read_run_config(run)["shards"]
     ck = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
     member = load_checkpoint(ck, torch.device(device))
     model, output_mode, context = member["model"], member["output_mode"], member["context"]
@@ -294,23 +293,3 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
         paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})",
                                  grey=MODALITY_NAMES[member["release"].modalities[-1]]))
     return paths
-
-
-def _run_shards(run: Path) -> str:
-    """The shard-set location a run was trained on, from RUN/config.json read bounded (a FIFO or
-    device is refused unread). The value is data: a location string, nothing else."""
-    path = run / "config.json"
-    try:
-        raw = read_local(path, MAX_RUN_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise ShowError(f"{path} not found: not a training run folder") from None
-    except ManifestError as e:
-        raise ShowError(str(e)) from None
-    try:
-        conf = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ShowError(f"{path} is not valid JSON: {str(e)[:100]}") from None
-    shards = conf.get("shards") if isinstance(conf, dict) else None
-    if not (isinstance(shards, str) and shards and len(shards) <= 4096 and shards.isprintable()):
-        raise ShowError(f"{path}: 'shards' is not a shard-set location (a non-empty string)")
-    return shards
