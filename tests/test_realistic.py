@@ -208,7 +208,13 @@ def test_writes_the_brats_layout_and_name_mapping(tmp_path):
     assert rows[0] == ["Grade", "BraTS_ID"]
     assert [r[1] for r in rows[1:]] == ids and {r[0] for r in rows[1:]} <= {"HGG", "LGG"}
     with pytest.raises(ValueError):
-        make_realistic_data(tmp_path, 1, shape=(64, 64, 40), release="2019")
+        make_realistic_data(tmp_path / "unknown", 1, shape=(64, 64, 40), release="no-such-release")
+    assert not (tmp_path / "unknown").exists()
+    # BraTS 2018, 2019 and 2021 ship the 2020 file names and labels: the name writes that layout
+    ids_2019 = make_realistic_data(tmp_path / "2019", 1, shape=(64, 64, 40), release="2019")
+    assert ids_2019 == make_realistic_data(tmp_path / "2020", 1, shape=(64, 64, 40), release="2020")
+    assert sorted(p.name for p in (tmp_path / "2019" / ids_2019[0]).iterdir()) == \
+        sorted(p.name for p in (tmp_path / "2020" / ids_2019[0]).iterdir())
 
 
 def test_template_loads_without_the_network():

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from preprocess.nifti import save_volume
-from shards.domain import MODALITIES, RELEASES, SEG, release as _release
+from shards.domain import MODALITIES, SEG, release as _release
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Case:
 
 
 def case_id(release: str, index: int) -> str:
-    return RELEASES[release].case_id.format(index=index)
+    return _release(release).case_id.format(index=index)
 
 
 def lps_affine(shape) -> np.ndarray:
@@ -43,7 +43,7 @@ def lps_stored(a: np.ndarray) -> np.ndarray:
 def write_case(case: Case, root: Path, release: str = "2020", orientation: str = "lps",
                ext: str = ".nii.gz") -> Path:
     """Write a case in the release's folder layout; LPS storage flips x and y of the RAS array."""
-    rel = RELEASES[release]
+    rel = _release(release)
     folder = root / case.pid
     folder.mkdir(parents=True, exist_ok=True)
     shape = case.seg.shape

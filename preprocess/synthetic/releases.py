@@ -22,7 +22,7 @@ import numpy as np
 from preprocess.nifti import save_volume
 from preprocess.synthetic.cases import lps_affine, lps_stored
 from preprocess.synthetic.toy import make_case
-from shards.domain import MODALITIES, MSD_ORDER, RELEASES, SEG
+from shards.domain import MODALITIES, MSD_ORDER, SEG, release as release_named
 
 # glioma sub-region of the toy case -> the names it goes by in other releases (the first one the
 # release has is taken)
@@ -31,7 +31,7 @@ AS = {1: ("NCR/NET", "NETC", "NET", "GTV"), 2: ("ED", "SNFH", "GTV"), 3: ("ET", 
 
 def release_case(release: str, index: int, shape=(45, 54, 45), seed: int = 0, defaced: bool = False):
     """(pid, images by modality (X, Y, Z) int16 in RAS order, seg in the release's labels)."""
-    rel = RELEASES[release]
+    rel = release_named(release)  # 2018/2019/2021 -> 2020; ValueError naming the known ones
     case = make_case(index, shape=shape, release="2023", seed=seed)  # labels 1 NCR, 2 ED, 3 ET
     seg = np.zeros(shape, np.uint8)
     for value, names in AS.items():
@@ -68,7 +68,7 @@ def release_case(release: str, index: int, shape=(45, 54, 45), seed: int = 0, de
 def write_release_case(root: Path, release: str, index: int, shape=(45, 54, 45), seed: int = 0,
                        defaced: bool = False) -> str:
     """Write one case in the release's layout (LPS storage, as BraTS ships); returns its id."""
-    rel = RELEASES[release]
+    rel = release_named(release)  # 2018/2019/2021 -> 2020; ValueError naming the known ones
     pid, images, seg = release_case(release, index, shape, seed, defaced)
     affine = lps_affine(shape)
     stored = lps_stored

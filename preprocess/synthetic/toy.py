@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.synthetic.cases import Case, case_id, write_cases
-from shards.domain import RELEASES
+from shards.domain import release as release_named
 
 # tissue -> mean intensity per modality (T1, T1Gd, T2, FLAIR), relative units
 CONTRAST = {
@@ -40,6 +40,7 @@ def _smooth_field(rng, grids, n_waves: int, scale: float) -> np.ndarray:
 
 def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: int = 0) -> Case:
     """Generate one case in RAS voxel order."""
+    et_label = release_named(release).et_label  # 2018/2019/2021 -> 2020; ValueError naming the known ones
     rng = np.random.default_rng([seed, index])
     X, Y, Z = shape
     # normalised coordinates in [-1, 1], broadcastable (X,1,1), (1,Y,1), (1,1,Z)
@@ -48,8 +49,8 @@ def make_case(index: int, shape=(240, 240, 155), release: str = "2020", seed: in
     gz = np.linspace(-1, 1, Z, dtype=np.float32)[None, None, :]
     grids = (gx, gy, gz)
     brain, tissue = _brain(rng, grids, shape)
-    seg = _tumour(rng, grids, shape, RELEASES[release].et_label, brain)
-    images = _images(rng, grids, shape, tissue, seg, brain, RELEASES[release].et_label)
+    seg = _tumour(rng, grids, shape, et_label, brain)
+    images = _images(rng, grids, shape, tissue, seg, brain, et_label)
     return Case(pid=case_id(release, index), images=images, seg=seg)
 
 
