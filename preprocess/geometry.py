@@ -7,6 +7,11 @@ The way there (what the recipe does to index space), in order:
 The way back undoes them in reverse (`from_slices`, then `from_canonical`; both: `inverse`), so a
 prediction on the slices lands on the source volume's voxels, zeros outside the box and on the
 slices not kept. `to_dict()` is the record stored in the manifest and the Zarr attributes.
+
+What an affine says, for the record and for evaluate and show alike, is here too: the voxel size
+(`spacing_of`), whether it can be oriented at all (`affine_problem`), and the orientation
+(`canonical_ornt`, applied by `apply_ornt`, undone by `invert_ornt`; `canonical_affine`), in
+numpy only.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from preprocess import kernel, steps  # kernel: numba's or numpy's resize, the same bytes
-from preprocess.nifti import canonical_ornt
+from preprocess import kernel, resample  # kernel: numba's or numpy's resize, the same bytes
 from shards.domain import RELEASES
+
+# ---------------------------------------------------------------- voxel size and orientation
 
 
 def spacing_of(affine) -> tuple[float, float, float]:
@@ -27,26 +33,74 @@ def spacing_of(affine) -> tuple[float, float, float]:
     return tuple(float(z) for z in zooms)
 
 
-def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Linear interpolation from n_in to n_out samples with half-pixel centres (align_corners
-    False): per output index the two source indices and their float32 weights, computed in float32
-    as torch's `interpolate(mode="bilinear")` computes them."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
-                     np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, np.float32(1) - w1, w1
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What makes an affine unusable for reorientation (None: nothing). NaN compares unequal to
+    itself and a singular matrix has no orientation, so both are named before anything uses them."""
+    if not np.all(np.isfinite(affine)):
+        return "has a NaN/Inf value in its affine (qform/sform)"
+    zooms = spacing_of(affine)
+    # relative test: voxel sizes range from microns to millimetres
+    if min(zooms) == 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(zooms)):
+        return "has a singular affine (a zero voxel size or parallel axes): its orientation is undefined"
+    return None
 
 
-def bilinear(arr: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(..., H, W) float32 -> (..., height, width): each output pixel the weighted sum of its two
-    rows of its two columns' weighted sums, in that order (as torch sums them)."""
-    r0, r1, a0, a1 = linear_taps(arr.shape[-2], height)
-    c0, c1, b0, b1 = linear_taps(arr.shape[-1], width)
-    rows = arr[..., c0] * b0 + arr[..., c1] * b1  # (..., H, width)
-    return rows[..., r0, :] * a0[:, None] + rows[..., r1, :] * a1[:, None]
+def canonical_ornt(affine) -> np.ndarray:
+    """The orientation transform from storage axes to RAS+, in nibabel's `ornt` form: (3, 2) float,
+    row k = (the RAS axis storage axis k runs along, flip +-1). Computed as nibabel 5's
+    `io_orientation` does (the closest rotation to the affine's directions, by SVD; each storage
+    axis, strongest first, takes the RAS axis it runs most along), without nibabel: its rows go
+    into every shard set's geometry, so they must not change with a nibabel release."""
+    rs = np.asarray(affine, dtype=float)[:3, :3] / np.array([z or 1.0 for z in spacing_of(affine)])
+    p, s, qs = np.linalg.svd(rs, full_matrices=False)
+    keep = s > s.max() * 3 * np.finfo(s.dtype).eps  # the rank: singular values above round-off
+    r = np.dot(p[:, keep], qs[keep])
+    ornt = np.full((3, 2), np.nan)
+    for k in np.argsort(np.min(-(r**2), axis=0), kind="stable"):
+        col = r[:, k]
+        if not np.allclose(col, 0):
+            axis = int(np.argmax(np.abs(col)))
+            ornt[k] = axis, (-1 if col[axis] < 0 else 1)
+            r[axis, :] = 0  # taken: the next storage axis picks among the others
+    return ornt
+
+
+def apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Reorder/flip the three spatial axes (the last three) of `arr` as `ornt` says (a view)."""
+    lead = arr.ndim - 3
+    perm = [int(a) for a in ornt[:, 0]]
+    out = arr.transpose(list(range(lead)) + [lead + int(np.argsort(perm)[i]) for i in range(3)])
+    # after the transpose, output axis j comes from input axis k = argsort(perm)[j]
+    for j in range(3):
+        k = int(np.argsort(perm)[j])
+        if ornt[k, 1] < 0:
+            out = np.flip(out, axis=lead + j)
+    return out
+
+
+def invert_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo `apply_ornt`: canonical (RAS) array back to storage order (a view)."""
+    lead = arr.ndim - 3
+    perm = [int(a) for a in ornt[:, 0]]
+    inv = np.argsort(perm)
+    out = arr
+    for j in range(3):
+        k = int(inv[j])
+        if ornt[k, 1] < 0:
+            out = np.flip(out, axis=lead + j)
+    # output axis k (storage) is canonical axis perm[k]
+    return out.transpose(list(range(lead)) + [lead + perm[k] for k in range(3)])
+
+
+def canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape) -> np.ndarray:
+    """The affine of an array of storage `shape` reoriented by `ornt` (RAS+ axis order): `affine`
+    after the map from reoriented voxel indices back to storage ones (nibabel's `inv_ornt_aff`)."""
+    ornt = np.asarray(ornt)
+    undo_reorder = np.eye(4)[[int(a) for a in ornt[:, 0]] + [3], :]
+    undo_flip = np.diag(list(ornt[:, 1]) + [1.0])
+    centre = -(np.array(shape)[:3] - 1) / 2.0
+    undo_flip[:3, 3] = ornt[:, 1] * centre - centre
+    return affine @ np.dot(undo_flip, undo_reorder)
 
 
 # ---------------------------------------------------------------- validators (parse_*: value or ValueError)
@@ -177,7 +231,7 @@ class Geometry:
 
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Step 1: (..., X, Y, Z) in storage order -> RAS+ order (a view, not a copy)."""
-        return steps.apply_ornt(arr, self.ornt_array)
+        return apply_ornt(arr, self.ornt_array)
 
     def to_slices(self, canonical: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
         """Steps 2-3: canonical (X, Y, Z) -> (S, size, size) of the kept slices inside the box:
@@ -185,7 +239,7 @@ class Geometry:
         x0, x1, y0, y1 = self.crop_box
         if labels:  # the gather leaves (S, size, size) laid out slice-last: made contiguous once
             # here (2 MB), which spares every later per-channel step a transposing copy
-            return np.ascontiguousarray(steps.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0),
+            return np.ascontiguousarray(resample.resize_labels(np.moveaxis(canonical[x0:x1, y0:y1, slice_index], 2, 0),
                                                             size))
         return kernel.resize_slices(canonical, self.crop_box, slice_index, size)
 
@@ -201,13 +255,13 @@ class Geometry:
         x0, x1, y0, y1 = self.crop_box
         canon = np.zeros((slices.shape[1],) + self.canonical_shape, np.float32)
         if len(slice_index):
-            t = bilinear(np.asarray(slices, np.float32), x1 - x0, y1 - y0)
+            t = resample.bilinear(np.asarray(slices, np.float32), x1 - x0, y1 - y0)
             canon[:, x0:x1, y0:y1, list(slice_index)] = t.transpose(1, 2, 3, 0)  # (C, bx, by, S)
         return canon
 
     def from_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Undo step 1: (..., X, Y, Z) in RAS+ order -> storage order, contiguous."""
-        return np.ascontiguousarray(steps.invert_ornt(arr, self.ornt_array))
+        return np.ascontiguousarray(invert_ornt(arr, self.ornt_array))
 
     def inverse(self, slices: np.ndarray, slice_index) -> np.ndarray:
         """Undo steps 3-1: (S, C, size, size) -> (C, X, Y, Z) on the source volume's voxels."""

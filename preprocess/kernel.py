@@ -1,11 +1,11 @@
 """The per-slice image kernel of the recipe: gather the kept slices inside the crop box, resample
-them in-plane (antialiased linear, `steps.resize_image`), normalise ((x - mean*B) / std, B the
+them in-plane (antialiased linear, `resample.resize_image`), normalise ((x - mean*B) / std, B the
 resampled brain mask) and cast to float16: the (S, M, size, size) image of a patient's shards.
 Also the brain mask with each volume's exact integer sums (`brain_and_sums`).
 
 Two implementations that give identical bytes:
   * "numba": one compiled pass per slice (optional dependency: `pip install brats-shards[fast]`);
-  * "numpy": the whole-array numpy steps (`steps.resize_image`), the reference and the fallback.
+  * "numpy": the whole-array numpy steps (`resample.resize_image`), the reference and the fallback.
 `BRATS_SHARDS_KERNEL=numba|numpy|auto` picks one (auto, the default: numba when it imports).
 
 Why the compiled kernel gives the numpy path's bytes on any CPU. Every output value is computed
@@ -13,8 +13,8 @@ by the same sequence of IEEE-754 binary32 operations as in numpy, each correctly
   1. the voxel converted to float32 (exact for the integer inputs of BraTS; round-to-nearest-even
      otherwise, as numpy's cast);
   2. along Y (the last axis) then along X, per output pixel: p_t = float32(v_t * w_t) for the taps
-     t in `_taps_of`'s order (the numpy path's taps, zero-weight ones included: they decide signed
-     zeros), acc = p_0, then acc = float32(acc + p_t) -- one accumulator per pixel, never a
+     t in `resample.taps`' order (the numpy path's taps, zero-weight ones included: they decide
+     signed zeros), acc = p_0, then acc = float32(acc + p_t) -- one accumulator per pixel, never a
      reduction across pixels, so vectorising the pixel loop (any SIMD width) cannot reorder it;
   3. float32(float32(x - float32(mean * B)) / std);
   4. the cast to float16, round-to-nearest-even, done in integer arithmetic on the float32's bits
@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from preprocess import steps
+from preprocess import resample, steps
 
 ENV = "BRATS_SHARDS_KERNEL"
 CHOICES = ("auto", "numba", "numpy")
@@ -74,23 +74,16 @@ def which() -> str:
     return "numba"
 
 
-def _taps_of(n_in: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The numpy path's taps for one axis, in its order: (size, T) int64 source indices and
-    float32 weights. `resize_image` skips a plane already size x size: a single tap of weight 1
-    gives the same bytes (x * 1.0 is exact)."""
-    idx, w = steps.taps(n_in, size)
-    keep = [k for k in range(idx.shape[1]) if np.any(w[:, k])]  # as `steps._resample_last`
-    return np.ascontiguousarray(idx[:, keep]), np.ascontiguousarray(w[:, keep])
-
-
 def _identity_taps(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(size, dtype=np.int64)[:, None], np.ones((size, 1), np.float32)
 
 
 def _axis_taps(n_in: int, other_in: int, size: int):
+    """The taps of one axis (`resample.taps`). `resize_image` skips a plane already size x size:
+    a single tap of weight 1 gives the same bytes (x * 1.0 is exact)."""
     if (n_in, other_in) == (size, size):
         return _identity_taps(size)
-    return _taps_of(n_in, size)
+    return resample.taps(n_in, size)
 
 
 def _resize_numba(kern, canonical, box, z, size, out32, c, brain=None, mean=None, std=None, out16=None):
@@ -123,7 +116,7 @@ def resize_slices(canonical: np.ndarray, box, slice_index, size: int) -> np.ndar
         stack = np.empty((len(z), x1 - x0, y1 - y0), np.float32)
         for i, zi in enumerate(z):  # gather the kept slices and cast in one pass
             stack[i] = canonical[x0:x1, y0:y1, zi]
-        return steps.resize_image(stack, size)
+        return resample.resize_image(stack, size)
     out = np.empty((len(z), 1, size, size), np.float32)
     if len(z):
         _resize_numba(kern, canonical, box, z, size, out, 0)

@@ -262,21 +262,6 @@ def decode_only(path: str | os.PathLike, stdlib_zlib: bool = False) -> int:
     return len(read_payload(path)[2])
 
 
-def canonical_ornt(affine: np.ndarray) -> np.ndarray:
-    """Orientation transform (nibabel `ornt` form: storage axis -> (RAS axis, flip)) from storage
-    axes to RAS+ (`steps.apply_ornt` applies it, `steps.invert_ornt` undoes it)."""
-    from nibabel.orientations import io_orientation
-
-    return io_orientation(affine)
-
-
-def canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape) -> np.ndarray:
-    """The affine of an array of storage `shape` reoriented by `ornt` (RAS+ axis order)."""
-    from nibabel.orientations import inv_ornt_aff
-
-    return affine @ inv_ornt_aff(ornt, shape)
-
-
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
     """Write a volume atomically (temporary name, then rename)."""
     import nibabel as nib

@@ -33,7 +33,7 @@ from preprocess import kernel, steps
 from preprocess.config import PreprocessConfig
 from preprocess.discover import IMAGE4D, PatientFiles
 from preprocess.errors import InputError
-from preprocess.geometry import Geometry
+from preprocess.geometry import Geometry, affine_problem
 from preprocess.h5slices import load_volumes
 from preprocess.nifti import RawVolume, load_volume
 from shards.domain import MSD_ORDER, SEG, encode_mask
@@ -89,18 +89,6 @@ def split_4d(vol: RawVolume, name: str) -> dict:
 
 def _name(pf: PatientFiles, modality: str) -> str:
     return Path(pf.files[modality]).name if modality in pf.files else f"{pf.pid} {modality}"
-
-
-def affine_problem(affine: np.ndarray) -> str | None:
-    """What makes an affine unusable for reorientation (None: nothing). NaN compares unequal to
-    itself and a singular matrix has no orientation, so both are named before anything uses them."""
-    if not np.all(np.isfinite(affine)):
-        return "has a NaN/Inf value in its affine (qform/sform)"
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    # relative test: voxel sizes range from microns to millimetres
-    if zooms.min() == 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(zooms)):
-        return "has a singular affine (a zero voxel size or parallel axes): its orientation is undefined"
-    return None
 
 
 def validate(pf: PatientFiles, vols: dict) -> dict[str, int] | None:
@@ -238,25 +226,28 @@ def _statistics(images: list, brain: np.ndarray, sums, z_keep, normalize: str) -
 def process_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig, sources: dict | None = None,
                     label_voxels: dict[str, int] | None = None) -> PatientSlices:
     """Steps 2-8 on loaded, validated volumes (`label_voxels`: `validate`'s counts, when at hand)."""
-    rel = pf.release
     k = prepare_volumes(pf, vols, cfg)
-    geo, z_keep = k.geometry, k.slice_index
     # gather, resize, normalise and cast in one kernel (compiled when numba is installed; same
     # bytes); overflow to Inf is caught, named, right below
-    image = kernel.normalised_slices(k.images, k.brain, geo.crop_box, z_keep, cfg.size, k.means, k.stds)  # (S, M, H, W) f16
+    image = kernel.normalised_slices(k.images, k.brain, k.geometry.crop_box, k.slice_index, cfg.size, k.means,
+                                     k.stds)  # (S, M, H, W) float16
     _check_finite(pf, image)
-
-    if k.seg is not None:
-        seg_s = geo.to_slices(k.seg, z_keep, cfg.size, labels=True)  # (S, H, W)
-        mask = np.moveaxis(encode_mask(seg_s, rel, cfg.mask), 0, 1)  # (S, K, H, W)
-        if label_voxels is None:
-            label_voxels = steps.label_counts(vols[SEG].data, pf.labels)
-    else:
-        mask = np.zeros((len(z_keep), len(rel.channels(cfg.mask)), cfg.size, cfg.size), np.uint8)
-        label_voxels = {}
+    mask = _mask(pf, k, cfg)
+    if label_voxels is None:
+        label_voxels = steps.label_counts(vols[SEG].data, pf.labels) if SEG in vols else {}
     return PatientSlices(pid=pf.pid, image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask),
-                         slice_index=[int(z) for z in z_keep], geometry=geo,
+                         slice_index=[int(z) for z in k.slice_index], geometry=k.geometry,
                          label_voxels=label_voxels, sources=sources or {}, nonfinite_voxels=k.nonfinite_voxels)
+
+
+def _mask(pf: PatientFiles, k: KernelInputs, cfg: PreprocessConfig) -> np.ndarray:
+    """Steps 7-8 for the labels: (S, K, H, W) uint8, the release's channels in the mask mode (all
+    zero without a segmentation)."""
+    rel = pf.release
+    if k.seg is None:
+        return np.zeros((len(k.slice_index), len(rel.channels(cfg.mask)), cfg.size, cfg.size), np.uint8)
+    seg_s = k.geometry.to_slices(k.seg, k.slice_index, cfg.size, labels=True)  # (S, H, W)
+    return np.moveaxis(encode_mask(seg_s, rel, cfg.mask), 0, 1)
 
 
 def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None = None) -> PatientSlices:

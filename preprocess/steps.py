@@ -1,10 +1,10 @@
-"""Pure array steps of the per-patient recipe. No file I/O; inputs are never mutated.
+"""Pure array steps of the per-patient recipe on canonical volumes: brain mask, NaN/Inf rule,
+z-score statistics, crop box, label counts. No file I/O; inputs are never mutated. (Orientation
+and the index-space steps: `preprocess.geometry`; resampling: `preprocess.resample`.)
 
-Byte-for-byte determinism across machines is a contract of the shard set, so every
-floating-point step here avoids results that depend on the CPU's vector width: statistics
-of integer volumes are summed exactly (in int64, or in 16-bit limbs where squares would
-overflow int64), and resampling is a fixed-order sum of
-elementwise products (no BLAS, no SIMD reductions).
+Byte-for-byte determinism across machines is a contract of the shard set, so the statistics
+avoid results that depend on the CPU's vector width: those of integer volumes are summed
+exactly (in int64, or in 16-bit limbs where squares would overflow int64).
 """
 
 from __future__ import annotations
@@ -14,34 +14,7 @@ import numpy as np
 from preprocess.errors import InputError
 
 
-# ---------------------------------------------------------------- orientation
-
-def apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """Reorder/flip the three spatial axes (the last three) of `arr` as `ornt` says."""
-    lead = arr.ndim - 3
-    perm = [int(a) for a in ornt[:, 0]]
-    out = arr.transpose(list(range(lead)) + [lead + int(np.argsort(perm)[i]) for i in range(3)])
-    # after the transpose, output axis j comes from input axis k = argsort(perm)[j]
-    for j in range(3):
-        k = int(np.argsort(perm)[j])
-        if ornt[k, 1] < 0:
-            out = np.flip(out, axis=lead + j)
-    return out
-
-
-def invert_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """Undo `apply_ornt`: canonical (RAS) array back to storage order."""
-    lead = arr.ndim - 3
-    perm = [int(a) for a in ornt[:, 0]]
-    inv = np.argsort(perm)
-    out = arr
-    for j in range(3):
-        k = int(inv[j])
-        if ornt[k, 1] < 0:
-            out = np.flip(out, axis=lead + j)
-    # output axis k (storage) is canonical axis perm[k]
-    return out.transpose(list(range(lead)) + [lead + perm[k] for k in range(3)])
-
+# ---------------------------------------------------------------- brain
 
 def brain_mask(images: list[np.ndarray]) -> np.ndarray:
     """Voxels nonzero in any modality (BraTS volumes are skull-stripped: background is 0)."""
@@ -177,7 +150,7 @@ def brain_stats(vol: np.ndarray, brain: np.ndarray, n: int | None = None) -> tup
     return _exact_mean_std(vol[brain])
 
 
-# ---------------------------------------------------------------- crop / resize
+# ---------------------------------------------------------------- crop
 
 def square_box(mask2d: np.ndarray, margin: int = 2) -> tuple[int, int, int, int]:
     """In-plane bounding box (x0, x1, y0, y1) of `mask2d`, grown to a square inside the plane."""
@@ -199,56 +172,7 @@ def square_box(mask2d: np.ndarray, margin: int = 2) -> tuple[int, int, int, int]
     return x0, x1, y0, y1
 
 
-def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Antialiased linear (triangle) resampling weights: (n_out, K) source indices and weights."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)  # widen the triangle when shrinking: antialiasing
-    centres = (np.arange(n_out) + 0.5) * scale - 0.5
-    k = int(np.ceil(support)) * 2 + 1
-    first = np.floor(centres - support).astype(np.int64) + 1
-    idx = first[:, None] + np.arange(k)[None, :]
-    w = np.maximum(0.0, 1.0 - np.abs(idx - centres[:, None]) / support)
-    w /= w.sum(axis=1, keepdims=True)
-    return np.clip(idx, 0, n_in - 1), w.astype(np.float32)
-
-
-def _resample_last(arr: np.ndarray, n_out: int) -> np.ndarray:
-    """Resample the last axis of a float32 array: out = sum_k w_k * arr[..., idx_k], k in a
-    fixed order (elementwise multiply and add only: identical bytes on any CPU)."""
-    idx, w = taps(arr.shape[-1], n_out)
-    used = [k for k in range(idx.shape[1]) if np.any(w[:, k])]
-    out = np.empty(arr.shape[:-1] + (n_out,), np.float32)
-    tmp = np.empty_like(out)
-    for j, k in enumerate(used):
-        dst = out if j == 0 else tmp
-        np.take(arr, idx[:, k], axis=-1, out=dst, mode="clip")  # "clip": unbuffered (indices are in range)
-        np.multiply(dst, w[:, k], out=dst)
-        if j:
-            np.add(out, tmp, out=out)
-    return out
-
-
-def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
-    """Smooth (antialiased linear) in-plane resize of (..., X, Y) to (..., size, size), float32."""
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if arr.shape[-2:] == (size, size):
-        return arr
-    out = _resample_last(arr, size)  # along Y
-    out = _resample_last(np.ascontiguousarray(np.swapaxes(out, -1, -2)), size)  # along X
-    return np.ascontiguousarray(np.swapaxes(out, -1, -2))
-
-
-def nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
-
-
-def resize_labels(arr: np.ndarray, size: int) -> np.ndarray:
-    """Label-preserving in-plane resize (nearest neighbour at pixel centres) of (..., X, Y)."""
-    ix, iy = nearest_index(arr.shape[-2], size), nearest_index(arr.shape[-1], size)
-    return arr[..., ix[:, None], iy[None, :]]
-
-
-# ---------------------------------------------------------------- masks
+# ---------------------------------------------------------------- labels
 
 def label_counts(seg: np.ndarray, allowed: tuple[int, ...], name: str = "segmentation") -> dict[str, int]:
     """Voxels per label; raises InputError naming values outside the release's label set."""

@@ -17,7 +17,7 @@ from preprocess.discover import DiscoveryError, discover
 from preprocess.nifti import load_volume, save_volume
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
-from preprocess.steps import InputError
+from preprocess.errors import InputError
 from preprocess.build import BuildConfig, BuildError, assign_splits, build, split_score
 from shards.manifest import load_manifest
 from shards.verify import verify
@@ -353,7 +353,7 @@ def test_val_split_is_not_left_empty_when_val_patients_fail(release_copy, tmp_pa
 def test_gzip_stream_cut_in_its_trailer_is_refused(tmp_path):
     """Only the CRC/size trailer missing: every voxel is there, but nothing vouches for them."""
     from preprocess.nifti import load_volume
-    from preprocess.steps import InputError
+    from preprocess.errors import InputError
 
     import nibabel as nib
     import numpy as np

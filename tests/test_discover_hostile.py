@@ -302,7 +302,7 @@ def test_the_only_modality_all_inf_fails_its_patient_named(tmp_path):
     _overflow(pf.files["t1gd"])
     from preprocess.config import PreprocessConfig
     from preprocess.pipeline import process_patient
-    from preprocess.steps import InputError
+    from preprocess.errors import InputError
 
     with pytest.raises(InputError, match=f"{pf.files['t1gd'].name}: NaN or Inf"):
         process_patient(pf, PreprocessConfig(size=16), inp)
@@ -313,7 +313,7 @@ def test_a_modality_mostly_nan_fails_its_patient(toy, tmp_path):
 
     from preprocess.config import PreprocessConfig
     from preprocess.pipeline import process_patient
-    from preprocess.steps import InputError
+    from preprocess.errors import InputError
 
     inp = _copy(toy, "2020", tmp_path / "in")
     pf = discover(inp).patients[0]

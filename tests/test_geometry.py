@@ -1,12 +1,14 @@
 """The geometry record: stored form round trip, refusal of bad records, and the way there and back."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
-from nibabel.orientations import apply_orientation
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
-from preprocess.geometry import Geometry, spacing_of
+from preprocess.geometry import (Geometry, affine_problem, apply_ornt, canonical_affine, canonical_ornt, invert_ornt,
+                                 spacing_of)
 from preprocess.synthetic.cases import lps_affine, ras_affine
 
 SHAPE = (12, 10, 7)  # not cubic: catches swapped axes
@@ -27,6 +29,68 @@ def _geometry(kind: str, crop: bool = True) -> Geometry:
 def test_spacing_is_the_affine_column_norms():
     assert spacing_of(SWAPPED) == (1.0, 2.0, 1.5)
     assert _geometry("swapped").spacing == (1.0, 2.0, 1.5)
+
+
+@pytest.mark.parametrize("perm,flips", [(p, f) for p in itertools.permutations(range(3))
+                                        for f in ((1, 1, 1), (-1, -1, 1), (-1, 1, -1))])
+def test_orientation_matches_nibabel_and_inverts(perm, flips):
+    ornt = np.array([[perm[i], flips[i]] for i in range(3)], float)
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    out = apply_ornt(arr, ornt)
+    assert np.array_equal(out, apply_orientation(arr, ornt))
+    assert np.array_equal(invert_ornt(out, ornt), arr)
+    stacked = np.stack([arr, arr + 100])  # leading channel axis is carried along
+    assert np.array_equal(apply_ornt(stacked, ornt)[1], out + 100)
+
+
+def _rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _test_affines() -> list[np.ndarray]:
+    """Axis-aligned ones (every permutation and flip, anisotropic voxels), oblique ones, sheared
+    ones, ties (45 degrees) and a zero column (rank 2)."""
+    rng = np.random.default_rng(7)
+    out = list(AFFINES.values())
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((1, -1), repeat=3):
+            m = np.eye(4)
+            m[:3, :3] = np.eye(3)[:, perm] * flips * [0.9, 1.2, 3.0]
+            out.append(m)
+    for _ in range(60):
+        m = np.eye(4)
+        m[:3, :3] = _rotation(rng) * rng.uniform(0.2, 4.0, 3)
+        m[:3, 3] = rng.normal(0, 50, 3)
+        out.append(m)
+        sheared = m.copy()
+        sheared[:3, :3] = sheared[:3, :3] @ (np.eye(3) + np.triu(rng.normal(0, 0.3, (3, 3)), 1))
+        out.append(sheared)
+    c = np.sqrt(0.5)
+    out.append(np.array([[c, -c, 0, 0], [c, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    out.append(np.array([[c, c, 0, 0], [c, -c, 0, 0], [0, 0, -2, 0], [0, 0, 0, 1.0]]))
+    out.append(np.diag([1.0, 0.0, 2.0, 1.0]))
+    return out
+
+
+def test_orientation_of_an_affine_is_nibabels():
+    """canonical_ornt is nibabel's io_orientation (and canonical_affine its inv_ornt_aff) without
+    nibabel, on axis-aligned, oblique, sheared, tied and rank-deficient affines."""
+    for affine in _test_affines():
+        ours, theirs = canonical_ornt(affine), io_orientation(affine)
+        assert np.array_equal(ours, theirs, equal_nan=True), (affine, ours, theirs)
+        if not np.isnan(ours).any():
+            shape = (12, 10, 7)
+            assert np.array_equal(canonical_affine(affine, ours, shape), affine @ inv_ornt_aff(theirs, shape))
+
+
+def test_affine_problem_names_nan_and_singular_affines():
+    assert affine_problem(SWAPPED) is None
+    assert "NaN/Inf" in affine_problem(np.where(np.eye(4) > 0, np.nan, 0.0))
+    assert "singular" in affine_problem(np.diag([1.0, 0.0, 2.0, 1.0]))
+    parallel = np.eye(4)
+    parallel[:3, 1] = parallel[:3, 0]
+    assert "singular" in affine_problem(parallel)
 
 
 @pytest.mark.parametrize("kind", sorted(AFFINES))

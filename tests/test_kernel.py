@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocess import kernel
+from preprocess import kernel, resample
 from preprocess.build import BuildConfig, build
 from preprocess.config import PreprocessConfig
 from preprocess.steps import brain_mask
@@ -124,7 +124,7 @@ def test_kernel_machine_code_has_no_fma():
     images = _volumes(rng, (40, 40, 3), np.int16)
     from preprocess import kernel_numba
 
-    iy, wy = kernel._taps_of(40, 16)
+    iy, wy = resample.taps(40, 16)
     out = np.empty((2, 1, 16, 16), np.float32)
     args = (images[0], 0, 0, 40, 40, np.array([0, 2]), iy, wy, iy, wy, out, np.ones(2, np.float32),
             np.full(2, 2, np.float32), out, np.empty((2, 1, 16, 16), np.uint16), 0)

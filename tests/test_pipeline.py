@@ -5,7 +5,7 @@ from preprocess.discover import discover
 from preprocess.nifti import load_volume, save_volume
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import process_patient
-from preprocess.steps import InputError
+from preprocess.errors import InputError
 from preprocess.synthetic.cases import write_case
 from preprocess.synthetic.toy import make_case
 

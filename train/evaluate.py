@@ -52,10 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.discover import DiscoveryError, discover
-from preprocess.geometry import spacing_of
-from preprocess.pipeline import affine_problem
-from preprocess.nifti import canonical_affine, canonical_ornt, load_volume
-from preprocess.steps import apply_ornt
+from preprocess.geometry import affine_problem, apply_ornt, canonical_affine, canonical_ornt, spacing_of
+from preprocess.nifti import load_volume
 from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_name, release_of_id,
                            release_of_values, subregion_channels, to_regions)
 from shards import MANIFEST
@@ -201,7 +199,7 @@ def _check_grid(path: Path, pred_shape, pred_affine, ref_shape, ref_affine) -> N
     # the affine maps are linear, so the largest gap between the grids is at a corner voxel
     corners = np.array([[*c, 1.0] for c in itertools.product(*[(0, n - 1) for n in ref_shape])]).T
     gap = float(np.abs((pred_affine - ref_affine) @ corners)[:3].max())
-    tol = GRID_TOLERANCE * float(np.sqrt((ref_affine[:3, :3] ** 2).sum(axis=0)).min())
+    tol = GRID_TOLERANCE * min(spacing_of(ref_affine))
     if not gap <= tol:  # NaN affines fail too
         raise PatientFailed(f"{path}: its affine places voxels up to {gap:.3g} mm from the reference's "
                             f"(tolerance {tol:.3g} mm): not the reference's grid")

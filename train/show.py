@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from preprocess import steps
+from preprocess.geometry import apply_ornt, canonical_ornt
 from preprocess.discover import discover
-from preprocess.nifti import canonical_ornt, load_volume
+from preprocess.nifti import load_volume
 from preprocess.pipeline import load_patient, validate
 from preprocess.errors import InputError
 from shards.domain import MODALITY_NAMES, SEG, encode_mask, regions_of
@@ -90,8 +90,8 @@ def _volume_from_raw(src: Path, patient: str | None, release: str | None = None)
         raise ShowError(f"{pf.pid}: {e}") from None
     rel = pf.release
     ornt = canonical_ornt(vols[rel.modalities[0]].affine)
-    images = np.stack([steps.apply_ornt(vols[m].data, ornt) for m in rel.modalities])
-    seg = steps.apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
+    images = np.stack([apply_ornt(vols[m].data, ornt) for m in rel.modalities])
+    seg = apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
     names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions))
     return pf.pid, images.astype(np.float32), encode_mask(seg, rel), names, disc
 
