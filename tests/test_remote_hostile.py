@@ -45,17 +45,23 @@ def _wds_entry(shard_set: Path) -> dict:
     return next(f for f in m["files"] if f["format"] == "wds")
 
 
-def test_trickling_shard_is_given_up_on(shard_set, serve, tmp_path):
+def _refusal(shard_set: Path, serve, tmp_path, hook, **opts) -> tuple[str, str]:
+    """(url of the shard, the one line) when reading the set's first tar through `hook` fails."""
     entry = _wds_entry(shard_set)
-    body = (shard_set / entry["path"]).read_bytes()
-    url, _ = serve(shard_set, {f"/{entry['path']}": _trickle(serve.release, body)})
-    src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=0.5, retries=1, backoff=0.01)
-    t0 = time.monotonic()
+    url, _ = serve(shard_set, {f"/{entry['path']}": hook})
+    src = ShardSource(url, cache_dir=tmp_path / "cache", backoff=0.01, **opts)
     with pytest.raises(ShardSetError) as e:
         src.read(entry["path"])
-    elapsed, msg = time.monotonic() - t0, str(e.value)
+    return f"{url}/{entry['path']}", str(e.value)
+
+
+def test_trickling_shard_is_given_up_on(shard_set, serve, tmp_path):
+    body = (shard_set / _wds_entry(shard_set)["path"]).read_bytes()
+    t0 = time.monotonic()
+    where, msg = _refusal(shard_set, serve, tmp_path, _trickle(serve.release, body), timeout=0.5, retries=1)
+    elapsed = time.monotonic() - t0
     assert elapsed < 8, f"took {elapsed:.1f} s"  # 2 attempts of ~0.5 s + a read in flight each
-    assert f"{url}/{entry['path']}" in msg and "too slow" in msg and "gave up after 2 attempts" in msg, msg
+    assert where in msg and "too slow" in msg and "gave up after 2 attempts" in msg, msg
 
 
 def test_trickling_manifest_is_given_up_on(shard_set, serve, tmp_path):
@@ -76,7 +82,6 @@ def test_fast_server_is_not_too_slow(shard_set, serve, tmp_path):
 
 
 def test_a_long_reason_phrase_is_capped(shard_set, serve, tmp_path):
-    entry = _wds_entry(shard_set)
 
     def chatty(h):
         h.send_response(503, "overloaded " + "x" * 6000)
@@ -84,17 +89,12 @@ def test_a_long_reason_phrase_is_capped(shard_set, serve, tmp_path):
         h.end_headers()
         return True
 
-    url, _ = serve(shard_set, {f"/{entry['path']}": chatty})
-    src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=2, retries=1, backoff=0.01)
-    with pytest.raises(ShardSetError) as e:
-        src.read(entry["path"])
-    msg = str(e.value)
-    assert f"{url}/{entry['path']}" in msg and len(msg) < 600 and "\n" not in msg, msg[:300]
+    where, msg = _refusal(shard_set, serve, tmp_path, chatty, timeout=2, retries=1)
+    assert where in msg and len(msg) < 600 and "\n" not in msg, msg[:300]
     assert "gave up after 2 attempts" in msg, msg
 
 
 def test_a_permanent_error_says_it_was_not_retried(shard_set, serve, tmp_path):
-    entry = _wds_entry(shard_set)
     seen = []
 
     def first_500_then_403(h):
@@ -102,11 +102,7 @@ def test_a_permanent_error_says_it_was_not_retried(shard_set, serve, tmp_path):
         h.send_error(500 if len(seen) == 1 else 403)
         return True
 
-    url, _ = serve(shard_set, {f"/{entry['path']}": first_500_then_403})
-    src = ShardSource(url, cache_dir=tmp_path / "cache", timeout=2, retries=3, backoff=0.01)
-    with pytest.raises(ShardSetError) as e:
-        src.read(entry["path"])
-    msg = str(e.value)
+    _, msg = _refusal(shard_set, serve, tmp_path, first_500_then_403, timeout=2, retries=3)
     assert "HTTP 403" in msg and "not retried, a permanent error (after 1 failed attempt retried)" in msg, msg
     assert "attempt 2 of 4" not in msg and len(seen) == 2
 

@@ -175,3 +175,26 @@ def test_show_run_config_is_read_bounded_and_shards_is_data(tmp_path, config):
     r = _cli("show", "--run", run, "--out", tmp_path / "f", limit_as=3 << 30, timeout=120)
     _one_line_refusal(r)
     assert "config.json" in r.stderr
+
+
+def test_planes_are_drawn_at_the_voxels_true_proportions():
+    """Thick axial slices (1 x 1 x 3 mm) draw coronal and sagittal pixels three times as tall as
+    wide (they were stretched to fill the panel); an LPS volume's spacing follows its axes to RAS."""
+    from train.show import PLANES, canonical_spacing, plane_aspect
+
+    assert plane_aspect("axial", (1.0, 1.0, 3.0)) == 1.0
+    assert plane_aspect("coronal", (1.0, 1.0, 3.0)) == 3.0 and plane_aspect("sagittal", (0.5, 1.0, 3.0)) == 3.0
+    assert plane_aspect("coronal", (2.0, 1.0, 3.0)) == 1.5
+    assert canonical_spacing((0.9, 1.2, 3.0), [[1, -1], [0, -1], [2, 1]]) == (1.2, 0.9, 3.0)  # x and y swapped
+    assert {p: marks for p, (_, marks) in PLANES.items()} == {"axial": "LRPA", "coronal": "LRIS", "sagittal": "PAIS"}
+
+
+def test_run_figures_show_spaced_slices_with_the_most_tumour():
+    """Not three neighbours: the most tumorous slices at least an eighth of the stack apart."""
+    import numpy as np
+
+    from train.show import spaced_slices
+
+    area = np.array([0, 1, 5, 9, 10, 9, 3, 0, 0, 2, 8, 0, 0, 0, 0, 0])
+    assert spaced_slices(area, 3) == [2, 4, 10]  # not [3, 4, 5]
+    assert spaced_slices(np.zeros(4, np.int64), 3) == [0] and spaced_slices(np.zeros(0, np.int64), 3) == []

@@ -25,12 +25,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
+    """Loss and validation Dice per epoch (whole epochs on the x axis)."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator  # matplotlib loads with the figures, not the module
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     ax.grid(alpha=0.3)
     a = _save(fig, out / "loss.png")
@@ -42,6 +45,7 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     for key in [k for k in history[0] if k.startswith("patient_dice_")]:  # the release's regions
         ax.plot(ep, [h[key] for h in history], ":", label=f"{key[len('patient_dice_'):]} (3D, per patient)")
     ax.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     b = _save(fig, out / "dice.png")
@@ -85,6 +89,8 @@ def predictions(samples: list[dict], channels: list[str], out: Path, name: str =
             ax.set_title(t, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
+            for text, x, y in (("L", 0.05, 0.5), ("R", 0.95, 0.5), ("P", 0.5, 0.06), ("A", 0.5, 0.94)):
+                ax.text(x, y, text, transform=ax.transAxes, color="white", fontsize=6, ha="center", va="center")
     legend = ", ".join(f"{c}: {COLOUR_NAMES[i % len(COLOUR_NAMES)]}" for i, c in enumerate(channels))
     fig.suptitle(f"{title}  ({legend})", fontsize=9)
     p = _save(fig, out / name)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from preprocess.geometry import apply_ornt, canonical_ornt
+from preprocess.geometry import apply_ornt, canonical_ornt, spacing_of
 from preprocess.discover import discover
 from preprocess.nifti import load_volume
 from preprocess.pipeline import load_patient, validate
@@ -36,9 +36,37 @@ BAR_COLOURS = ("C3", "C2", "C1", "C0", "C4", "C5", "C6", "C7")  # class balance:
 
 
 class Names(NamedTuple):
-    """What a figure calls the images and the mask channels it draws."""
+    """What a figure calls the images and the mask channels it draws, and the voxel size."""
     modalities: tuple  # display names, in channel order
     channels: tuple  # mask channel names, in channel order
+    spacing: tuple = (1.0, 1.0, 1.0)  # mm along the drawn arrays' x (R), y (A), z (S)
+
+
+# per plane: the axes of the (X, Y, Z) RAS array it shows as (columns, rows), and the labels of
+# its (left, right, bottom, top) edges: the subject's right on the viewer's right (neurological)
+PLANES = {"axial": ((0, 1), "LRPA"), "coronal": ((0, 2), "LRIS"), "sagittal": ((1, 2), "PAIS")}
+
+
+def plane_aspect(plane: str, spacing) -> float:
+    """imshow's aspect (a pixel's height / width) that draws `plane` at its true proportions."""
+    (col, row), _ = PLANES[plane]
+    return float(spacing[row]) / float(spacing[col])
+
+
+def canonical_spacing(spacing, ornt) -> tuple[float, float, float]:
+    """Voxel size along the RAS axes, from the size along the storage axes and the reorientation."""
+    out = [0.0, 0.0, 0.0]
+    for k, (axis, _) in enumerate(np.asarray(ornt, dtype=float)):
+        out[int(axis)] = float(spacing[k])
+    return tuple(out)
+
+
+def _marks(ax, plane: str) -> None:
+    """The plane's orientation letters at the middle of its four edges."""
+    left, right, bottom, top = PLANES[plane][1]
+    style = dict(transform=ax.transAxes, color="white", fontsize=7, fontweight="bold", ha="center", va="center")
+    for text, x, y in ((left, 0.04, 0.5), (right, 0.96, 0.5), (bottom, 0.5, 0.04), (top, 0.5, 0.96)):
+        ax.text(x, y, text, **style)
 
 
 class ShowError(BratsShardsError, ValueError):
@@ -65,11 +93,13 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return img.T
 
 
-def _imshow(ax, img, title, cmap="gray"):
-    ax.imshow(img, cmap=cmap, origin="lower")
+def _imshow(ax, img, title, plane: str = "axial", spacing=(1.0, 1.0, 1.0), cmap="gray"):
+    """`img` drawn as `plane` at the voxels' true proportions, with its orientation letters."""
+    ax.imshow(img, cmap=cmap, origin="lower", aspect=plane_aspect(plane, spacing))
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+    _marks(ax, plane)
 
 
 def _volume_from_raw(src: Path, patient: str | None, release: str | None = None):
@@ -89,10 +119,12 @@ def _volume_from_raw(src: Path, patient: str | None, release: str | None = None)
     except InputError as e:
         raise ShowError(f"{pf.pid}: {e}") from None
     rel = pf.release
-    ornt = canonical_ornt(vols[rel.modalities[0]].affine)
+    affine = vols[rel.modalities[0]].affine
+    ornt = canonical_ornt(affine)
     images = np.stack([apply_ornt(vols[m].data, ornt) for m in rel.modalities])
     seg = apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
-    names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions))
+    names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions),
+                  canonical_spacing(spacing_of(affine), ornt))
     return pf.pid, images.astype(np.float32), encode_mask(seg, rel), names, disc
 
 
@@ -117,7 +149,12 @@ def _volume_from_shards(src: Path, patient: str | None, release: str | None = No
         raise ShowError(f"patient {pid} not in the shard set {src}")
     image, mask = _read_patient(s, pid, src)
     mods, channels = set_channels(s.manifest)
-    names = Names(tuple(MODALITY_NAMES[m] for m in mods), tuple(channels))
+    g = s.manifest["patients"][pid]["geometry"]
+    sx, sy, sz = canonical_spacing(g["spacing"], g["ornt"])
+    x0, x1, y0, y1 = g["crop_box"]
+    size = s.manifest["config"]["preprocess"]["size"]  # the slices' pixels: the crop box resized
+    names = Names(tuple(MODALITY_NAMES[m] for m in mods), tuple(channels),
+                  (sx * (x1 - x0) / size, sy * (y1 - y0) / size, sz))
     # (S, C, H, W) -> (C, H, W, S): slices stacked back along z
     return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), names, s
 
@@ -154,7 +191,7 @@ def _modalities(images: np.ndarray, names: Names, title: str, path: Path) -> Pat
     plt = _plt()
     fig, axes = plt.subplots(1, len(names.modalities), figsize=(3 * len(names.modalities), 3.4), squeeze=False)
     for ax, img, name in zip(axes[0], images, names.modalities):
-        _imshow(ax, _grey(img), name)
+        _imshow(ax, _grey(img), name, "axial", names.spacing)
     fig.suptitle(title, fontsize=10)
     return _close(plt, fig, path)
 
@@ -168,10 +205,7 @@ def _planes(images: np.ndarray, mask: np.ndarray, centre: tuple, names: Names, p
               ("coronal", images[:, :, cy, :], mask[:, :, cy, :]),
               ("sagittal", images[:, cx, :, :], mask[:, cx, :, :])]
     for ax, (name, img, m) in zip(axes, planes):
-        ax.imshow(overlay(img, m).transpose(1, 0, 2), origin="lower", aspect="auto")
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _imshow(ax, overlay(img, m).transpose(1, 0, 2), name, name, names.spacing)
     fig.suptitle(f"{pid}: three planes through the tumour ({names.modalities[-1]}; {_legend(names)})", fontsize=9)
     return _close(plt, fig, path)
 
@@ -180,11 +214,10 @@ def _overlay(images: np.ndarray, mask: np.ndarray, names: Names, path: Path) -> 
     """One axial slice: the grey modality alone, and with the mask channels over it."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-    _imshow(axes[0], _grey(images[-1]), names.modalities[-1])
-    axes[1].imshow(overlay(images, mask).transpose(1, 0, 2), origin="lower")
-    axes[1].set_title(f"mask overlay: {_legend(names)}", fontsize=8)
-    axes[1].set_xticks([])
-    axes[1].set_yticks([])
+    _imshow(axes[0], _grey(images[-1]), names.modalities[-1], "axial", names.spacing)
+    _imshow(axes[1], overlay(images, mask).transpose(1, 0, 2), f"mask overlay: {_legend(names)}", "axial",
+            names.spacing)
+    axes[1].title.set_fontsize(8)
     return _close(plt, fig, path)
 
 
@@ -286,10 +319,22 @@ def run_figures(run: str | Path, out: str | Path, device: str = "cpu") -> list[P
             mask = regions_of(mask, 1, member["release"]).astype(np.uint8)
         prob = predict_slices(model, with_context(image, src.manifest["patients"][pid]["slice_index"], context),
                               torch.device(device))
-        area = mask.reshape(len(mask), -1).sum(1, dtype=np.int64)
-        order = np.argsort(-area, kind="stable")[:3]  # the most tumorous slices
+        order = spaced_slices(mask.reshape(len(mask), -1).sum(1, dtype=np.int64), 3)
         samples = [{"key": f"{pid} slice {int(i)}", "image": image[i].astype(np.float32), "mask": mask[i],
-                    "pred": prob[i] > 0.5} for i in sorted(order)]
+                    "pred": prob[i] > 0.5} for i in order]
         paths.append(predictions(samples, names, out, name=f"run_{pid}.png", title=f"{pid} ({ck.name})",
                                  grey=MODALITY_NAMES[member["release"].modalities[-1]]))
     return paths
+
+
+def spaced_slices(area: np.ndarray, k: int) -> list[int]:
+    """Up to `k` slice indices, in order, with the most tumour (`area` per slice) and at least an
+    eighth of the stack apart: neighbouring slices look alike and show nothing new."""
+    gap = max(1, len(area) // 8)
+    chosen = []
+    for i in np.argsort(-area, kind="stable"):
+        if area[i] > 0 and all(abs(int(i) - j) >= gap for j in chosen):
+            chosen.append(int(i))
+        if len(chosen) == k:
+            break
+    return sorted(chosen) or [int(np.argmax(area))] if len(area) else []
