@@ -1,7 +1,7 @@
 """WebDataset side of the contract: uncompressed tars of whole patients, nothing pickled.
 
 Sample key `{patient}_s{slice:03d}` (dots replaced, webdataset splits keys at the first dot),
-members `image.npy` float16 (4,H,W), `mask.npy` uint8 (3,H,W), `meta.json`. Tar headers carry
+members `image.npy` float16 (M,H,W), `mask.npy` uint8 (K,H,W), `meta.json`. Tar headers carry
 fixed mtime/owner/mode so the same samples give the same bytes on any machine. The reader walks
 one patient's tar bytes as the contract has them (`scan_tar`): exactly `{key}.image.npy`,
 `{key}.mask.npy`, `{key}.meta.json` per slice, in order, each checked before it is decoded;

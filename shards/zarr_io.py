@@ -1,5 +1,5 @@
-"""Zarr v3 side of the contract: zarr/{split}/{patient}/image (S,4,H,W) float16, mask (S,3,H,W) uint8
-(paths: `shards.layout`).
+"""Zarr v3 side of the contract: zarr/{split}/{patient}/image (S,M,H,W) float16, mask (S,K,H,W) uint8
+(M the release's modalities, K its mask channels; paths: `shards.layout`).
 
 One chunk per slice, one storage shard per array per patient: each patient's group has
 exactly one writer (zarr 3 loses data when two tasks write chunks of one shard).
@@ -75,7 +75,7 @@ def _write_group(tmp: Path, image: np.ndarray, mask: np.ndarray, attrs: dict, co
             path.write_bytes(data)
 
 
-_NO_CHUNK = 2**64 - 1  # zarr's index entry (offset, length) for a chunk not stored
+_NO_CHUNK = 2**64 - 1  # zarr's index entry (offset, length) for a chunk not stored (written and read)
 
 
 def shard_bytes(arr: np.ndarray, encode) -> bytes | None:
@@ -158,8 +158,6 @@ def _tree(root: Path) -> dict:
 
 
 # -- reading
-
-_EMPTY = 2**64 - 1
 
 
 def zarr_array_spec(meta, where: str, name: str, n_slices: int | None = None):
@@ -257,15 +255,15 @@ def _decode_shard(shape, dtype, decode, has_crc, shard, where, per_slice):
             raise ShardFormatError(f"{where}: the shard index fails its crc32c checksum")
     index = np.frombuffer(shard, dtype="<u8", count=2 * n, offset=end).reshape(n, 2)
     off, nb = index[:, 0], index[:, 1]
-    empty = off == _EMPTY
+    empty = off == _NO_CHUNK
     written = ~empty
-    if np.any(empty != (nb == _EMPTY)) or np.any(nb[written] > end) or np.any(off[written] > end - nb[written]):
+    if np.any(empty != (nb == _NO_CHUNK)) or np.any(nb[written] > end) or np.any(off[written] > end - nb[written]):
         raise ShardFormatError(f"{where}: the shard index points outside the shard's {end} data bytes")
     slice_shape = shape[1:]
     out = None if per_slice else np.empty(shape, dtype)
     slices = []
     for i, (o, b) in enumerate(zip(off.tolist(), nb.tolist())):
-        if o == _EMPTY:
+        if o == _NO_CHUNK:
             dest = np.zeros(slice_shape, dtype) if per_slice else out[i]
             if not per_slice:
                 dest[...] = 0  # chunk never written: the fill value
