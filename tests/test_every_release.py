@@ -139,3 +139,45 @@ def test_export_of_other_releases_matches_torch(checkpoints, tmp_path, name, out
         assert labels[name] == {s: rel.label_of(s) for s in rel.subregions}
         assert all(sorted(v) == sorted(rel.subregions) for v in labels.values())
     assert json.loads((tmp_path / "m.onnx.json").read_text()) == {**meta}
+
+
+def _readme_snippet() -> str:
+    """The README's reading example, exactly as written (the python block of 'The shard set')."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python\nimport io, json\nimport numpy as np, zarr, webdataset as wds")
+    return text[start + len("```python\n"): text.index("```\n", start + 10)]
+
+
+def _run_snippet(root, tmp_path) -> dict:
+    import subprocess
+    import sys
+
+    code = _readme_snippet()
+    assert 'root = "demo/shards"\n' in code
+    code = code.replace('root = "demo/shards"', f"root = {str(root)!r}")
+    code += ("\nimport json as _j\nprint(_j.dumps({'zarr': [list(image.shape), list(mask.shape)] if 'image' in dir() "
+             "else None, 'wds': [len(samples), list(samples[0][0].shape), list(samples[0][1].shape)] "
+             "if 'samples' in dir() else None, 'n': n, 'm': len(mods), 'k': len(chans)}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(RELEASES))
+def test_the_readme_reading_snippet_reads_every_release(sets, tmp_path, name):
+    out = _run_snippet(sets[name][1], tmp_path)
+    rel = RELEASES[name]
+    assert (out["m"], out["k"]) == (len(rel.modalities), len(rel.subregions))
+    assert out["zarr"][0][:2] == [out["n"], out["m"]] and out["zarr"][1][:2] == [out["n"], out["k"]]
+    assert out["wds"][:3] == [out["n"], [out["m"], 32, 32], [out["k"], 32, 32]]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_the_readme_reading_snippet_reads_a_single_format_set(sets, tmp_path, fmt):
+    code, _, err, exc = cli("build-shards", sets["2020"][0], tmp_path / "s", "--workers", "0", "--size", "32",
+                            "--quiet", "--format", fmt)
+    assert (code, exc) == (0, None), err
+    out = _run_snippet(tmp_path / "s", tmp_path)
+    assert (out["zarr"] is None) == (fmt == "wds") and (out["wds"] is None) == (fmt == "zarr")
