@@ -5,8 +5,9 @@ Every atomic file write of the project goes through `atomic_path`: the content i
 `tmp_name(path)` (`.{name}.{pid}.tmp`, in the same folder, so the rename never crosses a file
 system), flushed to disk, then renamed over `path`. The build's shard files are the exception:
 written with `sync=False` (and Zarr groups renamed as folders), they are flushed on a background
-thread before their patient is recorded as finished (`preprocess/build.py`). `TMP_NAME` matches those names, so a build
-can sweep exactly the leftovers of its own interrupted writes.
+thread before their patient is recorded as finished (the deferred fsyncs of
+`preprocess/build/durable.py`). `TMP_NAME` matches those names, so a build can sweep exactly the
+leftovers of its own interrupted writes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where each file of a shard set lives: the path templates, written once.
 
 Paths are relative to the set's root, '/'-separated (the manifest's `files[].path`). Writers
-(preprocess/build.py, zarr_io, wds_io) put files here and every reader looks them up here; nothing
+(preprocess/build/, zarr_io, wds_io) put files here and every reader looks them up here; nothing
 else spells a shard path.
 
     zarr/zarr.json, zarr/{split}/zarr.json             group metadata (root, one per split)

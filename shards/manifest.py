@@ -1,6 +1,8 @@
-"""A shard set's manifest, both sides: assembled from the build's per-patient records (`assemble`,
-`file_entry`, `config_channels`), and read back: load (local or remote), validate, summarise
-(verifying the files against it: shards/verify.py).
+"""A shard set's manifest, both sides. Assembled here from what the build hands over: its
+`config_section`, its `source_section`, one record per finished patient (`patient_entry` plus the
+build's own fields, BUILD_ONLY, among them its `file_entry`s) and the failures (`assemble`); read
+back here: load (local or remote), validate, summarise, and the records again (`records_of`) for a
+re-run. Verifying the files against it: shards/verify.py.
 
 A manifest may come from a colleague or a URL: it is untrusted data. `parse_manifest` checks
 its whole structure before anything else reads it: every relative path stays inside the set,
@@ -46,7 +48,7 @@ def set_channels(m: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
             tuple(c.get("mask_channels", DEFAULT_MASK_CHANNELS[c["preprocess"]["mask"]])))
 
 
-def config_channels(rel: Release, mask: str) -> dict:
+def _config_channels(rel: Release, mask: str) -> dict:
     """The set's image and mask channels, for the manifest's config: written only where they differ
     from the 2018-2023 glioma sets' (4 modalities; [NCR/NET, ED, ET] or [WT, TC, ET]), so those
     sets keep their bytes; `set_channels` reads both."""
@@ -54,6 +56,32 @@ def config_channels(rel: Release, mask: str) -> dict:
     if mods == list(MODALITIES) and chans == list(MASK_CHANNELS[mask]):
         return {}
     return {"modalities": mods, "mask_channels": chans}
+
+
+def config_section(build_config: dict, convention: str, rel: Release) -> dict:
+    """The manifest's `config`: the build's config (`BuildConfig.to_dict()`), the input's file
+    naming convention, and the release's channels where they differ from the defaults. A re-run
+    into the same folder compares it whole: another config is another set."""
+    return dict(build_config, convention=convention, **_config_channels(rel, build_config["preprocess"]["mask"]))
+
+
+def source_section(convention: str, n_found: int, kind: str, note: str | None = None) -> dict:
+    """The manifest's `source`: what the build read (patients found, the input's layout kind)."""
+    return {"convention": convention, "n_patients_found": n_found, "kind": kind, **({"note": note} if note else {})}
+
+
+def patient_entry(*, split: str, slice_index: list[int], mask, label_voxels, sources, geometry: dict,
+                  nonfinite_voxels, notes) -> dict:
+    """A finished patient's entry in `patients`: its split, its slices (count and source indices),
+    its per-channel mask pixel counts over `pixels` (from `mask`, (S, K, H, W)), its per-label
+    voxel counts, its source files and their checksums, its geometry and what the build noted."""
+    s, k = mask.shape[:2]
+    return {
+        "split": split, "n_slices": len(slice_index), "slice_index": slice_index, "label_voxels": label_voxels,
+        "mask_pixels": [int(c) for c in mask.reshape(s, k, -1).sum(axis=(0, 2))],
+        "pixels": int(s * mask.shape[2] * mask.shape[3]),
+        "sources": sources, "geometry": geometry, "nonfinite_voxels": nonfinite_voxels, "notes": list(notes),
+    }
 
 
 def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: str, sha256: str | None = None) -> dict:
@@ -82,6 +110,21 @@ def assemble(config: dict, source: dict, records: dict, failed: dict, shared_fil
         "files": sorted(files, key=lambda f: f["path"]),
         "failed": [{"patient": p, "reason": failed[p]} for p in sorted(failed)],
     }
+
+
+def records_of(m: dict) -> dict[str, dict]:
+    """`assemble` read backwards, for a validated manifest: pid -> the record of a finished patient
+    (its entry, with `pid` and its `files`; no `stamps`, which the manifest never holds)."""
+    files = {pid: [] for pid in m["patients"]}
+    for f in m["files"]:
+        if f.get("patient") in files:
+            files[f["patient"]].append(f)
+    return {pid: dict(p, pid=pid, files=files[pid]) for pid, p in m["patients"].items()}
+
+
+def listed_paths(m: dict) -> set[str]:
+    """The relative paths of every file a manifest lists."""
+    return {f["path"] for f in m["files"]}
 
 
 def _names_problem(v, allowed: tuple | None, most: int) -> bool:

@@ -191,7 +191,7 @@ def test_patients_a_dead_worker_never_flushed_are_flushed_by_the_driver(release_
 
     synced = []
     real = b.fsync_file
-    monkeypatch.setattr(b.FLUSHES, "add", lambda *a, **kw: None)  # the worker's flush never happens
+    monkeypatch.setattr(b.DEFERRED_FSYNCS, "add", lambda *a, **kw: None)  # the worker's fsync never happens
     monkeypatch.setattr(b, "fsync_file", lambda p: (synced.append(Path(p)), real(p))[1])
     out = tmp_path / "s"
     m = _build(release_2020, out)

@@ -1,13 +1,13 @@
-"""What keeps a build safe to kill and to re-run: the output lock, the deferred flushes that
+"""What keeps a build safe to kill and to re-run: the output lock, the deferred fsyncs that
 write a patient's done record only once its files are on disk, and the rules of what a build
 may touch in its output folder (links refused, foreign folders refused, only its own files swept).
 
 Waiting for the disk inside a task (an fsync of ~35 MB per patient: ~65 ms here) would stall the
-worker; instead each process flushes its finished patients on one background thread, in order,
-and writes each patient's done record only after its files are on disk. A re-run therefore never
-trusts a patient whose files a power loss could have emptied. Before the manifest, the driver
-waits for the flushes of its output folder in every process (`drain_flushes`), then flushes
-itself any patient of this run whose done record is still missing (its worker died after
+worker; instead each process fsyncs its finished patients' files on one background thread, in
+order, and writes each patient's done record only after its files are on disk. A re-run therefore
+never trusts a patient whose files a power loss could have emptied. Before the manifest, the driver
+waits for the deferred fsyncs of its output folder in every process (`drain_deferred_fsyncs`), then
+fsyncs itself any patient of this run whose done record is still missing (its worker died after
 returning it).
 """
 
@@ -28,12 +28,13 @@ from shards.names import relpath_problem
 SPLITS = layout.SPLITS
 
 
-class DeferredFlushes:
-    """This process's pending flushes, per output folder: a build drains only its own."""
+class DeferredFsyncs:
+    """This process's pending fsyncs (each followed by its done record), per output folder: a
+    build drains only its own."""
 
     def __init__(self):
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # a forked child has no seal thread
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no fsync thread
 
     def _reset(self):
         self.lock = threading.Lock()
@@ -43,8 +44,8 @@ class DeferredFlushes:
     def add(self, out: Path, files: list[Path], done_path: Path, record: dict) -> None:
         with self.lock:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(1, thread_name_prefix="flush")
-            self.pending.setdefault(str(out), []).append(self.pool.submit(flush_then_record, files, done_path, record))
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="fsync")
+            self.pending.setdefault(str(out), []).append(self.pool.submit(fsync_then_record, files, done_path, record))
 
     def drain(self, out: str) -> list[str]:
         with self.lock:
@@ -58,10 +59,11 @@ class DeferredFlushes:
         return errors
 
 
-FLUSHES = DeferredFlushes()
+DEFERRED_FSYNCS = DeferredFsyncs()
 
 
-def flush_then_record(files: list[Path], done_path: Path, record: dict) -> None:
+def fsync_then_record(files: list[Path], done_path: Path, record: dict) -> None:
+    """Flush `files` to disk, then write the done record that says they are complete."""
     for p in files:
         with writing(p):
             fsync_file(p)
@@ -69,13 +71,13 @@ def flush_then_record(files: list[Path], done_path: Path, record: dict) -> None:
         write_json(done_path, record)
 
 
-def drain_flushes(out: str) -> list[str]:
-    """Wait for this process's pending flushes of output folder `out`; returns the one-line
+def drain_deferred_fsyncs(out: str) -> list[str]:
+    """Wait for this process's pending fsyncs of output folder `out`; returns the one-line
     reasons of those that failed (run on every Dask worker by the driver)."""
-    return FLUSHES.drain(str(out))
+    return DEFERRED_FSYNCS.drain(str(out))
 
 
-def raise_flush_errors(errors: list[str]) -> None:
+def raise_fsync_errors(errors: list[str]) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise BuildError(errors[0] + more)

@@ -12,7 +12,7 @@ from preprocess.build.config import BuildConfig, BuildError
 from preprocess.build.durable import file_paths
 from preprocess.discover import PatientFiles
 from shards import MANIFEST, layout, provenance
-from shards.manifest import ManifestError, load_manifest
+from shards.manifest import ManifestError, load_manifest, records_of
 from shards.names import patient_id_problem
 
 
@@ -85,9 +85,7 @@ def previous_records(out: Path, config: dict) -> tuple[dict[str, dict], set[str]
         if m.get("config") != config:
             raise BuildError(f"{out} holds a shard set built with another config; build into a new folder")
         owned |= file_paths(m)
-        for pid, p in m["patients"].items():
-            files = [f for f in m["files"] if f.get("patient") == pid]
-            records[pid] = dict(p, pid=pid, files=files)
+        records.update(records_of(m))
     build = out / ".build"
     if (build / "config.json").exists():
         if _load_json(build / "config.json") != config:

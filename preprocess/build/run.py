@@ -14,15 +14,16 @@ from tqdm import tqdm
 
 from preprocess import kernel, nifti
 from preprocess.build.config import BuildConfig, BuildError, BuildResult, writing
-from preprocess.build.durable import (OutputLock, check_output, done_path, drain_flushes, file_paths,
-                                      flush_then_record, raise_flush_errors, refuse_links, sweep)
+from preprocess.build.durable import (OutputLock, check_output, done_path, drain_deferred_fsyncs, file_paths,
+                                      fsync_then_record, raise_fsync_errors, refuse_links, sweep)
 from preprocess.build.plan import assign_splits, changed_sources, previous_records, val_fallback, valid_done
 from preprocess.build.task import build_patient
 from preprocess.discover import DiscoveryError, discover
 from preprocess.h5slices import NOTE as H5_NOTE
 from shards import MANIFEST, layout, zarr_io
 from shards.atomic import dumps, write_json
-from shards.manifest import ManifestError, assemble, config_channels, file_entry, parse_manifest
+from shards.manifest import (ManifestError, assemble, config_section, file_entry, listed_paths, parse_manifest,
+                             source_section)
 
 
 def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, workers: int | None = None,
@@ -36,8 +37,7 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
     names, e.g. `wds/val-{pid}.tar`)."""
     in_root, out, disc = _start(input_dir, output_dir, release)
     workers = os.cpu_count() if workers is None else workers
-    config = dict(cfg.to_dict(), convention=disc.convention,
-                  **config_channels(disc.patients[0].release, cfg.preprocess.mask))
+    config = config_section(cfg.to_dict(), disc.convention, disc.patients[0].release)
     with OutputLock(out):
         plan = _plan(in_root, out, disc, cfg, config)
         group_files = []
@@ -46,8 +46,8 @@ def build(input_dir: str | Path, output_dir: str | Path, cfg: BuildConfig, worke
                 group_files = zarr_io.write_group_meta(out, sorted(set(plan["splits"].values())))
         built, failed, timings = _run(plan, disc, in_root, out, cfg, (workers, scheduler, progress))
         done = plan["done"]
-        source = {"convention": disc.convention, "n_patients_found": len(disc.patients), "kind": disc.kind,
-                  **({"note": H5_NOTE} if disc.kind == "h5-slices" else {})}
+        source = source_section(disc.convention, len(disc.patients), disc.kind,
+                                H5_NOTE if disc.kind == "h5-slices" else None)
         manifest = assemble(config, source, done, failed,
                             [file_entry(out, p, None, None, "zarr") for p in group_files])
         _publish(out, manifest, plan["owned"], set(plan["splits"]) | set(plan["previous"]))
@@ -123,12 +123,12 @@ def _run(plan: dict, disc, in_root: Path, out: Path, cfg: BuildConfig, how: tupl
         if (pid := val_fallback(done, cfg)) is not None:
             pf = next(p for p in disc.patients if p.pid == pid)
             record(build_patient(pf, str(in_root), str(out), "val", cfg))
-    finally:  # this process's flushes end inside the lock, whatever happened
-        errors = drain_flushes(str(out))
-    raise_flush_errors(errors)
+    finally:  # this process's deferred fsyncs end inside the lock, whatever happened
+        errors = drain_deferred_fsyncs(str(out))
+    raise_fsync_errors(errors)
     for pid in sorted(built & set(done)):  # a worker that died after returning a patient
         if not done_path(out, pid).is_file():
-            flush_then_record([out / f["path"] for f in done[pid]["files"]], done_path(out, pid), done[pid])
+            fsync_then_record([out / f["path"] for f in done[pid]["files"]], done_path(out, pid), done[pid])
     return built, failed, timings
 
 
@@ -136,7 +136,7 @@ def _publish(out: Path, manifest: dict, owned: set, pids: set) -> None:
     """Check the manifest, sweep what it no longer lists, then write it (last) and drop `.build`."""
     check_own_manifest(manifest, out)  # before the sweep: it deletes what the manifest omits
     refuse_links(out)
-    sweep(out, {f["path"] for f in manifest["files"]}, owned, pids)
+    sweep(out, listed_paths(manifest), owned, pids)
     with writing(out / MANIFEST):
         write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / ".build", ignore_errors=True)
@@ -187,13 +187,13 @@ def run_tasks(todo, args, workers: int, scheduler: str | None, progress: bool):
                 yield {"pid": futures[fut], "error": f"worker failed: {type(e).__name__}: {e}"}
             bar.update()
         # every worker's finished patients on disk, with their done records, before the manifest
-        # (a worker that cannot answer: `build` seals its patients itself)
-        drained = client.run(drain_flushes, str(args[1]), on_error="return")
-        raise_flush_errors([e for errs in drained.values() if isinstance(errs, list) for e in errs])
+        # (a worker that cannot answer: `build` fsyncs its patients itself)
+        drained = client.run(drain_deferred_fsyncs, str(args[1]), on_error="return")
+        raise_fsync_errors([e for errs in drained.values() if isinstance(errs, list) for e in errs])
     finally:
-        if drained is None:  # stopped early: the workers' flushes end before the lock is released
+        if drained is None:  # stopped early: the workers' fsyncs end before the lock is released
             with contextlib.suppress(Exception):
-                client.run(drain_flushes, str(args[1]), on_error="ignore")
+                client.run(drain_deferred_fsyncs, str(args[1]), on_error="ignore")
         bar.close()
         client.close()
         if cluster is not None:

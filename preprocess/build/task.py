@@ -1,5 +1,5 @@
 """One patient's build task, run on a Dask worker (or in process): read and preprocess it, write
-its Zarr group and its tar, and queue its done record behind the flush of its files."""
+its Zarr group and its tar, and queue its done record behind the fsync of its files."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 from preprocess import nifti
 from preprocess.build.config import BuildConfig, writing
-from preprocess.build.durable import FLUSHES, done_path, refuse_link_on_the_way
+from preprocess.build.durable import DEFERRED_FSYNCS, done_path, refuse_link_on_the_way
 from preprocess.build.plan import plan_paths, source_stamps
 from preprocess.discover import PatientFiles
 from preprocess.errors import InputError
 from preprocess.pipeline import process_patient
 from shards import wds_io, zarr_io
-from shards.manifest import file_entry
+from shards.manifest import file_entry, patient_entry
 
 
 def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: BuildConfig) -> dict:
@@ -40,7 +40,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
              "modalities": list(pf.release.modalities), "mask_channels": list(pf.release.channels(cfg.preprocess.mask))}
     # The tar is assembled, hashed and written on a second thread while this one encodes the Zarr
     # arrays (the copies, sha256, blosc and the writes release the GIL). Both threads only read
-    # `ps`; each writes its own files atomically, unflushed (flushed by `FLUSHES`, below).
+    # `ps`; each writes its own files atomically, unflushed (fsynced by `DEFERRED_FSYNCS`, below).
     with ThreadPoolExecutor(1, thread_name_prefix="tar") as pool:
         tar = pool.submit(_write_tar, out / paths["wds"], pf.pid, split, ps) if "wds" in cfg.formats else None
         if "zarr" in cfg.formats:
@@ -51,17 +51,13 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
         if tar is not None:
             p, digest = tar.result()
             files.append(file_entry(out, p, pf.pid, split, "wds", digest))
-    record = {
-        "pid": pf.pid, "split": split, "n_slices": len(ps.slice_index), "slice_index": ps.slice_index,
-        "label_voxels": ps.label_voxels,
-        "mask_pixels": [int(c) for c in ps.mask.reshape(ps.mask.shape[0], ps.mask.shape[1], -1).sum(axis=(0, 2))],
-        "pixels": int(ps.mask.shape[0] * ps.mask.shape[2] * ps.mask.shape[3]),
-        "sources": ps.sources, "geometry": ps.geometry.to_dict(), "nonfinite_voxels": ps.nonfinite_voxels,
-        "notes": list(pf.notes), "files": files, "stamps": stamps,
-    }
+    entry = patient_entry(split=split, slice_index=ps.slice_index, mask=ps.mask, label_voxels=ps.label_voxels,
+                          sources=ps.sources, geometry=ps.geometry.to_dict(), nonfinite_voxels=ps.nonfinite_voxels,
+                          notes=pf.notes)
+    record = dict(entry, pid=pf.pid, files=files, stamps=stamps)  # + the build's own fields (BUILD_ONLY)
     # The files were renamed into place without waiting for the disk; a background thread now
-    # flushes them and only then writes the done record that a re-run trusts (`flush_then_record`).
-    FLUSHES.add(out, [out / f["path"] for f in files], done_path(out, pf.pid), record)
+    # fsyncs them and only then writes the done record that a re-run trusts (`fsync_then_record`).
+    DEFERRED_FSYNCS.add(out, [out / f["path"] for f in files], done_path(out, pf.pid), record)
     # measurements, not part of the done record (they vary run to run)
     return dict(record, seconds=time.perf_counter() - t0,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
