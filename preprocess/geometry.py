@@ -227,6 +227,21 @@ class Geometry:
     def ornt_array(self) -> np.ndarray:
         return np.array(self.ornt, float)
 
+    @property
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along the RAS axes X, Y, Z (`spacing` is per storage axis)."""
+        out = [0.0, 0.0, 0.0]
+        for k, (axis, _) in enumerate(self.ornt):
+            out[axis] = self.spacing[k]
+        return tuple(out)
+
+    def slice_spacing(self, size: int) -> tuple[float, float, float]:
+        """Pixel size (mm) of the stored `size` x `size` slices along X and Y (the crop box
+        resized), and the slice spacing along Z."""
+        sx, sy, sz = self.canonical_spacing
+        x0, x1, y0, y1 = self.crop_box
+        return sx * (x1 - x0) / size, sy * (y1 - y0) / size, sz
+
     # ------------------------------------------------------------ the way there
 
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:

@@ -180,12 +180,19 @@ def test_show_run_config_is_read_bounded_and_shards_is_data(tmp_path, config):
 def test_planes_are_drawn_at_the_voxels_true_proportions():
     """Thick axial slices (1 x 1 x 3 mm) draw coronal and sagittal pixels three times as tall as
     wide (they were stretched to fill the panel); an LPS volume's spacing follows its axes to RAS."""
-    from train.show import PLANES, canonical_spacing, plane_aspect
+    import numpy as np
+
+    from preprocess.geometry import Geometry
+    from train.show import PLANES, plane_aspect
 
     assert plane_aspect("axial", (1.0, 1.0, 3.0)) == 1.0
     assert plane_aspect("coronal", (1.0, 1.0, 3.0)) == 3.0 and plane_aspect("sagittal", (0.5, 1.0, 3.0)) == 3.0
     assert plane_aspect("coronal", (2.0, 1.0, 3.0)) == 1.5
-    assert canonical_spacing((0.9, 1.2, 3.0), [[1, -1], [0, -1], [2, 1]]) == (1.2, 0.9, 3.0)  # x and y swapped
+    swapped = Geometry.of_source(np.diag([0.0, 0.0, 3.0, 1.0]) + np.array([[0, 0.9, 0, 0], [1.2, 0, 0, 0], [0, 0, 0, 0],
+                                                                              [0, 0, 0, 0]]), (10, 20, 5), "2020")
+    # storage x (1.2 mm) runs along RAS y, storage y (0.9 mm) along RAS x: swapped in RAS order
+    assert swapped.spacing == (1.2, 0.9, 3.0) and swapped.canonical_spacing == (0.9, 1.2, 3.0)
+    assert swapped.canonical_shape == (20, 10, 5) and swapped.slice_spacing(5) == (0.9 * 20 / 5, 1.2 * 10 / 5, 3.0)
     assert {p: marks for p, (_, marks) in PLANES.items()} == {"axial": "LRPA", "coronal": "LRIS", "sagittal": "PAIS"}
 
 
@@ -198,3 +205,19 @@ def test_run_figures_show_spaced_slices_with_the_most_tumour():
     area = np.array([0, 1, 5, 9, 10, 9, 3, 0, 0, 2, 8, 0, 0, 0, 0, 0])
     assert spaced_slices(area, 3) == [2, 4, 10]  # not [3, 4, 5]
     assert spaced_slices(np.zeros(4, np.int64), 3) == [0] and spaced_slices(np.zeros(0, np.int64), 3) == []
+
+
+def test_show_refuses_a_tampered_geometry_in_one_line(shard_set, tmp_path):
+    """The manifest's geometry is data from whoever shared the set: one that is not a geometry
+    record (an orientation naming axis 7) is refused naming the patient, not a traceback."""
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    m = json.loads((root / "manifest.json").read_text())
+    pid = sorted(m["patients"])[0]
+    m["patients"][pid]["geometry"]["ornt"] = [[7, 1], [1, 1], [2, 1]]
+    (root / "manifest.json").write_text(json.dumps(m))
+    r = _cli("show", root, "--out", tmp_path / "f", "--patient", pid)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and pid in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from preprocess.geometry import apply_ornt, canonical_ornt, spacing_of
+from preprocess.geometry import Geometry
 from preprocess.discover import discover
 from preprocess.nifti import load_volume
 from preprocess.pipeline import load_patient, validate
@@ -51,14 +51,6 @@ def plane_aspect(plane: str, spacing) -> float:
     """imshow's aspect (a pixel's height / width) that draws `plane` at its true proportions."""
     (col, row), _ = PLANES[plane]
     return float(spacing[row]) / float(spacing[col])
-
-
-def canonical_spacing(spacing, ornt) -> tuple[float, float, float]:
-    """Voxel size along the RAS axes, from the size along the storage axes and the reorientation."""
-    out = [0.0, 0.0, 0.0]
-    for k, (axis, _) in enumerate(np.asarray(ornt, dtype=float)):
-        out[int(axis)] = float(spacing[k])
-    return tuple(out)
 
 
 def _marks(ax, plane: str) -> None:
@@ -119,12 +111,11 @@ def _volume_from_raw(src: Path, patient: str | None, release: str | None = None)
     except InputError as e:
         raise ShowError(f"{pf.pid}: {e}") from None
     rel = pf.release
-    affine = vols[rel.modalities[0]].affine
-    ornt = canonical_ornt(affine)
-    images = np.stack([apply_ornt(vols[m].data, ornt) for m in rel.modalities])
-    seg = apply_ornt(vols[SEG].data, ornt) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
-    names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions),
-                  canonical_spacing(spacing_of(affine), ornt))
+    ref = vols[rel.modalities[0]]
+    geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention)
+    images = np.stack([geo.to_canonical(vols[m].data) for m in rel.modalities])
+    seg = geo.to_canonical(vols[SEG].data) if SEG in vols else np.zeros(images.shape[1:], np.uint8)
+    names = Names(tuple(MODALITY_NAMES[m] for m in rel.modalities), tuple(rel.subregions), geo.canonical_spacing)
     return pf.pid, images.astype(np.float32), encode_mask(seg, rel), names, disc
 
 
@@ -149,12 +140,12 @@ def _volume_from_shards(src: Path, patient: str | None, release: str | None = No
         raise ShowError(f"patient {pid} not in the shard set {src}")
     image, mask = _read_patient(s, pid, src)
     mods, channels = set_channels(s.manifest)
-    g = s.manifest["patients"][pid]["geometry"]
-    sx, sy, sz = canonical_spacing(g["spacing"], g["ornt"])
-    x0, x1, y0, y1 = g["crop_box"]
-    size = s.manifest["config"]["preprocess"]["size"]  # the slices' pixels: the crop box resized
+    try:  # manifest data: validated as the record it claims to be
+        geo = Geometry.from_dict(s.manifest["patients"][pid]["geometry"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ShowError(f"{src}/manifest.json: patient {pid}: {str(e)[:200]}") from None
     names = Names(tuple(MODALITY_NAMES[m] for m in mods), tuple(channels),
-                  (sx * (x1 - x0) / size, sy * (y1 - y0) / size, sz))
+                  geo.slice_spacing(s.manifest["config"]["preprocess"]["size"]))
     # (S, C, H, W) -> (C, H, W, S): slices stacked back along z
     return pid, np.moveaxis(image.astype(np.float32), 0, -1), np.moveaxis(mask, 0, -1), names, s
 
