@@ -322,7 +322,7 @@ def evaluate(
     split_from: Annotated[Optional[str], typer.Option(help="A shard set (folder or URL) or a training run: mark each patient train or val (the run's held-out fold with --folds) and summarise the validation patients apart.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
-    """Dice and HD95 of the BraTS regions WT/TC/ET (global and lesion-wise, BraTS 2023 rules) and sub-region Dice, per patient and summarised."""
+    """Dice, HD95 and NSD of the BraTS regions WT/TC/ET (global and lesion-wise, BraTS 2023 rules) and sub-region Dice, per patient and summarised."""
     from train.evaluate import evaluate as run, format_summary, patient_splits
 
     csv_path = csv_path or pred_dir / "metrics.csv"

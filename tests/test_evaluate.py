@@ -110,7 +110,8 @@ def test_folders_missing_prediction_and_2023_labels(tmp_path):
     assert "lesion-wise" in cli.stdout and "lesion_hd95_ET" in cli.stdout
     header = (tmp_path / "pred" / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("patient,dice_WT,dice_TC,dice_ET,hd95_WT") and header == ",".join(COLUMNS)
-    assert header.endswith("lesion_dice_WT,lesion_dice_TC,lesion_dice_ET,lesion_hd95_WT,lesion_hd95_TC,lesion_hd95_ET")
+    assert header.endswith("lesion_hd95_WT,lesion_hd95_TC,lesion_hd95_ET,lesion_nsd_WT,lesion_nsd_TC,lesion_nsd_ET")
+    assert ",nsd_WT,nsd_TC,nsd_ET," in header
     # every lesion here (WT 50 voxels, TC and ET 8) is at most 50 mm^3: not scored, even when
     # missed -> lesion-wise 1 / 0
     assert rows["BraTS-GLI-00002-000"]["lesion_dice_ET"] == 1.0 and rows["BraTS-GLI-00002-000"]["lesion_hd95_ET"] == 0.0
@@ -145,3 +146,22 @@ def test_evaluate_marks_each_patient_train_or_val_and_summarises_them_apart(rele
                                                   "train": TrainConfig(folds=2, fold=1).to_dict()}))
     held = fold_patients(tuple(m["splits"]["train"]), 2, 1)[1]
     assert sorted(p for p, s in patient_splits(run).items() if s == "val") == sorted(held)
+
+
+def test_global_nsd_as_the_official_package_computes_it():
+    """The package's global NSD takes no voxel spacing and keeps its 0.5-voxel default tolerance:
+    the share of surface voxels lying on the other region's surface. A 10-voxel ET cube (z 5-14)
+    against the same cube at z 7-16: of the reference's 488 surface voxels, the side rings at z 7-13
+    (252) and the z 14 face's outer ring (36) lie on the prediction's side faces: 288 / 488 each
+    way, at any spacing. The lesion-wise NSD keeps the spacing (tolerance: the smallest, 1 mm)."""
+    ref = np.zeros((20, 20, 20), np.int16)
+    ref[5:15, 5:15, 5:15] = 3
+    pred = np.roll(ref, 2, axis=2)
+    for spacing in ((1.0, 1.0, 1.0), (1.0, 1.0, 2.0)):
+        row = patient_metrics(pred, ref, spacing, RELEASES["2023"])
+        assert row["nsd_WT"] == row["nsd_ET"] == pytest.approx(288 / 488, abs=1e-12)
+    assert patient_metrics(pred, ref, (1.0, 1.0, 1.0), RELEASES["2023"])["lesion_nsd_ET"] == pytest.approx(352 / 488)
+    empty = np.zeros_like(ref)
+    both_empty = patient_metrics(empty, empty, (1.0, 1.0, 1.0), RELEASES["2023"])
+    assert both_empty["nsd_ET"] == 1.0 and both_empty["lesion_nsd_ET"] == 1.0
+    assert patient_metrics(empty, ref, (1.0, 1.0, 1.0), RELEASES["2023"])["nsd_ET"] == 0.0

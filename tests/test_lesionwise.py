@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from train.lesionwise import BRATS_2023, BRATS_EVALUATION, LesionParams, hd95, lesion_metrics
+from train.lesionwise import nsd, surface_distances, BRATS_2023, BRATS_EVALUATION, LesionParams, hd95, lesion_metrics
 
 SHAPE = (40, 12, 12)
 ONE_MM = (1.0, 1.0, 1.0)
@@ -21,17 +21,17 @@ def cube(x0: int, side: int = 4, shape=SHAPE) -> np.ndarray:
 
 def test_perfect_lesion():
     for params in (BRATS_2023, BRATS_EVALUATION):
-        assert lesion_metrics(cube(2), cube(2), ONE_MM, params) == {"dice": 1.0, "hd95": 0.0, "tp": 1, "fp": 0, "fn": 0}
+        assert lesion_metrics(cube(2), cube(2), ONE_MM, params) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 1, "fp": 0, "fn": 0}
 
 
 def test_missed_lesion_is_penalised():
     """Two lesions, one found perfectly, one missed: (1 + 0) / 2 and (0 + 374) / 2."""
     ref = cube(2) | cube(30)
     m = lesion_metrics(cube(2), ref, ONE_MM, BRATS_2023)
-    assert m == {"dice": 0.5, "hd95": 187.0, "tp": 1, "fp": 0, "fn": 1}
+    assert m == {"dice": 0.5, "hd95": 187.0, "nsd": 0.5, "tp": 1, "fp": 0, "fn": 1}
     # brats-evaluation counts the miss but averages over the matched lesion only
     assert lesion_metrics(cube(2), ref, ONE_MM, BRATS_EVALUATION) == {
-        "dice": 1.0, "hd95": 0.0, "tp": 1, "fp": 0, "fn": 1}
+        "dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 1, "fp": 0, "fn": 1}
     assert lesion_metrics(np.zeros(SHAPE, bool), ref, ONE_MM, BRATS_2023)["hd95"] == 374.0
 
 
@@ -40,13 +40,13 @@ def test_false_positive_component_is_penalised():
     pred = cube(2).copy()
     pred[32, 6, 6] = True
     m = lesion_metrics(pred, cube(2), ONE_MM, BRATS_2023)
-    assert m == {"dice": 0.5, "hd95": 187.0, "tp": 1, "fp": 1, "fn": 0}
+    assert m == {"dice": 0.5, "hd95": 187.0, "nsd": 0.5, "tp": 1, "fp": 1, "fn": 0}
     assert lesion_metrics(pred, cube(2), ONE_MM, BRATS_EVALUATION)["dice"] == 1.0
     # reference empty: only false positives -> Dice 0, HD95 374 (2023), 0 / inf (brats-evaluation)
     assert lesion_metrics(pred, np.zeros(SHAPE, bool), ONE_MM, BRATS_2023) == {
-        "dice": 0.0, "hd95": 374.0, "tp": 0, "fp": 2, "fn": 0}
+        "dice": 0.0, "hd95": 374.0, "nsd": 0.0, "tp": 0, "fp": 2, "fn": 0}
     none = lesion_metrics(pred, np.zeros(SHAPE, bool), ONE_MM, BRATS_EVALUATION)
-    assert none["dice"] == 0.0 and none["hd95"] == math.inf
+    assert none["dice"] == 0.0 and none["hd95"] == math.inf and none["nsd"] == 0.0
 
 
 def test_component_near_a_lesion_belongs_to_it():
@@ -91,9 +91,9 @@ def test_close_reference_lesions_are_one_lesion():
 
 def test_both_empty():
     empty = np.zeros(SHAPE, bool)
-    assert lesion_metrics(empty, empty, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    assert lesion_metrics(empty, empty, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 0, "fp": 0, "fn": 0}
     e = lesion_metrics(empty, empty, ONE_MM, BRATS_EVALUATION)
-    assert math.isnan(e["dice"]) and math.isnan(e["hd95"])
+    assert math.isnan(e["dice"]) and math.isnan(e["hd95"]) and math.isnan(e["nsd"])
 
 
 def test_lesions_up_to_the_minimum_volume_are_not_scored():
@@ -101,9 +101,9 @@ def test_lesions_up_to_the_minimum_volume_are_not_scored():
     the component on it is no false positive. With 2 mm along x the same lesion is 54 mm^3."""
     small = cube(30, side=3)
     ref = cube(2) | small
-    assert lesion_metrics(cube(2), ref, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "tp": 1, "fp": 0, "fn": 0}
-    assert lesion_metrics(ref, ref, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "tp": 1, "fp": 0, "fn": 0}
-    assert lesion_metrics(small, small, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    assert lesion_metrics(cube(2), ref, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 1, "fp": 0, "fn": 0}
+    assert lesion_metrics(ref, ref, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 1, "fp": 0, "fn": 0}
+    assert lesion_metrics(small, small, ONE_MM, BRATS_2023) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 0, "fp": 0, "fn": 0}
     m = lesion_metrics(cube(2), ref, (2.0, 1.0, 1.0), BRATS_2023)
     assert m["fn"] == 1 and m["dice"] == 0.5
     # a lesion of exactly the minimum is still left out (the rule keeps volumes above it)
@@ -118,7 +118,7 @@ def test_spacing_used_in_hd95():
     pred = np.zeros_like(ref)
     ref[1:11, 1:11, 4] = True
     pred[1:11, 1:11, 6] = True
-    assert lesion_metrics(pred, ref, ONE_MM, BRATS_2023) == {"dice": 0.0, "hd95": 2.0, "tp": 1, "fp": 0, "fn": 0}
+    assert lesion_metrics(pred, ref, ONE_MM, BRATS_2023) == {"dice": 0.0, "hd95": 2.0, "nsd": 0.0, "tp": 1, "fp": 0, "fn": 0}
     assert lesion_metrics(pred, ref, (1.0, 1.0, 2.0), BRATS_2023)["hd95"] == pytest.approx(4.0)
     assert lesion_metrics(pred, ref, (1.0, 1.0, 2.0), BRATS_EVALUATION)["fn"] == 1  # no overlap: no match
 
@@ -151,3 +151,29 @@ def test_parameters_are_checked():
         LesionParams("x", matching="greedy")
     with pytest.raises(ValueError, match="shape"):
         lesion_metrics(np.zeros((2, 2, 2), bool), np.zeros((2, 2, 3), bool), ONE_MM)
+
+
+def test_nsd_counts_surface_voxels_within_the_tolerance():
+    """A 10-voxel cube (z 5-14) against the same cube shifted to z 7-16, at 1 mm. Of the reference's
+    488 surface voxels (two 10 x 10 faces, eight 36-voxel side rings), within 1 mm of the
+    prediction's surface: the side rings at z 7-13 (on its side faces, 252), the ring at z 6 (1 mm
+    below its bottom face, 36) and the 64 voxels of the z 14 face that are on or next to its side
+    faces (the inner 6 x 6 are 2 mm from everything); the z 5 face is 2 mm away. 352 / 488 each
+    way, so NSD = 352 / 488. The tolerance is the smallest spacing unless named."""
+    ref = np.zeros((20, 20, 20), bool)
+    ref[5:15, 5:15, 5:15] = True
+    pred = np.roll(ref, 2, axis=2)
+    d_pred, d_ref = surface_distances(pred, ref, ONE_MM)
+    assert d_pred.size == d_ref.size == 488
+    assert np.sum(d_ref <= 1.0) == np.sum(d_pred <= 1.0) == 352
+    assert nsd(pred, ref, ONE_MM) == pytest.approx(352 / 488, abs=1e-12)
+    # every surface voxel is within 2 mm of the other surface: a 2 mm tolerance gives 1
+    assert nsd(pred, ref, ONE_MM, tolerance=2.0) == pytest.approx(1.0)
+    # with 2 mm slices the same shift is 4 mm: fewer voxels within the (still 1 mm) tolerance
+    assert nsd(pred, ref, (1.0, 1.0, 2.0)) < nsd(pred, ref, ONE_MM)
+    # symmetric, and the edge cases: both empty 1, one empty 0, no voxel in common 0
+    assert nsd(ref, pred, ONE_MM) == pytest.approx(nsd(pred, ref, ONE_MM))
+    empty = np.zeros_like(ref)
+    assert nsd(empty, empty, ONE_MM) == 1.0 and nsd(ref, empty, ONE_MM) == 0.0 and nsd(empty, ref, ONE_MM) == 0.0
+    apart = np.roll(ref, 10, axis=0)  # touching faces, no common voxel
+    assert nsd(apart, ref, ONE_MM) == 0.0

@@ -1,8 +1,8 @@
 """`evaluate`: BraTS region metrics of predicted label maps against reference segmentations.
 
-Per patient: Dice and HD95 (mm, from the voxel spacing) of the regions WT (labels 1, 2, ET),
+Per patient: Dice, HD95 (mm, from the voxel spacing) and NSD of the regions WT (labels 1, 2, ET),
 TC (1, ET) and ET, plus Dice of the sub-regions NCR/NET (1), ED (2), ET (columns `dice_sub_NCR/NET`,
-...), then the lesion-wise Dice and HD95 of each region (`lesion_dice_WT`, ..., `lesion_hd95_ET`).
+...), then the lesion-wise Dice, HD95 and NSD of each region (`lesion_dice_WT`, ..., `lesion_nsd_ET`).
 Labels follow the release (`shards.domain.RELEASES`), read from the reference folder's file
 names; for a flat folder of <pid>.nii.gz files, the one `--release` names, else the one the ids
 tell (`release_of_id`; BraTS-PED ids need the name), else the glioma convention (2018-2021 or
@@ -13,25 +13,33 @@ are scored on their own regions and sub-regions (gli-2024: WT, TC, ET and RC; ME
 their official configs group them; the columns then name those.
 
 Global metrics follow the official BraTS evaluation package (brats-evaluation, built on
-panoptica): Dice and HD95 of each region as a whole. HD95 is the 95th percentile of the pooled
+panoptica): Dice, HD95 and NSD of each region as a whole. HD95 is the 95th percentile of the pooled
 surface distances in both directions; surface voxels are a region minus its erosion with a
 6-connected (face) neighbourhood; distances in mm by Euclidean distance transform with the
-file's voxel spacing (`train.lesionwise.hd95`). Checked side by side:
+file's voxel spacing (`train.lesionwise.hd95`). NSD (normalised surface distance, or surface
+Dice) is the share of both surfaces within a tolerance of the other (`train.lesionwise.nsd`). The
+package computes its global metrics without the voxel spacing (panoptica_result.py
+`_calc_global_bin_metric` calls them without it), so its global NSD measures in voxels with the
+default tolerance of 0.5 voxel: the share of each region's surface voxels lying on the other's
+surface; `nsd_*` is that. (Its global HD95 is in voxels too: the same as this one's mm at 1 mm
+isotropic, as every BraTS release is; on other spacings `hd95_*` stays in mm.) Regions with no
+voxel in common score NSD 0, the package's zero-overlap rule. Checked side by side:
 bench/official_eval_check.py, figures in BENCHMARKS.md.
 
 Lesion-wise metrics (`train.lesionwise`, rules `LESION_PARAMS`): those the BraTS 2023 and 2024
 challenges ranked on (github.com/rachitsaluja/BraTS-2023-Metrics, the BraTS-GLI parameters).
 A lesion is a 26-connected component of the region; reference lesions whose 3-voxel dilations
 (18-connected element) touch are one lesion; a lesion is found by every predicted component
-touching its 3-voxel dilation and scored with Dice and HD95 against their union. A missed
-lesion and a predicted component touching no lesion each score Dice 0 and HD95 374 mm;
-reference lesions of at most 50 mm^3 are not scored. The patient's value is the sum over
-lesions divided by the count of found + missed + false lesions; none of any kind: Dice 1,
-HD95 0. (The current official package reports instead the mean over one-to-one matched lesions
+touching its 3-voxel dilation and scored with Dice, HD95 and NSD against their union. A missed
+lesion and a predicted component touching no lesion each score Dice 0, HD95 374 mm and NSD 0
+(the 2023 code had no NSD; it is scored here by the same rules); reference lesions of at most
+50 mm^3 are not scored. The patient's value is the sum over lesions divided by the count of
+found + missed + false lesions; none of any kind: Dice 1, HD95 0, NSD 1. (The current official package reports instead the mean over one-to-one matched lesions
 without penalties; `train.lesionwise.BRATS_EVALUATION` computes that one.)
 
 Empty-set conventions of the global metrics (those of the BraTS 2018-2021 evaluation):
-  * Dice: reference and prediction both empty -> 1; exactly one empty -> 0.
+  * Dice and NSD: reference and prediction both empty -> 1 (the package: NaN); exactly one
+    empty -> 0.
   * HD95: both empty -> 0; exactly one empty -> 373.13 mm, the diagonal of the 240x240x155
     BraTS volume at 1 mm.
   * A reference patient with no prediction file is scored as an empty prediction and listed.
@@ -59,16 +67,19 @@ from shards.domain import (REGIONS, RELEASES, SEG, SUBREGIONS, Release, release_
 from shards import MANIFEST
 from shards.errors import BratsShardsError
 from shards.source import ShardSource
-from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics  # noqa: F401 (EMPTY_HD95: re-exported)
+from train.lesionwise import BRATS_2023, EMPTY_HD95, hd95, lesion_metrics, nsd  # noqa: F401 (EMPTY_HD95: re-exported)
 from train.config import TrainConfig
 from train.data import fold_patients
 from train.metrics import dice
 from train.runfolder import read_run_config
 
 LESION_PARAMS = BRATS_2023  # the rules of the lesion-wise columns
+# The package computes its global metrics without the voxel spacing (distances in voxels), so its
+# global NSD has the default tolerance of 0.5 (voxels): only coinciding surface voxels count.
+GLOBAL_NSD_SPACING, GLOBAL_NSD_TOLERANCE = (1.0, 1.0, 1.0), 0.5
 COLUMNS = (["patient"] + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
-           + [f"dice_sub_{r}" for r in SUBREGIONS]
-           + [f"lesion_dice_{r}" for r in REGIONS] + [f"lesion_hd95_{r}" for r in REGIONS])
+           + [f"nsd_{r}" for r in REGIONS] + [f"dice_sub_{r}" for r in SUBREGIONS]
+           + [f"lesion_{m}_{r}" for m in ("dice", "hd95", "nsd") for r in REGIONS])
 # Two grids are the same when every voxel centre of one lies within this fraction of a voxel of
 # the other's: header float32 rounding moves them by ~1e-5 mm, a real shift by a voxel or more.
 GRID_TOLERANCE = 0.01
@@ -93,13 +104,14 @@ def patient_metrics(pred: np.ndarray, ref: np.ndarray, spacing, rel: Release) ->
         row[f"dice_{r}"] = dice(rp[i], rr[i])
     for i, r in enumerate(rel.regions):
         row[f"hd95_{r}"] = hd95(rp[i], rr[i], spacing)
+    for i, r in enumerate(rel.regions):
+        row[f"nsd_{r}"] = nsd(rp[i], rr[i], GLOBAL_NSD_SPACING, GLOBAL_NSD_TOLERANCE)  # as the package: in voxels
     for i, name in enumerate(rel.subregions):
         row[f"dice_sub_{name}"] = dice(sp[i], sr[i])
     lesion = [lesion_metrics(rp[i], rr[i], spacing, LESION_PARAMS) for i in range(len(rel.regions))]
-    for i, r in enumerate(rel.regions):
-        row[f"lesion_dice_{r}"] = lesion[i]["dice"]
-    for i, r in enumerate(rel.regions):
-        row[f"lesion_hd95_{r}"] = lesion[i]["hd95"]
+    for m in ("dice", "hd95", "nsd"):
+        for i, r in enumerate(rel.regions):
+            row[f"lesion_{m}_{r}"] = lesion[i][m]
     return row
 
 

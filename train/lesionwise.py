@@ -1,8 +1,8 @@
-"""Lesion-wise Dice and HD95 of one region (BraTS 2023+), and the surface-distance primitive it
-shares with the global metrics of `train.evaluate`.
+"""Lesion-wise Dice, HD95 and NSD of one region (BraTS 2023+), and the surface-distance primitives
+they share with the global metrics of `train.evaluate`.
 
 A lesion is a connected component. Each reference lesion is paired with predicted components
-(the `matching` rule), scored with Dice and HD95, and the patient's score is a mean over
+(the `matching` rule), scored with Dice, HD95 and NSD, and the patient's score is a mean over
 lesions. Two official rule sets, as `LesionParams`:
 
 BRATS_2023 (the columns of `evaluate`): the lesion-wise metric the BraTS 2023 and 2024
@@ -45,11 +45,31 @@ minus its erosion with the 6-connected (face) element, as panoptica computes it.
 took the HD95 of DeepMind's surface-distance package (surfel-area weighted, the larger of the two
 directed percentiles), so per lesion its HD95 differs from this one by a fraction of a voxel
 where both are finite (up to 0.41 mm per patient in the bench); Dice, counts and penalties agree.
+
+NSD (normalised surface distance, surface Dice), as the official package computes it (panoptica
+2.1.7 panoptica/metrics/_surface_distances.py `_nsd_from_pair`, l. 92-112; the configs of every
+release, config_gli/_mets/_ped/_MenPre/_MenRT/_GoAT.yaml, list NSD among the global and instance
+metrics and set no tolerance, so for lesions it is the smallest voxel spacing, `min(voxelspacing)`
+from the image's header; global metrics are computed without the spacing, in voxels, where the
+default tolerance is 0.5 voxel, see `train.evaluate`): the surfaces of HD95 above; with a_in / b_in the shares of the reference's
+/ prediction's surface voxels within the tolerance of the other surface (distance <= tolerance),
+NSD = (a_in + b_in) / (a_in + b_in + a_out + b_out + tiny), which is (a_in + b_in) / 2. Edge cases
+(the configs' edge_case_handler, the same in every release): no voxel in common -> 0 (global:
+any zero-overlap pair; lesion-wise: no matched pair), nothing on either side -> NaN (here 1, as
+Dice, in the global and BRATS_2023 columns; BRATS_EVALUATION keeps NaN). The 2023 code had no
+NSD: under BRATS_2023 a missed or false lesion scores NSD 0, like its Dice. The releases' configs
+differ only in their label groups (regions); brats-evaluation's MET parser (metrics_parser.py
+`parse_mets_results`) re-aggregates lesion-wise scores with a 20 mm^3 size threshold and 373 mm
+penalties, a rule set not computed here. On a file path the package reads the image with
+SimpleITK, whose array is (z, y, x) while its spacing is (x, y, z): on anisotropic files its
+lesion-wise HD95 and NSD use the spacing in reverse axis order (BraTS files are 1 mm isotropic,
+where that changes nothing); this module takes the spacing in the array's axis order.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +93,7 @@ class LesionParams:
     penalty_hd95: float = 374.0  # HD95 of a missed or false lesion
     empty_dice: float = 1.0  # no lesion to score on either side
     empty_hd95: float = 0.0
+    nsd_tolerance: float | None = None  # mm; None: the smallest voxel spacing (the official scorer's)
 
     def __post_init__(self):
         if self.connectivity not in _RANK:
@@ -95,25 +116,48 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """(d_pred, d_ref): the distance in mm of every surface voxel of `pred` to the nearest surface
+    voxel of `ref`, and the reverse; both regions non-empty."""
+    from scipy import ndimage
+
+    sp, sr = surface(pred), surface(ref)
+    # distance of every voxel to the nearest surface voxel of the other region
+    d_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
+    d_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return d_to_ref[sp], d_to_pred[sr]
+
+
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
     """95th-percentile Hausdorff distance in mm (pooled both directions); both empty -> 0, one
     empty -> EMPTY_HD95 (the global convention; lesion-wise scoring never passes an empty side)."""
-    from scipy import ndimage
-
     pred, ref = pred.astype(bool), ref.astype(bool)
     if not pred.any() and not ref.any():
         return 0.0
     if not pred.any() or not ref.any():
         return EMPTY_HD95
-    sp, sr = surface(pred), surface(ref)
-    # distance of every voxel to the nearest surface voxel of the other region
-    d_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
-    d_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return float(np.percentile(np.hstack((d_to_ref[sp], d_to_pred[sr])), 95))
+    return float(np.percentile(np.hstack(surface_distances(pred, ref, spacing)), 95))
+
+
+def nsd(pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float | None = None) -> float:
+    """Normalised surface distance (surface Dice) at `tolerance` mm, by default the smallest voxel
+    spacing (the official scorer's): the share of both surfaces lying within the tolerance of the
+    other, (a_in / |A| + b_in / |B|) / 2 in the scorer's form, with the surfaces of `hd95`. Both
+    empty -> 1 (as Dice); one empty, or no voxel in common -> 0 (the scorer's zero-overlap rule)."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    if not pred.any() and not ref.any():
+        return 1.0
+    if not (pred & ref).any():
+        return 0.0
+    tol = float(min(spacing)) if tolerance is None else float(tolerance)
+    d_pred, d_ref = surface_distances(pred, ref, spacing)
+    a_in, b_in = np.sum(d_ref <= tol) / d_ref.size, np.sum(d_pred <= tol) / d_pred.size
+    a_out, b_out = np.sum(d_ref > tol) / d_ref.size, np.sum(d_pred > tol) / d_pred.size
+    return float((a_in + b_in) / (a_in + b_in + a_out + b_out + sys.float_info.min))
 
 
 def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing, params: LesionParams = BRATS_2023) -> dict:
-    """Bool masks of one region (X, Y, Z) -> {"dice", "hd95", "tp", "fp", "fn"}: the lesion-wise
+    """Bool masks of one region (X, Y, Z) -> {"dice", "hd95", "nsd", "tp", "fp", "fn"}: the lesion-wise
     scores and the lesion counts (TP, FN: scored reference lesions found or missed; FP: predicted
     components matched to no reference lesion)."""
     from scipy import ndimage
@@ -134,7 +178,7 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing, params: LesionPar
     match = _match_dilation if params.matching == "dilation" else _match_one_to_one
     pairs, claimed = match(pred_cc, ref_cc, n_pred, n_ref, params)  # {lesion: [components]}, {components}
     pred_boxes, ref_boxes = ndimage.find_objects(pred_cc), ndimage.find_objects(ref_cc)
-    found, missed = [], 0  # (dice, hd95) of each kept lesion with components; kept lesions without
+    found, missed = [], 0  # (dice, hd95, nsd) of each kept lesion with components; kept lesions without
     for k in kept:
         comps = pairs.get(k)
         if not comps:
@@ -142,7 +186,8 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing, params: LesionPar
             continue
         box = _union_box([ref_boxes[k - 1]] + [pred_boxes[c - 1] for c in comps], ref.shape)
         r, p = ref_cc[box] == k, np.isin(pred_cc[box], comps)
-        found.append((2.0 * float((r & p).sum()) / float(r.sum() + p.sum()), hd95(p, r, spacing)))
+        found.append((2.0 * float((r & p).sum()) / float(r.sum() + p.sum()), hd95(p, r, spacing),
+                      nsd(p, r, spacing, params.nsd_tolerance)))
     fp = n_pred - len(claimed)
     return {**_aggregate(found, missed, fp, params), "tp": len(found), "fp": fp, "fn": missed}
 
@@ -185,18 +230,19 @@ def _match_one_to_one(pred_cc, ref_cc, n_pred, n_ref, params):
 
 
 def _aggregate(found: list, missed: int, fp: int, params: LesionParams) -> dict:
-    """(dice, hd95) of the found lesions, counts of missed and false ones -> the patient's score."""
-    if params.penalised:  # missed and false lesions score (0, penalty) each
+    """(dice, hd95, nsd) of the found lesions, counts of missed and false ones -> the patient's score."""
+    if params.penalised:  # missed and false lesions score (0, penalty, 0) each
         n = len(found) + missed + fp
         if n == 0:
-            return {"dice": params.empty_dice, "hd95": params.empty_hd95}
-        return {"dice": sum(d for d, _ in found) / n,
-                "hd95": (sum(h for _, h in found) + (missed + fp) * params.penalty_hd95) / n}
+            return {"dice": params.empty_dice, "hd95": params.empty_hd95, "nsd": params.empty_dice}
+        return {"dice": sum(d for d, _, _ in found) / n,
+                "hd95": (sum(h for _, h, _ in found) + (missed + fp) * params.penalty_hd95) / n,
+                "nsd": sum(s for _, _, s in found) / n}
     if found:  # the mean over matched lesions alone
-        return {"dice": float(np.mean([d for d, _ in found])), "hd95": float(np.mean([h for _, h in found]))}
+        return {k: float(np.mean([f[i] for f in found])) for i, k in enumerate(("dice", "hd95", "nsd"))}
     if missed or fp:
-        return {"dice": 0.0, "hd95": params.penalty_hd95}
-    return {"dice": params.empty_dice, "hd95": params.empty_hd95}
+        return {"dice": 0.0, "hd95": params.penalty_hd95, "nsd": 0.0}
+    return {"dice": params.empty_dice, "hd95": params.empty_hd95, "nsd": params.empty_dice}
 
 
 def _union_box(boxes, shape, pad: int = 1) -> tuple:
