@@ -87,11 +87,11 @@ def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic release into.")],
     patients: Annotated[int, typer.Option(help="Number of cases.")] = 8,
     shape: Annotated[str, typer.Option(help="Volume shape X,Y,Z (BraTS: 240,240,155).")] = "240,240,155",
-    release: Annotated[str, typer.Option(help="File layout and labels: 2020 (0/1/2/4) or 2023 (0/1/2/3) for both kinds; with --kind toy any release of the table (gli-2024, men, met, ssa, ped-2023, ped-2024, men-rt, msd).")] = "2020",
+    release: Annotated[str, typer.Option(help="File layout, modalities and labels of a release of the table: 2020 (also 2018, 2019, 2021), 2023, gli-2024 (with resection cavities), men, met (with resection cavities), ssa, ped-2023, ped-2024 (with cysts), men-rt (T1Gd and GTV), msd (4-D files).")] = "2020",
     orientation: Annotated[str, typer.Option(help="Stored orientation: lps (as BraTS ships) or ras.")] = "lps",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same cases.")] = 0,
     start: Annotated[int, typer.Option(help="Index of the first case.")] = 1,
-    kind: Annotated[str, typer.Option(help="realistic (MNI152 anatomy, glioma-like tumours, confounders, thick slices, rater noise: hard enough to rank recipes) or toy (an ellipsoid brain with a concentric tumour: fast, for tiny test shapes).")] = "realistic",
+    kind: Annotated[str, typer.Option(help="realistic (MNI152 anatomy, glioma-like tumours, cavities and cysts where the release has them, confounders, thick slices, rater noise: hard enough to rank recipes) or toy (an ellipsoid brain with a concentric tumour: fast, for tiny test shapes).")] = "realistic",
 ):
     """Write synthetic BraTS-format cases (brain, tumour sub-regions, four modalities)."""
     from preprocess.synthetic.demo import write_demo_data

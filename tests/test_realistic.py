@@ -228,3 +228,45 @@ def test_template_loads_without_the_network():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "network used" not in r.stderr
+
+
+@pytest.mark.parametrize("release", ["gli-2024", "met"])
+def test_post_treatment_cases_have_a_resection_cavity_inside_residual_tumour(release):
+    """Every case holds a resection cavity (RC, 4) where the core was: enclosed by tumour labels
+    (the residual rim and oedema), dark on T1 and T1Gd and bright on T2 against white matter."""
+    rel_rc = 4
+    for i in range(4):
+        case, truth = _case(i, release=release)
+        rc = truth.labels == rel_rc
+        assert rc.sum() > 50, (release, i)
+        ring = ndi.binary_dilation(rc, iterations=2) & ~rc & truth.brain
+        assert np.isin(truth.labels[ring], (1, 2, 3, rel_rc)).mean() > 0.7  # mostly tumour around the cavity
+        inner = ndi.binary_erosion(rc)  # away from partial volume
+        wm = (truth.wm > 0.9) & (truth.labels == 0)
+        t1, t1gd, t2 = (np.median(case.images[k][inner]) / np.median(case.images[k][wm]) for k in (0, 1, 2))
+        assert t1 < 0.7 and t1gd < 0.8 and t2 > 1.4, (release, i, t1, t1gd, t2)
+        assert (case.seg == rel_rc).any() and set(np.unique(case.seg)) <= {0, 1, 2, 3, 4}
+
+
+def test_paediatric_cases_have_the_ped_2024_labels_with_a_cyst():
+    """PED 2024 labels: 1 ET, 2 NETC, 3 CC (cyst), 4 ED; every case has its cyst, at the core's
+    edge, bright on T2; the same tumour in 2023 labels maps label for label."""
+    for i in range(3):
+        case, truth = _case(i, release="ped-2024")
+        cc = case.seg == 3
+        assert cc.sum() > 5 and (case.seg == 4).sum() > (case.seg == 2).sum()  # oedema (ED) the largest
+        wm = (truth.wm > 0.9) & (truth.labels == 0)
+        assert np.median(case.images[2][ndi.binary_erosion(cc) | cc]) > 1.3 * np.median(case.images[2][wm])
+        glioma = _case(i, release="2023")[0].seg  # same draws: the same oedema and core
+        assert np.array_equal(case.seg == 4, glioma == 2)  # the cyst is carved from the core only
+        assert np.array_equal(np.isin(case.seg, (1, 2, 3)), np.isin(glioma, (1, 3)))
+        assert not (case.seg == 1)[glioma != 3].any()
+
+
+def test_men_rt_is_t1gd_alone_with_a_gtv():
+    """MEN-RT: one image (T1Gd) and one label, the gross tumour volume: the core, without oedema."""
+    case, truth = _case(1, release="men-rt")
+    glioma = _case(1, release="2023")[0]
+    assert len(case.images) == 1 and np.array_equal(case.images[0], glioma.images[1])  # the T1Gd
+    assert set(np.unique(case.seg)) == {0, 1}
+    assert np.array_equal(case.seg == 1, np.isin(glioma.seg, (1, 3)))

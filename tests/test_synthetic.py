@@ -55,13 +55,23 @@ def test_written_layout_dtype_and_affine(tmp_path):
     assert (tmp_path / "name_mapping.csv").exists()
 
 
-@pytest.mark.parametrize("release", ["gli-2024", "met", "ped-2024", "men-rt", "msd", "men"])
-def test_realistic_cases_of_other_releases_are_one_refusal_and_nothing_written(tmp_path, release):
-    """The realistic generator draws glioma cases in the 2020/2023 layouts: other releases (a
-    post-treatment case needs a resection cavity, MSD its 4D layout) are refused before writing."""
-    from cli_run import cli, refused
+def test_realistic_cases_of_every_release_in_its_layout_and_labels(tmp_path):
+    """make-demo-data --kind realistic (the default) writes every release of the table in its own
+    layout, modalities and labels, and discovery reads each back as that release."""
+    from cli_run import cli
 
-    out = tmp_path / "data"
-    refused(cli("make-demo-data", out, "--release", release, "--patients", "1", "--shape", "40,40,30"),
-            release, "--kind toy")
-    assert not out.exists()
+    from preprocess.discover import discover
+    from shards.domain import RELEASES
+
+    for name, rel in RELEASES.items():
+        out = tmp_path / name
+        code, _, err, exc = cli("make-demo-data", out, "--release", name, "--patients", "2", "--shape", "48,48,32")
+        assert code == 0 and exc is None, (name, err, exc)
+        found = discover(out, need_seg=True, release=None if rel.detect else name)
+        assert [p.release.name for p in found.patients] == [name, name], name
+        for p in found.patients:
+            expected = {"4d", "seg"} if rel.layout == "msd" else {*rel.modalities, "seg"}  # MSD: one 4-D file
+            assert set(p.files) == expected, (name, p.files)
+            values = set(np.unique(load_volume(p.files["seg"]).data).tolist())
+            assert values <= set(rel.label_values) and len(values) > 1, (name, values)
+        assert (out / "imagesTr").is_dir() == (rel.layout == "msd")

@@ -12,13 +12,13 @@ import numpy as np
 from tqdm import tqdm
 
 from preprocess.nifti import save_volume
-from shards.domain import MODALITIES, SEG, release as _release
+from shards.domain import MSD_ORDER, SEG, release as _release
 
 
 @dataclass(frozen=True)
 class Case:
     pid: str
-    images: tuple[np.ndarray, ...]  # 4 x (X, Y, Z) int16, RAS voxel order
+    images: tuple[np.ndarray, ...]  # the release's modalities, (X, Y, Z) int16, RAS voxel order
     seg: np.ndarray  # (X, Y, Z) uint8 in the release's labels
 
 
@@ -42,17 +42,28 @@ def lps_stored(a: np.ndarray) -> np.ndarray:
 
 def write_case(case: Case, root: Path, release: str = "2020", orientation: str = "lps",
                ext: str = ".nii.gz") -> Path:
-    """Write a case in the release's folder layout; LPS storage flips x and y of the RAS array."""
+    """Write a case in the release's layout (a folder per patient, or MSD's imagesTr/ + labelsTr/
+    4-D files); LPS storage flips x and y of the RAS array. `case.images` are the release's
+    modalities, in the order of `shards.domain.MODALITIES`."""
     rel = _release(release)
-    folder = root / case.pid
-    folder.mkdir(parents=True, exist_ok=True)
+    root = Path(root)
     shape = case.seg.shape
     affine = lps_affine(shape) if orientation == "lps" else ras_affine(shape)
 
     def stored(a):
         return lps_stored(a) if orientation == "lps" else a
 
-    for modality, img in zip(MODALITIES, case.images):
+    images = dict(zip(rel.modalities, case.images))
+    if rel.layout == "msd":
+        for sub in ("imagesTr", "labelsTr"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        save_volume(root / "imagesTr" / f"{case.pid}{ext}", np.stack([stored(images[m]) for m in MSD_ORDER], -1),
+                    affine)
+        save_volume(root / "labelsTr" / f"{case.pid}{ext}", stored(case.seg), affine)
+        return root
+    folder = root / case.pid
+    folder.mkdir(parents=True, exist_ok=True)
+    for modality, img in images.items():
         save_volume(folder / rel.file_name(case.pid, modality, ext), stored(img), affine)
     save_volume(folder / rel.file_name(case.pid, SEG, ext), stored(case.seg), affine)
     return folder
@@ -73,6 +84,8 @@ def write_cases(out: Path, make, patients: int, release: str, orientation: str, 
         case, grade = make(i)
         write_case(case, out, release=release, orientation=orientation)
         rows.append((grade, case.pid))
+    if _release(release).layout == "msd":  # MSD ships no name-mapping table
+        return [pid for _, pid in rows]
     with open(out / "name_mapping.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Grade", "BraTS_ID"])

@@ -6,8 +6,20 @@ real BraTS cases are hard, in the same `Case` format (images int16 in RAS voxel 
 the release's labels), so `cases.write_case` writes them in the BraTS layout.
 
 The models live beside this module, one per file: anatomy.py (template, confounders), tumour.py,
-acquisition.py, rater.py; `_generate` calls their stages in order on one draft of the case,
-so every random draw happens in the order it always did (same seed, same bytes).
+fluid.py (resection cavities, cysts), acquisition.py, rater.py; `_generate` calls their stages in
+order on one draft of the case, so every random draw happens in the order it always did (same
+seed, same bytes).
+
+Releases
+    2020 and 2023 cases are drawn in their own labels. Every other release of the table is drawn
+    in working labels (the 2023 ones plus 4 for a fluid space) and mapped into its own
+    (`fluid.release_labels`), with its modalities only: post-treatment GLI 2024 and MET cases have
+    a resection cavity (RC) inside the residual tumour, PED 2024 cases a cyst (CC) at the core's
+    edge with the PED labels (1 ET, 2 NETC, 3 CC, 4 ED), MEN-RT cases are T1Gd alone with the
+    tumour core as the GTV (no oedema label), MSD cases are written as 4-D files in its layout.
+    MEN, SSA and PED 2023 take the glioma-like tumour in their labels. Not modelled: the
+    extra-axial, dural-based shape of meningiomas, multiple metastases, the skull and face that
+    MEN-RT and PED scans keep (the template is skull-stripped).
 
 Anatomy
     The MNI152 2009a symmetric template shipped inside the nilearn wheel (T1, GM and WM
@@ -70,9 +82,12 @@ from preprocess.synthetic.acquisition import acquisition_parameters, draw_contra
 from preprocess.synthetic.anatomy import (BRATS_SHAPE, place_anatomy, plexus_and_vessels, spacing_mm,
                                           template_1mm, template_maps, white_matter_lesions)
 from preprocess.synthetic.cases import Case, write_cases
+from preprocess.synthetic.fluid import carve_fluid, release_labels
 from preprocess.synthetic.rater import rate
 from preprocess.synthetic.tumour import grow_core, grow_oedema, place_tumour, tumour_appearance, tumour_volumes
-from shards.domain import release as release_named
+from shards.domain import MODALITIES, release as release_named
+
+GLIOMA = ("2020", "2023")  # generated in their own labels; other releases in working labels, then mapped
 
 
 @dataclass
@@ -93,28 +108,35 @@ def _generate(index: int, shape=BRATS_SHAPE, release: str = "2020", seed: int = 
               want_truth: bool = False):
     """(Case, Truth or None) of case `index`: the models' stages in order on one draft."""
     rel = release_named(release)  # ValueError naming the known releases
+    release = rel.name  # 2018/2019/2021 -> 2020
     shape = tuple(int(n) for n in shape)
     rng = np.random.default_rng([seed, index, 0x5EA1])
     sp = spacing_mm(shape)
     t1_map, gm_map, wm_map = template_maps(round(sp, 3))
     draft = SimpleNamespace(index=index, shape=shape, release=release, seed=seed, rng=rng, sp=sp,
-                            tmpl=template_1mm(), t1_map=t1_map, gm_map=gm_map, wm_map=wm_map, et_label=rel.et_label)
+                            tmpl=template_1mm(), t1_map=t1_map, gm_map=gm_map, wm_map=wm_map,
+                            et_label=rel.et_label if release in GLIOMA else 3)  # else working labels
     place_anatomy(draft)
     draft.contrast = draw_contrast(rng)
     tumour_volumes(draft)
     place_tumour(draft)
     grow_core(draft)
     grow_oedema(draft)
+    carve_fluid(draft)
     plexus_and_vessels(draft)
     white_matter_lesions(draft)
     tumour_appearance(draft)
     acquisition_parameters(draft)
     draft.images = [modality_image(draft, m) for m in range(4)]
     rate(draft)
-    return draft.case, (truth_of(draft) if want_truth else None)
+    case = draft.case
+    if release not in GLIOMA:  # working labels -> the release's; its modalities only
+        images = tuple(img for m, img in zip(MODALITIES, case.images) if m in rel.modalities)
+        case = Case(pid=case.pid, images=images, seg=release_labels(case.seg, rel))
+    return case, (truth_of(draft, rel) if want_truth else None)
 
 
-def truth_of(draft) -> Truth:
+def truth_of(draft, rel) -> Truth:
     """The true regions, tissue maps and confounders behind the case (for tests)."""
     brain, bsl, conf, contrast = draft.brain, draft.bsl, draft.conf, draft.contrast
     crop, enhancing, full, gm, lab = draft.crop, draft.enhancing, draft.full, draft.gm, draft.lab
@@ -127,7 +149,8 @@ def truth_of(draft) -> Truth:
 
     lab_crop = np.zeros(crop, np.uint8)
     lab_crop[bsl] = lab
-    return Truth(labels=full_grid(lab_crop, np.uint8), brain=full_grid(brain, bool),
+    labels = full_grid(lab_crop, np.uint8)
+    return Truth(labels=labels if rel.name in GLIOMA else release_labels(labels, rel), brain=full_grid(brain, bool),
                  wm=full_grid(wm, np.float32), gm=full_grid(gm, np.float32),
                  confounders={n: full_grid(c > 0.5, bool) for n, c in conf.items()},
                  contrast=contrast, spacing=sp, enhancing=enhancing)
@@ -151,9 +174,13 @@ def make_realistic_data(out: Path, patients: int, shape=BRATS_SHAPE, release: st
                         seed: int = 0, orientation: str = "lps", start: int = 1,
                         progress: bool = False) -> list[str]:
     """Write `patients` realistic cases plus a name-mapping table, like `make_demo_data`;
-    grade LGG when a case has no enhancing tumour."""
+    grade LGG when a case has no enhancing tumour (releases without an ET label: no grade)."""
+    rel = release_named(release)
+
     def make(i):
         case, _ = _generate(i, shape=shape, release=release, seed=seed)
-        return case, ("HGG" if (case.seg == release_named(release).et_label).any() else "LGG")
+        if "ET" not in rel.subregions:
+            return case, ""
+        return case, ("HGG" if (case.seg == rel.et_label).any() else "LGG")
 
     return write_cases(out, make, patients, release, orientation, start, progress, "realistic cases")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.nifti import save_volume
-from preprocess.synthetic.cases import lps_affine, lps_stored
+from preprocess.synthetic.cases import Case, write_case
 from preprocess.synthetic.toy import make_case
-from shards.domain import MODALITIES, MSD_ORDER, SEG, release as release_named
+from shards.domain import MODALITIES, release as release_named
 
 # glioma sub-region of the toy case -> the names it goes by in other releases (the first one the
 # release has is taken)
@@ -70,20 +69,7 @@ def write_release_case(root: Path, release: str, index: int, shape=(45, 54, 45),
     """Write one case in the release's layout (LPS storage, as BraTS ships); returns its id."""
     rel = release_named(release)  # 2018/2019/2021 -> 2020; ValueError naming the known ones
     pid, images, seg = release_case(release, index, shape, seed, defaced)
-    affine = lps_affine(shape)
-    stored = lps_stored
-    root = Path(root)
-    if rel.layout == "msd":
-        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-        save_volume(root / "imagesTr" / f"{pid}.nii.gz", np.stack([stored(images[m]) for m in MSD_ORDER], -1), affine)
-        save_volume(root / "labelsTr" / f"{pid}.nii.gz", stored(seg), affine)
-        return pid
-    folder = root / pid
-    folder.mkdir(parents=True, exist_ok=True)
-    for m, img in images.items():
-        save_volume(folder / rel.file_name(pid, m), stored(img), affine)
-    save_volume(folder / rel.file_name(pid, SEG), stored(seg), affine)
+    write_case(Case(pid=pid, images=tuple(images[m] for m in rel.modalities), seg=seg), Path(root), rel.name)
     return pid
 
 

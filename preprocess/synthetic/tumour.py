@@ -201,6 +201,9 @@ def tumour_appearance(draft) -> None:
     }
     frac = {n: ndi.gaussian_filter(c.astype(np.float32), soft_sigma, truncate=2.5) * t_brain
             for n, c in classes.items()}
+    fluid = getattr(draft, "fluid", None)  # a cavity or cyst (preprocess/synthetic/fluid.py), or None
+    if fluid is not None:
+        frac["fluid"] = ndi.gaussian_filter(fluid[tsl].astype(np.float32), soft_sigma, truncate=2.5) * t_brain
     t_edw = ed_weight[tsl]
     frac["ed"] *= np.where(classes["ed"], t_edw, ndi.gaussian_filter(t_edw, soft_sigma, truncate=2.5))
     healthy_frac = 1 - np.minimum(sum(frac.values()), 1.0)
@@ -209,5 +212,7 @@ def tumour_appearance(draft) -> None:
     t_n1 = n1[tsl]
     weighted = {n: frac[n] * np.exp(texture_amp[n] * (0.6 * t_n1 * (1 if i % 2 else -1) + 0.8 * tex_fine))
                 for i, n in enumerate(texture_amp)}
+    if fluid is not None:  # fluid is nearly uniform: a faint texture of its own
+        weighted["fluid"] = frac["fluid"] * np.exp(np.float32(draft.fluid_texture) * tex_fine)
     tsl_crop = tuple(slice(x0 + o, x1 + o) for x0, x1, o in zip(ta, tb, blo))  # tumour box in crop
     draft.healthy_frac, draft.tsl_crop, draft.weighted = healthy_frac, tsl_crop, weighted
