@@ -167,3 +167,32 @@ def test_refusals_of_option_values_name_the_option(shard_set, release_2020, tmp_
     subs = {"SET": shard_set, "RUN": tmp_path / "run", "SRC": release_2020, "OUT": tmp_path / "out"}
     code, out, err, exc = cli(*[subs.get(a, a) for a in argv])
     assert (code, exc, err) == (2, None, line + "\n")
+
+
+def test_every_help_reads_at_80_columns_with_full_option_names_and_defaults():
+    """At 80 columns no help line is cut or runs over, every option is named in full (the rich
+    table cut `--deep-supervision` and `--checkpoint-every`), and the recipe options, whose values
+    come from --recipe, say what they default to."""
+    import click
+    import typer
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in [("", group), *group.commands.items()]:
+        r = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], terminal_width=80)
+        assert r.exit_code == 0, (name, r.output)
+        lines = r.output.splitlines()
+        assert all(len(line) <= 80 for line in lines), (name, [line for line in lines if len(line) > 80])
+        assert "…" not in r.output, name
+        for p in getattr(command, "params", []):
+            if isinstance(p, click.Option):
+                for opt in p.opts + p.secondary_opts:
+                    assert opt in r.output, (name, opt)
+    r = CliRunner().invoke(app, ["train", "--help"], terminal_width=80)
+    text = " ".join(r.output.split())
+    for opt, default in (("--norm", "instance"), ("--optimizer", "sgd"), ("--schedule", "poly"),
+                         ("--augment", "nnunet"), ("--checkpoint-every", "500")):
+        after = text[text.index(f"{opt} <"):]
+        assert f"[default: {default}" in after[:400], (opt, after[:400])
