@@ -15,9 +15,9 @@ from cli_run import cli  # tests/cli_run.py
 from train.config import TrainConfig
 from train.export import export, read_metadata
 from train.loop import train
-from train.plots import COLOURS
+from train import palette
 from train.predict import load_checkpoint
-from train.show import BAR_COLOURS, figures
+from train.show import figures
 
 FORCED = {"ped-2024", "ped-2023"}  # same file names, other labels: the release must be named
 ALPHA = 0.45  # train.plots.overlay's blend: pixel = (1 - ALPHA) grey + ALPHA colour
@@ -41,29 +41,31 @@ def sets(tmp_path_factory):
     return out
 
 
-def colours_shown(path, k_max: int = len(COLOURS)) -> set[int]:
-    """The overlay colours (indices into train.plots.COLOURS) that at least 20 pixels of a PNG show:
-    a pixel shows colour c when removing ALPHA * c leaves a grey."""
+NAMES = ("WT", "TC", "ET", "RC", "CC", "GTV", "?")  # a colour each in train.palette (ED: WT's, NETC: TC's)
+
+
+def colours_shown(path) -> set[str]:
+    """The overlay colours (by the first of NAMES that has it) that at least 20 pixels of a PNG
+    show: a pixel shows colour c when removing ALPHA * c leaves a grey."""
     import matplotlib.image as mpimg
 
     img = mpimg.imread(path)[..., :3].astype(np.float64)
     coloured = img.max(-1) - img.min(-1) > 0.2  # grey pixels and white margins are not overlays
     shown = set()
-    for c in range(k_max):
-        rest = img - ALPHA * COLOURS[c]
+    for name in NAMES:
+        rest = img - ALPHA * palette.colour(name)
         match = coloured & (rest.max(-1) - rest.min(-1) < 0.03) & (rest.min(-1) > -0.02)
         if match.sum() >= 20:
-            shown.add(c)
+            shown.add(palette.colour_word(name))
     return shown
 
 
-def bar_pixels(path) -> list[int]:
-    """Pixels of each class-balance bar colour (train.show.BAR_COLOURS) in a PNG."""
-    import matplotlib.colors
+def bar_pixels(path, names) -> list[int]:
+    """Pixels of each channel's class-balance bar colour (train.palette.line_colour) in a PNG."""
     import matplotlib.image as mpimg
 
     img = mpimg.imread(path)[..., :3]
-    return [int((np.abs(img - matplotlib.colors.to_rgb(c)).max(-1) < 0.02).sum()) for c in BAR_COLOURS]
+    return [int((np.abs(img - np.array(palette.line_colour(n))).max(-1) < 0.02).sum()) for n in names]
 
 
 @pytest.mark.parametrize("name", list(RELEASES))
@@ -80,17 +82,18 @@ def test_show_draws_every_release(sets, tmp_path, name, which):
         assert p.stat().st_size > 5000, p
     k = len(rel.subregions)
     shown = colours_shown(tmp_path / f"{pid}_overlay.png")
-    assert shown and shown <= set(range(k)), (name, shown)  # only the release's channels' colours
-    if which == "shards":  # exactly the channels present in the drawn slice: the most tumorous one
+    words = {palette.colour_word(n) for n in rel.subregions}
+    assert shown and shown <= words, (name, shown)  # only the release's channels' colours
+    if which == "shards":  # exactly the colours of the channels present in the drawn slice: the most tumorous one
         s = ShardSource(shards)
         _, mask, _ = s.read_patient(pid, "zarr")
         z = int(mask.reshape(len(mask), -1).sum(1).argmax())
-        present = {c for c in range(k) if mask[z, c].any()}
+        present = {palette.colour_word(rel.subregions[c]) for c in range(k) if mask[z, c].any()}
         assert shown == present, (name, shown, present)
-    if which == "shards":  # a bar colour per channel with pixels, none past the release's channels
+    if which == "shards":  # a bar in its channel's colour for each channel with pixels
         pixels = np.sum([p["mask_pixels"] for p in s.manifest["patients"].values()], axis=0)
-        bars = bar_pixels(tmp_path / "class_balance.png")
-        assert [bars[c] >= 30 for c in range(k + 1)] == [bool(v) for v in pixels[:k]] + [False], (name, bars)
+        bars = bar_pixels(tmp_path / "class_balance.png", rel.subregions)
+        assert [bars[c] >= 30 for c in range(k)] == [bool(v) for v in pixels[:k]], (name, bars)
 
 
 def test_show_refuses_a_release_the_shard_set_is_not(sets, tmp_path):

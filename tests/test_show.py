@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from train import palette
 from train.config import TrainConfig
 from train.loop import train
 
@@ -12,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # what each figure must show, as pixel counts of colours in the decoded PNG
-OVERLAY = ("NCR/NET", "ED", "ET")  # train.plots.COLOURS blended with grey: red, green, yellow
-TAB = {"C0": "#1f77b4", "C1": "#ff7f0e", "C2": "#2ca02c", "C3": "#d62728"}  # matplotlib's default cycle
+OVERLAY = ("NCR/NET", "ED", "ET")  # train.palette's colours blended with grey: red, green, yellow
+TAB = {"C0": "#1f77b4"}  # matplotlib's first colour (histograms)
+BARS = {f"bar {n}": palette.line_colour(n) for n in OVERLAY}  # the class-balance bars: the same colours, darker
 
 
 def png_colours(path: Path) -> dict:
@@ -31,6 +33,8 @@ def png_colours(path: Path) -> dict:
     for name, hexc in TAB.items():
         rgb = np.array([int(hexc[i: i + 2], 16) for i in (1, 3, 5)]) / 255
         counts[name] = np.abs(img - rgb).max(axis=-1) < 0.02
+    for name, rgb in BARS.items():
+        counts[name] = np.abs(img - np.array(rgb)).max(axis=-1) < 0.02
     return {"shape": img.shape[:2], "std": float(img.std()),
             "colours": len(np.unique((img * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)),
             "grey": bool(np.abs(r - g).max() < 0.02 and np.abs(g - b).max() < 0.02),
@@ -53,8 +57,8 @@ def check_png(path: Path, overlay: set[str] | None = None) -> dict:
         assert any(c[k] >= 20 for k in OVERLAY), (name, c)
     elif name.endswith("_histograms.png"):
         assert c["C0"] >= 1000, (name, c)
-    elif name == "class_balance.png":  # stacked bars: NCR/NET C3, ED C2, ET C1
-        assert min(c["C3"], c["C2"], c["C1"]) >= 100, (name, c)
+    elif name == "class_balance.png":  # stacked bars in the overlays' colours: NCR/NET red, ED green, ET yellow
+        assert min(c[k] for k in BARS) >= 100, (name, c)
     else:
         raise AssertionError(f"unexpected figure {name}")
     return c

@@ -46,8 +46,12 @@ def _samples(n: int = 2) -> list[dict]:
     return out
 
 
-def _grid_shape(n_samples: int, pad: int = 2) -> tuple[int, int]:
-    return n_samples * W + (n_samples - 1) * pad, 3 * H + 2 * pad  # (height, width)
+K = 12  # overlay_grid enlarges each (20 x 24) panel by 12 to reach 240 pixels a side
+PAD = 4
+
+
+def _grid_shape(n_samples: int) -> tuple[int, int]:
+    return n_samples * W * K + (n_samples - 1) * PAD, 3 * H * K + 2 * PAD  # (height, width)
 
 
 def _accumulator(folder: Path):
@@ -73,21 +77,26 @@ def test_scalar_tags_group_the_metrics_row():
 
 
 def test_overlay_grid_colours_and_orientation():
+    """Columns grey | truth | prediction, each channel in its train.palette colour (the run figures'
+    and show's), painted outermost first, enlarged to 240 pixels, anterior up."""
     s = _samples(1)[0]
     s["image"][:] = 0.0  # black background: the colours alone
     s["mask"][:] = False
     s["pred"][:] = False
-    s["mask"][0, 1, 2] = True  # truth only (x=1, y=2)
-    s["pred"][0, 3, 4] = True  # prediction only
-    s["mask"][0, 5, 6] = s["pred"][0, 5, 6] = True  # both
-    grid = overlay_grid([s])
+    s["mask"][0, 1, 2] = True  # truth WT only at (x=1, y=2): green
+    s["mask"][0, 5, 6] = s["mask"][1, 5, 6] = True  # truth WT and TC: TC's red shows
+    s["pred"][2, 3, 4] = True  # prediction ET at (3, 4): yellow
+    grid = overlay_grid([s], ["WT", "TC", "ET"])
     assert grid.dtype == np.uint8 and grid.shape == (*_grid_shape(1), 3)
-    row = lambda y: W - 1 - y  # noqa: E731 - y runs up: row 0 is the largest y
-    assert tuple(grid[row(2), 1]) == (0, 128, 0)  # green
-    assert tuple(grid[row(4), 3]) == (128, 0, 0)  # red
-    assert tuple(grid[row(6), 5]) == (128, 128, 0)  # yellow
-    assert grid[:, :H].sum() == 3 * 128 + 128  # nothing else marked in the first channel's panel
-    assert grid[:, H:H + 2].min() == 255 and grid[:, H + 2:2 * H + 2].max() == 0  # pad white, channel 2 black
+
+    def pixel(panel: int, x: int, y: int):
+        return tuple(grid[(W - 1 - y) * K + K // 2, panel * (H * K + PAD) + x * K + K // 2])  # y runs up
+
+    assert pixel(1, 1, 2) == (23, 115, 23) and pixel(1, 5, 6) == (115, 23, 23)  # 0.45 x green, red
+    assert pixel(2, 3, 4) == (115, 115, 23)  # 0.45 x yellow
+    assert grid[:, :H * K].max() == 0  # the grey panel: black, nothing marked
+    assert (grid[:, H * K + PAD:2 * H * K + PAD] > 0).any(axis=-1).sum() == 2 * K * K  # two marked voxels
+    assert grid[:, H * K:H * K + PAD].min() == 255  # white gap between panels
 
 
 def test_flatten_config():
@@ -162,11 +171,12 @@ def test_tensorboard_scalars_images_and_config(tmp_path):
     from PIL import Image  # tensorboard's own dependency
 
     png = np.asarray(Image.open(io.BytesIO(images[1].encoded_image_string)).convert("RGB"))
-    np.testing.assert_array_equal(png, overlay_grid(_samples()))  # lossless, as drawn
+    np.testing.assert_array_equal(png, overlay_grid(_samples(), ["WT", "TC", "ET"]))  # lossless, as drawn
     texts = {t: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(t)]
              for t in ("config/text_summary", "predictions/legend/text_summary")}
     assert texts["config/text_summary"][0][0] == 1 and "| train.lr | 0.01 |" in texts["config/text_summary"][0][1]
-    assert "columns: WT, TC, ET" in texts["predictions/legend/text_summary"][0][1]
+    assert "columns: grey image, truth, prediction; WT green, TC red, ET yellow" in texts[
+        "predictions/legend/text_summary"][0][1]
 
 
 def test_tensorboard_resume_purges_the_steps_logged_after_the_checkpoint(tmp_path):
@@ -222,7 +232,7 @@ def test_mlflow_local_store_params_metrics_images_and_resume(tmp_path, monkeypat
     assert [m.step for m in client.get_metric_history(run_id, "throughput/slices_per_s")] == [1, 2, 3]
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     assert sum(p.endswith(".png") for p in images) == 2 and all("predictions" in p for p in images)
-    assert "columns: WT, TC, ET" in run.data.tags["predictions.legend"]
+    assert "WT green, TC red, ET yellow" in run.data.tags["predictions.legend"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no ./mlruns or ./mlartifacts in the CWD
     assert (out / "mlartifacts").is_dir()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.atomic import atomic_path
+from train import palette
 
 
 def _plt():
@@ -40,10 +41,12 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in channels:
-        ax.plot(ep, [h[f"dice_{c}"] for h in history], "o-", label=c)
+        ax.plot(ep, [h[f"dice_{c}"] for h in history], "o-", label=c, color=palette.line_colour(c))
     ax.plot(ep, [h["mean_dice"] for h in history], "k--", label="mean")
     for key in [k for k in history[0] if k.startswith("patient_dice_")]:  # the release's regions
-        ax.plot(ep, [h[key] for h in history], ":", label=f"{key[len('patient_dice_'):]} (3D, per patient)")
+        region = key[len("patient_dice_"):]
+        ax.plot(ep, [h[key] for h in history], ":", label=f"{region} (3D, per patient)",
+                color=palette.line_colour(region))
     ax.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
@@ -53,22 +56,18 @@ def curves(history: list[dict], channels: list[str], out: Path) -> list[Path]:
     return [a, b]
 
 
-# mask channel c is drawn in COLOURS[c]: the glioma sets' three, then those of the releases with more
-COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [1.0, 1.0, 0.2], [0.2, 1.0, 1.0], [1.0, 0.2, 1.0],
-                    [0.3, 0.5, 1.0]])
-COLOUR_NAMES = ("red", "green", "yellow", "cyan", "magenta", "blue")
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The last modality (FLAIR; MEN-RT's T1Gd) in grey with mask channels coloured: (H, W, 3) RGB."""
+def overlay(image: np.ndarray, mask: np.ndarray, channels, alpha: float = 0.45) -> np.ndarray:
+    """The last modality (FLAIR; MEN-RT's T1Gd) in grey with the mask channels (named `channels`)
+    painted over it in their colours, outermost first (`train.palette`): (H, W, 3) RGB."""
     g = image[-1].astype(np.float32)
     brain = np.any(image != 0, axis=0)
     lo, hi = np.percentile(g[brain], [1, 99]) if brain.any() else (0.0, 1.0)
     g = np.where(brain, np.clip((g - lo) / (hi - lo + 1e-6), 0, 1), 0)  # background black
-    rgb = np.repeat(g[..., None], 3, axis=-1)
-    for c in range(mask.shape[0]):
+    grey = np.repeat(g[..., None], 3, axis=-1)
+    rgb = grey.copy()
+    for c in palette.paint_order(list(channels)[:mask.shape[0]]):
         m = mask[c].astype(bool)
-        rgb[m] = (1 - alpha) * rgb[m] + alpha * COLOURS[c % len(COLOURS)]
+        rgb[m] = (1 - alpha) * grey[m] + alpha * palette.colour(channels[c])
     return rgb
 
 
@@ -81,9 +80,9 @@ def predictions(samples: list[dict], channels: list[str], out: Path, name: str =
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for row, s in zip(axes, samples):
         # arrays are (x, y) in RAS order: transpose so y (anterior) runs up, x (right) to the right
-        row[0].imshow(overlay(s["image"], np.zeros_like(s["mask"])).transpose(1, 0, 2), origin="lower")
-        row[1].imshow(overlay(s["image"], s["mask"]).transpose(1, 0, 2), origin="lower")
-        row[2].imshow(overlay(s["image"], s["pred"]).transpose(1, 0, 2), origin="lower")
+        row[0].imshow(overlay(s["image"], np.zeros_like(s["mask"]), channels).transpose(1, 0, 2), origin="lower")
+        row[1].imshow(overlay(s["image"], s["mask"], channels).transpose(1, 0, 2), origin="lower")
+        row[2].imshow(overlay(s["image"], s["pred"], channels).transpose(1, 0, 2), origin="lower")
         row[0].set_ylabel(s["key"], fontsize=7)
         for ax, t in zip(row, (grey, "truth", "prediction")):
             ax.set_title(t, fontsize=9)
@@ -91,8 +90,7 @@ def predictions(samples: list[dict], channels: list[str], out: Path, name: str =
             ax.set_yticks([])
             for text, x, y in (("L", 0.05, 0.5), ("R", 0.95, 0.5), ("P", 0.5, 0.06), ("A", 0.5, 0.94)):
                 ax.text(x, y, text, transform=ax.transAxes, color="white", fontsize=6, ha="center", va="center")
-    legend = ", ".join(f"{c}: {COLOUR_NAMES[i % len(COLOUR_NAMES)]}" for i, c in enumerate(channels))
-    fig.suptitle(f"{title}  ({legend})", fontsize=9)
+    fig.suptitle(f"{title}\n{palette.legend(channels)}", fontsize=9)
     p = _save(fig, out / name)
     plt.close(fig)
     return p

@@ -28,11 +28,11 @@ from shards.manifest import set_channels
 from shards.names import patient_id_problem
 from shards.source import ShardSource
 from train.data import with_context
-from train.plots import COLOUR_NAMES, _plt, _save, overlay, predictions
+from train import palette
+from train.plots import _plt, _save, overlay, predictions
 from train.predict import load_checkpoint, predict_slices
 from train.runfolder import read_run_config
 
-BAR_COLOURS = ("C3", "C2", "C1", "C0", "C4", "C5", "C6", "C7")  # class balance: a colour per channel
 
 
 class Names(NamedTuple):
@@ -174,7 +174,7 @@ def figures(src: str | Path, out: str | Path, patient: str | None = None, releas
 
 
 def _legend(names: Names) -> str:
-    return ", ".join(f"{c} {COLOUR_NAMES[i % len(COLOUR_NAMES)]}" for i, c in enumerate(names.channels))
+    return palette.legend(names.channels)
 
 
 def _modalities(images: np.ndarray, names: Names, title: str, path: Path) -> Path:
@@ -196,7 +196,7 @@ def _planes(images: np.ndarray, mask: np.ndarray, centre: tuple, names: Names, p
               ("coronal", images[:, :, cy, :], mask[:, :, cy, :]),
               ("sagittal", images[:, cx, :, :], mask[:, cx, :, :])]
     for ax, (name, img, m) in zip(axes, planes):
-        _imshow(ax, overlay(img, m).transpose(1, 0, 2), name, name, names.spacing)
+        _imshow(ax, overlay(img, m, names.channels).transpose(1, 0, 2), name, name, names.spacing)
     fig.suptitle(f"{pid}: three planes through the tumour ({names.modalities[-1]}; {_legend(names)})", fontsize=9)
     return _close(plt, fig, path)
 
@@ -206,7 +206,7 @@ def _overlay(images: np.ndarray, mask: np.ndarray, names: Names, path: Path) -> 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
     _imshow(axes[0], _grey(images[-1]), names.modalities[-1], "axial", names.spacing)
-    _imshow(axes[1], overlay(images, mask).transpose(1, 0, 2), f"mask overlay: {_legend(names)}", "axial",
+    _imshow(axes[1], overlay(images, mask, names.channels).transpose(1, 0, 2), f"mask overlay: {_legend(names)}", "axial",
             names.spacing)
     axes[1].title.set_fontsize(8)
     return _close(plt, fig, path)
@@ -276,8 +276,12 @@ def _class_balance(ctx, is_shards: bool, names: Names, out: Path) -> Path:
     f = np.array(fractions, dtype=np.float64).reshape(-1, k) * 100
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(pids)), 4))
     bottom = np.zeros(len(pids))
-    for c, label in enumerate(names.channels):
-        ax.bar(range(len(pids)), f[:, c], bottom=bottom, label=label, color=BAR_COLOURS[c % len(BAR_COLOURS)])
+    used = set()
+    for c in palette.paint_order(names.channels):  # the figures' colours; a colour's second channel hatched
+        label = names.channels[c]
+        rgb = palette.line_colour(label)
+        ax.bar(range(len(pids)), f[:, c], bottom=bottom, label=label, color=rgb, hatch="//" if rgb in used else None)
+        used.add(rgb)
         bottom += f[:, c]
     ax.set_ylim(0, max(bottom.max(initial=0), 1e-3) * 1.08)
     ax.set_xticks(range(len(pids)))

@@ -29,7 +29,8 @@ import numpy as np
 from shards import atomic
 from shards.errors import BratsShardsError
 from shards.redact import redact
-from train.plots import overlay  # the figure's grey scale: FLAIR, 1-99th percentile of the brain
+from train import palette
+from train.plots import overlay  # the run figures' overlay: the same grey, the same colours
 
 KINDS = ("tensorboard", "mlflow")
 RUN_FILE = "mlflow_run.json"  # OUT/mlflow_run.json: the MLflow run a resume continues
@@ -130,20 +131,19 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def overlay_grid(samples: list[dict], alpha: float = 0.5, pad: int = 2) -> np.ndarray:
-    """The validation samples as one RGB image (H, W, 3) uint8: a row per sample, a column per
-    output channel; FLAIR in grey, truth in green, prediction in red (both: yellow). Oriented as
-    plots.predictions draws them: anterior up, the subject's right to the right."""
+def overlay_grid(samples: list[dict], names: list[str], alpha: float = 0.45, pad: int = 4,
+                 min_side: int = 240) -> np.ndarray:
+    """The validation samples as one RGB image (H, W, 3) uint8, as the run figures draw them: a row
+    per sample; columns: the grey modality, the truth, the prediction, each channel in its colour
+    (`train.palette`, outermost first); anterior up, the subject's right to the right. Each panel
+    is enlarged by a whole factor (nearest neighbour) to at least `min_side` pixels a side."""
     rows = []
     for s in samples:
-        grey = overlay(s["image"], s["mask"][:0])[..., 0]  # no mask channels: the grey image (X, Y)
-        panels = []
-        for truth, pred in zip(s["mask"].astype(bool), s["pred"].astype(bool)):
-            colour = np.stack([pred, truth, np.zeros_like(truth)], axis=-1).astype(np.float32)  # (X, Y, 3)
-            marked = (truth | pred)[..., None]
-            rgb = np.where(marked, (1 - alpha) * grey[..., None] + alpha * colour, grey[..., None])
-            panels.append(rgb.transpose(1, 0, 2)[::-1])  # (Y, X, 3), y running up
-        rows.append(_join(panels, axis=1, pad=pad))
+        no_mask = np.zeros_like(s["mask"][:0])
+        panels = [overlay(s["image"], m, names, alpha) for m in (no_mask, s["mask"], s["pred"])]
+        k = max(1, -(-min_side // min(panels[0].shape[:2])))  # ceil
+        rows.append(_join([np.repeat(np.repeat(p.transpose(1, 0, 2)[::-1], k, 0), k, 1) for p in panels],
+                          axis=1, pad=pad))  # (Y, X, 3), y running up
     grid = _join(rows, axis=0, pad=pad)
     return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
 
@@ -160,8 +160,8 @@ def _join(parts: list[np.ndarray], axis: int, pad: int) -> np.ndarray:
 
 
 def legend(samples: list[dict], names: list[str]) -> str:
-    return (f"rows: {', '.join(s['key'] for s in samples)}; columns: {', '.join(names)}; "
-            f"green: truth, red: prediction, yellow: both")
+    return (f"rows: {', '.join(s['key'] for s in samples)}; columns: grey image, truth, prediction; "
+            f"{palette.legend(names)}")
 
 
 def mlflow_uri(out: Path) -> str:
@@ -226,7 +226,7 @@ class TensorBoardTracker:
         self.writer.flush()  # a killed run keeps every epoch it finished
 
     def images(self, samples: list[dict], names: list[str], step: int) -> None:
-        self.writer.add_image("predictions", overlay_grid(samples), step, dataformats="HWC")
+        self.writer.add_image("predictions", overlay_grid(samples, names), step, dataformats="HWC")
         self.writer.add_text("predictions/legend", legend(samples, names), step)
         self.writer.flush()
 
@@ -297,7 +297,7 @@ class MLflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def images(self, samples: list[dict], names: list[str], step: int) -> None:
-        self.client.log_image(self.run_id, overlay_grid(samples), key="predictions", step=step)
+        self.client.log_image(self.run_id, overlay_grid(samples, names), key="predictions", step=step)
         self.client.set_tag(self.run_id, "predictions.legend", legend(samples, names))
 
     def close(self, ok: bool = True) -> None:
