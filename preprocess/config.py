@@ -3,10 +3,13 @@ carries them to predict; validated when made."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from shards.config import from_known_fields
 from shards.domain import MASK_CHANNELS
+
+
+THINS = "train"  # `tumour_free_thins` in a set's config: the split --tumour-free-fraction thins
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,7 @@ class PreprocessConfig:
     normalize: str = "volume"  # "volume" | "slice"
     crop: bool = False
     mask: str = "subregions"  # "subregions" [NCR/NET, ED, ET] | "regions" [WT, TC, ET]
-    tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept
+    tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept (training patients)
     seed: int = 0
 
     def __post_init__(self):
@@ -29,7 +32,15 @@ class PreprocessConfig:
             raise ValueError("size must lie in [8, 1024]")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.tumour_free_fraction < 1.0:  # the sets that thin say whom: training patients only
+            d["tumour_free_thins"] = THINS
+        return d
+
+    def for_split(self, split: str) -> "PreprocessConfig":
+        """The recipe of a patient of `split`: validation patients keep every brain slice, so
+        their per-patient figures count false positives on tumour-free slices too."""
+        return self if split == "train" else replace(self, tumour_free_fraction=1.0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":

@@ -72,8 +72,11 @@ def test_learns_on_small_data(tmp_path):
     hist = train(str(tmp_path / "s"), tmp_path / "run", TrainConfig(base_channels=8, depth=2, batch_size=4,
                                                                     num_workers=0, epochs=8, lr=1e-2), progress=False)
     assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
-    assert max(h["dice_WT"] for h in hist[-3:]) > 0.6
-    assert max(h["patient_dice_WT"] for h in hist[-3:]) > 0.5
+    # validation counts every slice of its patients, the tumour-free ones too (false positives
+    # there count): 8 epochs of this tiny model reach about 0.46 / 0.40 (0.63 / 0.61 when the
+    # validation patients were thinned like the training ones), from 0.12 / 0.11 after one epoch
+    assert max(h["dice_WT"] for h in hist[-3:]) > max(0.4, 3 * hist[0]["dice_WT"])
+    assert max(h["patient_dice_WT"] for h in hist[-3:]) > max(0.33, 3 * hist[0]["patient_dice_WT"])
 
 
 def test_resume_equals_straight_run_and_extends(shard_set, tmp_path):

@@ -35,7 +35,7 @@ from shards.domain import MODALITIES, MODALITY_NAMES, RELEASES, label_rule
 from shards.errors import BratsShardsError
 from shards.manifest import set_channels
 from train import checkpoint as ckpt
-from train.predict import THRESHOLD
+from train.metrics import THRESHOLD
 
 Format = Literal["onnx", "torchscript"]
 FORMATS = get_args(Format)

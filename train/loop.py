@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from train.runfolder import read_val_patients, refuse_existing_run, refuse_links
     write_val_patients
 from train.runlock import RunLock
 from train.runtime import autocast, barrier, dist_env, loader, pick_device, progress_bar, to_device
-from train.validate import choose_postprocess, epoch_record, reduce, summary, validate
+from train.validate import choose_postprocess, epoch_record, reduce, summary, thinned_validation, validate
 
 
 @dataclass
@@ -104,6 +105,8 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
                     dict(cache_dir=cache_dir, storage_options=storage_options, cache_bytes=cache_bytes,
                          timeout=remote_timeout))
         cfg, opt = run.cfg, run.parts["optimizer"]
+        if rank == 0 and (note := thinned_validation(run.source.manifest["config"], cfg.folds)):
+            print(note, file=sys.stderr, flush=True)
         trackers = start_recording(run, shards, overwrite, log, run_name, quiet=not progress) if rank == 0 else []
         ok = False
         try:  # the trackers are closed however the loop ends (MLflow marks a failed run)

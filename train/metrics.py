@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+THRESHOLD = 0.5  # an output is positive where its probability exceeds this (validation, predict, export)
+
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - mean over channels of soft Dice, sums over batch and pixels. (B, C, H, W)."""

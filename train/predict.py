@@ -42,8 +42,8 @@ from shards.errors import BratsShardsError
 from train import checkpoint as ckpt
 from train.data import with_context
 from train.postprocess import PostprocessConfig, postprocess
+from train.metrics import THRESHOLD
 
-THRESHOLD = 0.5  # a channel is positive where its probability exceeds this
 
 
 class PredictError(BratsShardsError, ValueError):

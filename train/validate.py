@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shards.domain import REGIONS, RELEASES, Release, subregions_of, to_regions
+from shards.domain import REGIONS, RELEASES, Release, subregion_channels, subregions_of, to_labels, to_regions
 from shards.source import ShardSource
 from train import recipe
-from train.metrics import confusion, scores
+from train.metrics import THRESHOLD, confusion, scores
 from train.postprocess import PostprocessConfig, choose
 from train.runtime import autocast, to_device
 
@@ -38,9 +38,9 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
             logits = net(x)
         loss_sum += loss_fn(logits, y).item() * len(batch["keys"])
         n += len(batch["keys"])
-        pred, truth = (logits.float() > 0).cpu(), y.bool().cpu()  # (B, K, H, W) bool
+        pred, truth = (torch.sigmoid(logits.float()) > THRESHOLD).cpu(), y.bool().cpu()  # (B, K, H, W), as predict
         conf += confusion(pred, truth)
-        pr, tr = to_regions(pred.numpy(), output_mode, 1, rel), to_regions(truth.numpy(), output_mode, 1, rel)  # once
+        pr, tr = labelled_regions(pred.numpy(), output_mode, rel), to_regions(truth.numpy(), output_mode, 1, rel)
         sub_conf += confusion(torch.from_numpy(subregions_of(pr, 1, rel)), torch.from_numpy(subregions_of(tr, 1, rel)))
         _count_patient_regions(patients, pr, tr, batch["patients"])
         if keep:
@@ -53,6 +53,14 @@ def validate(net, batches, loss_fn, device: torch.device, modes: tuple[str, str]
               for pid, v in slices.items()}  # pid -> (pred, truth) regions (3, S, H, W)
     return {"loss_sum": loss_sum, "n": n, "confusion": conf, "sub_confusion": sub_conf, "patients": patients,
             "samples": samples, "stacks": stacks}
+
+
+def labelled_regions(pred: np.ndarray, mode: str, rel: Release) -> np.ndarray:
+    """Bool outputs (B, K, H, W) -> the regions (B, R, H, W) of the label map `predict` writes from
+    them (`to_labels`), as `evaluate` reads them: a TC predicted outside WT is also WT, and so on.
+    The per-patient figures are then `evaluate`'s on the same slices."""
+    labels = to_labels(np.moveaxis(pred, 1, 0), mode, rel)  # (B, H, W)
+    return np.moveaxis(to_regions(subregion_channels(labels, rel), "subregions", 0, rel), 0, 1)
 
 
 def _count_patient_regions(patients: dict, pred_regions: np.ndarray, true_regions: np.ndarray,
@@ -133,6 +141,25 @@ def choose_postprocess(stacks: dict, source: ShardSource) -> dict:
              for pid, (pred, ref) in stacks.items()]
     return choose(cases) if cases else {"config": PostprocessConfig().to_dict(), "dice_before": 0.0,
                                          "dice_after": 0.0}
+
+
+def thinned_validation(config: dict, folds: int) -> str | None:
+    """A line saying the validation patients' figures miss slices, where they do: sets built with
+    --tumour-free-fraction before it spared validation patients (no `tumour_free_thins` in their
+    config), and --folds, whose validation patients come from the thinned training split."""
+    pre = config["preprocess"]
+    fraction = pre.get("tumour_free_fraction", 1.0)
+    if fraction >= 1.0:
+        return None
+    if "tumour_free_thins" not in pre:
+        return (f"note: this set was built with --tumour-free-fraction {fraction:g} before validation patients "
+                f"kept every slice: the per-patient figures skip their dropped tumour-free slices (false "
+                f"positives there are not counted); rebuild the set to count them")
+    if folds:
+        return (f"note: with --folds the validation patients come from the set's training split, thinned by "
+                f"--tumour-free-fraction {fraction:g}: the per-patient figures skip their dropped tumour-free "
+                f"slices; build with --tumour-free-fraction 1 to count them")
+    return None
 
 
 def slice_voxel_mm3(geometry: dict, size: int) -> float:

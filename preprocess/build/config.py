@@ -71,6 +71,7 @@ class BuildConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["formats"] = list(self.formats)
+        d["preprocess"] = self.preprocess.to_dict()  # its own record (a thinned set says whom it thins)
         return d
 
     @classmethod

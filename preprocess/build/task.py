@@ -28,7 +28,7 @@ def build_patient(pf: PatientFiles, in_root: str, out: str, split: str, cfg: Bui
     try:
         if not pf.problem:  # from the headers alone: volumes each legal alone may not fit together
             nifti.check_patient_footprint(pf.files.values())
-        ps = process_patient(pf, cfg.preprocess, Path(in_root))
+        ps = process_patient(pf, cfg.preprocess.for_split(split), Path(in_root))  # val: every brain slice
     except Exception as e:  # recorded in the manifest's `failed`, never swallowed
         reason = str(e) if isinstance(e, InputError) else " ".join(f"{type(e).__name__}: {e}".split())
         return {"pid": pf.pid, "error": reason}
