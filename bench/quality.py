@@ -21,6 +21,8 @@ Recipes:
   +context    the default with one neighbouring slice on each side (when the default has none),
               seeds 0 and 1
   monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
+  nnunet/sK   nnU-Net v2's own 2d configuration (bench/nnunet_peer.py, in a Python with nnunetv2:
+              --nnunet-python), the same patients, split, model size and slices; seeds 0, 1, 2
 
 Results are kept per recipe under WORK/results/, so a stopped run continues where it was. Last
 line: JSON with every recipe's summary.
@@ -94,6 +96,7 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     out = {}
     for seed in (0, 1):
         out[f"seed/s{seed}"] = (dataclasses.replace(seed_cfg, seed=seed), None)
+    for seed in (0, 1, 2):
         out[f"default/s{seed}"] = (dataclasses.replace(base, seed=seed), None)
     for part, fields in ABLATIONS.items():
         cfg = dataclasses.replace(base, **fields)
@@ -120,6 +123,11 @@ def score(work: Path, name: str, members: list, output_mode: str, post, test: Pa
         ps, affine = prepare_patient(pf, pre)
         labels = segment(ps, [(m, k) for m, k, _ in members], output_mode, pf.release, affine, device, post=post)
         save_volume(pred_dir / f"{pf.pid}.nii.gz", labels, affine)
+    return score_folder(pred_dir, test)
+
+
+def score_folder(pred_dir: Path, test: Path) -> dict:
+    """`evaluate` of a folder of test predictions: mean and sd over patients of Dice and HD95."""
     r = evaluate(pred_dir, test, pred_dir / "metrics.csv", progress=False)
     summary = {}
     for metric in ("dice", "hd95"):
@@ -169,6 +177,26 @@ def run_peer(work: Path, s: dict, shards: Path, test: Path, device) -> dict:
             "slices": slices}
 
 
+def run_nnunet(work: Path, s: dict, shards: Path, test: Path, seed: int, python: str) -> dict:
+    """nnU-Net v2's 2d recipe (bench/nnunet_peer.py) in `python`, scored like the others."""
+    import subprocess
+
+    slices = s["epochs"] * s["max_batches"] * s["batch"]
+    cmd = [python, str(Path(__file__).parent / "nnunet_peer.py"), "--shards", str(shards), "--test", str(test),
+           "--work", str(work / "nnunet"), "--seed", str(seed), "--slices", str(slices), "--batch", str(s["batch"]),
+           "--base", str(s["base"]), "--depth", str(s["depth"])]
+    log = work / "nnunet" / f"log_s{seed}.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    lines = log.read_text().strip().splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise SystemExit(f"nnU-Net peer failed (exit {done.returncode}); see {log}")
+    r = json.loads(lines[-1])
+    return {"recipe": f"nnunet/s{seed}", "scores": score_folder(Path(r["pred_dir"]), test),
+            "train_seconds": r["train_seconds"], "slices_per_s": r["slices_per_s"], "slices": r["slices"]}
+
+
 def table(results: dict) -> str:
     """Markdown: Dice (mean +- sd over test patients) and HD95 per region, slices/s."""
     head = ("| recipe | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r}" for r in REGIONS)
@@ -212,6 +240,8 @@ def main():
                     "--only=-deep-supervision,-deep-supervision/s1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-peer", action="store_true", help="skip the MONAI peer")
+    ap.add_argument("--nnunet-python", default=sys.executable,
+                    help="a Python with nnunetv2 for the nnunet/sK peers (see bench/nnunet_peer.py)")
     a = ap.parse_args()
     s = SETTINGS[a.setting]
     work = Path(a.work) / a.setting
@@ -222,7 +252,8 @@ def main():
     todo = recipes(s, TrainConfig(), only)
     results = {}
     (work / "results").mkdir(parents=True, exist_ok=True)
-    names = list(todo) + ([] if a.no_peer else ["monai"])
+    names = list(todo) + ([] if a.no_peer else ["monai"]) + [f"nnunet/s{k}" for k in range(3)
+                                                             if f"nnunet/s{k}" in only]
     for name in names:
         path = work / "results" / f"{name.replace('/', '_')}.json"
         if path.exists():
@@ -233,6 +264,8 @@ def main():
         print(f"== {name}", flush=True)
         if name == "monai":
             r = run_peer(work, s, shards, test, device)
+        elif name.startswith("nnunet/s"):
+            r = run_nnunet(work, s, shards, test, int(name[len("nnunet/s"):]), a.nnunet_python)
         else:
             cfg, reuse = todo[name]
             r = run_recipe(work, name, cfg, reuse, shards, test, device)
