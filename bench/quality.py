@@ -20,6 +20,7 @@ Recipes:
   -postprocess  the default's seed-0 model predicted without post-processing (no retraining)
   +context    the default with one neighbouring slice on each side (when the default has none),
               seeds 0 and 1
+  +fg-balance the default with nnU-Net's class-balanced foreground sampling, seeds 0, 1, 2
   monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
   nnunet/sK   nnU-Net v2's own 2d configuration (bench/nnunet_peer.py, in a Python with nnunetv2:
               --nnunet-python), the same patients, split, model size and slices; seeds 0, 1, 2
@@ -105,6 +106,9 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     if base.context == 0:  # measured as an addition instead, with both seeds
         for seed in (0, 1):
             out[f"+context/s{seed}"] = (dataclasses.replace(base, context=1, seed=seed), None)
+    if not base.fg_balance:  # nnU-Net's class-balanced foreground sampling, as an addition, 3 seeds
+        for seed in (0, 1, 2):
+            out[f"+fg-balance/s{seed}"] = (dataclasses.replace(base, fg_balance=True, seed=seed), None)
     out["-postprocess"] = (None, "default/s0")
     for name in sorted(extra):
         part, _, seed = name.rpartition("/s")

@@ -40,3 +40,40 @@ def test_with_foreground_fills_each_batch_to_its_share_from_tumour_seen_so_far()
         assert sum(bool(it[1].any()) for it in b) >= 2  # at least half of each batch
     seen = {it[2] for it in items}
     assert all(it[2] in seen for b in out for it in b)  # draws are slices of the stream
+
+
+def test_balanced_oversampling_draws_every_channel_evenly():
+    """nnU-Net's sampling (--fg-balance): the drawn share of the batch is spread evenly over the
+    mask channels present, so a rare channel (here ET, in 10 % of the reservoir's slices) fills
+    half of the draws instead of a tenth; the rest of the batch is untouched."""
+    from train.data import oversample, oversample_balanced
+
+    def item(channel, tag):
+        mask = np.zeros((3, 4, 4), np.uint8)
+        mask[channel, :2, :2] = 1
+        return (tag, mask)
+
+    reservoir = [item(1, "ED")] * 90 + [item(2, "ET")] * 10
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(200):
+        batch = [("empty", np.zeros((3, 4, 4), np.uint8))] * 12
+        oversample_balanced(batch, reservoir, 1 / 3, rng)
+        assert sum(b[0] != "empty" for b in batch) == 4  # ceil(12 / 3) slices drawn
+        drawn += [b[0] for b in batch if b[0] != "empty"]
+    share_et = drawn.count("ET") / len(drawn)
+    assert 0.42 < share_et < 0.58, share_et
+    plain = []
+    for _ in range(200):
+        batch = [("empty", np.zeros((3, 4, 4), np.uint8))] * 12
+        oversample(batch, reservoir, 1 / 3, rng)
+        plain += [b[0] for b in batch if b[0] != "empty"]
+    assert plain.count("ET") / len(plain) < 0.2  # in proportion to the reservoir
+    # a batch already full of tumour is still drawn from (nnU-Net forces its share), and an empty
+    # reservoir leaves the batch alone
+    full = [item(1, "mine")] * 6
+    oversample_balanced(full, reservoir, 0.5, rng)
+    assert sum(b[0] != "mine" for b in full) == 3
+    alone = [item(1, "mine")] * 6
+    oversample_balanced(alone, [], 0.5, rng)
+    assert all(b[0] == "mine" for b in alone)

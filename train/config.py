@@ -38,6 +38,7 @@ class TrainConfig:
     fmt: Literal["", "zarr", "wds"] = ""  # "" = what the set holds (zarr preferred)
     augment: Literal["off", "light", "nnunet"] = "nnunet"  # light: the seed's flips/rotation in the loader
     fg_fraction: float = 1 / 3  # share of each batch with tumour (foreground oversampling)
+    fg_balance: bool = False  # nnU-Net's sampling: that share always drawn, for a mask channel chosen evenly
     context: int = 0  # 2.5D: neighbouring slices on each side as extra channels
     folds: int = 0  # >1: cross-validation on the training split; `fold` is held out for validation
     fold: int = 0

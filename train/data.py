@@ -19,6 +19,9 @@ Recipe options (`StreamConfig`):
     with replacement from the last `FG_RESERVOIR` tumour slices this worker has read, in place of
     randomly chosen tumour-free ones. Batch counts do not change, so every rank still gets the
     same number of batches, and the draws come from the worker's seeded generator.
+  * `fg_balance` (nnU-Net's own sampling): instead, ceil(fg_fraction * batch) slices of every
+    batch are drawn from that reservoir, each for a mask channel chosen evenly among those present
+    and then a slice weighted by that channel's pixels (`oversample_balanced`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class StreamConfig:
     patients: tuple[str, ...] | None = None  # None: the whole split
     context: int = 0  # 2.5D: neighbouring slices on each side, as extra channels
     fg_fraction: float = 0.0  # share of each training batch that holds tumour (at least)
+    fg_balance: bool = False  # nnU-Net's sampling: that share always drawn, each for a mask channel chosen evenly
 
     def __post_init__(self):
         check_choices(self)
@@ -151,7 +155,7 @@ class SliceStream(IterableDataset):
             items = take(items, self.quota(self.epoch, worker))
         batches = batched(items, self.cfg.batch_size, keep_last=not train)
         if train and self.cfg.fg_fraction:
-            batches = with_foreground(batches, self.cfg.fg_fraction, rng)
+            batches = with_foreground(batches, self.cfg.fg_fraction, rng, self.cfg.fg_balance)
         for batch in batches:
             yield self.collate(batch, gen)
 
@@ -204,15 +208,32 @@ def batched(items, size: int, keep_last: bool):
         yield batch
 
 
-def with_foreground(batches, fraction: float, rng):
+def with_foreground(batches, fraction: float, rng, balance: bool = False):
     """Each batch with at least ceil(fraction * len) tumour slices (`oversample`), drawn from the
-    last FG_RESERVOIR tumour slices of the stream so far (this batch's included)."""
+    last FG_RESERVOIR tumour slices of the stream so far (this batch's included); with `balance`,
+    ceil(fraction * len) of its slices always drawn, class-balanced (`oversample_balanced`)."""
     reservoir = []
     for batch in batches:
         reservoir.extend(item for item in batch if item[1].any())
         del reservoir[:-FG_RESERVOIR]
-        oversample(batch, reservoir, fraction, rng)
+        (oversample_balanced if balance else oversample)(batch, reservoir, fraction, rng)
         yield batch
+
+
+def oversample_balanced(batch: list, reservoir: list, fraction: float, rng) -> None:
+    """In place, as nnU-Net samples foreground: ceil(fraction * len) randomly placed slices of the
+    batch are replaced by draws from `reservoir`, each for a mask channel chosen evenly among those
+    the reservoir holds, then a slice with probability proportional to that channel's pixels in it
+    (nnU-Net: a foreground class or region, then one of its voxels). Rare classes (ET) get their
+    share of the drawn slices however small they are."""
+    n = int(np.ceil(fraction * len(batch) - 1e-9))
+    if n <= 0 or not reservoir:
+        return
+    areas = np.array([item[1].reshape(item[1].shape[0], -1).sum(1, dtype=np.int64) for item in reservoir])  # (R, K)
+    present = np.flatnonzero(areas.sum(0))
+    for i in rng.choice(len(batch), size=min(n, len(batch)), replace=False):
+        c = present[rng.integers(len(present))]
+        batch[i] = reservoir[rng.choice(len(reservoir), p=areas[:, c] / areas[:, c].sum())]
 
 
 def oversample(batch: list, reservoir: list, fraction: float, rng) -> None:

@@ -248,7 +248,8 @@ def streams(source: ShardSource, cfg: TrainConfig, rank: int, world: int, train_
     common = dict(fmt=cfg.fmt, batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size,
                   context=cfg.context)
     train_ds = SliceStream(source, StreamConfig(split="train", train=True, augment=cfg.augment == "light",
-                                                patients=train_pids, fg_fraction=cfg.fg_fraction, **common),
+                                                patients=train_pids, fg_fraction=cfg.fg_fraction,
+                                                fg_balance=cfg.fg_balance, **common),
                            rank, world, cfg.num_workers)
     val_split = "train" if cfg.folds else "val"
     val_ds = SliceStream(source, StreamConfig(split=val_split, train=False, patients=val_pids, **common), rank, world,
