@@ -50,6 +50,8 @@ import numpy as np
 DATASET_ID, DATASET = 501, "Dataset501_BratsShards"
 SLICE_SPACING = 5.0  # the pseudo-volume's S axis: the largest spacing, so nnU-Net's 2D slices are ours
 NNUNET_LABEL = {"ED": 1, "NCR/NET": 2, "ET": 3}  # nnU-Net's BraTS convention
+REGIONS = {"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}  # dataset.json's labels
+REGIONS_CLASS_ORDER = [1, 2, 3]  # nnU-Net writes region k as this label, later regions over earlier ones
 
 
 def pseudo_volume(images: Path, case: str, image: np.ndarray, labels: np.ndarray | None = None,
@@ -75,6 +77,12 @@ def nnunet_labels(mask: np.ndarray, channels: list[str]) -> np.ndarray:
     return out
 
 
+def regions_of_nested(lab: np.ndarray) -> np.ndarray:
+    """nnU-Net's nested output labels (S, H, W) -> the regions (S, 3, H, W) [WT, TC, ET]: a voxel
+    labelled with region k's REGIONS_CLASS_ORDER value is in region k and in every earlier one."""
+    return np.stack([lab >= REGIONS_CLASS_ORDER[k] for k in range(3)], axis=1) & (lab > 0)[:, None]
+
+
 def export_raw(shards: str, raw: Path) -> dict:
     """The shard set as nnU-Net's raw dataset; returns its splits (fold 0)."""
     from shards.manifest import set_channels
@@ -96,8 +104,8 @@ def export_raw(shards: str, raw: Path) -> dict:
             splits[split].append(case)
     n = len(splits["train"]) + len(splits["val"])
     dataset = {"channel_names": {"0": "T1", "1": "T1Gd", "2": "T2", "3": "FLAIR"},
-               "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
-               "regions_class_order": [1, 2, 3], "numTraining": n, "file_ending": ".nii.gz"}
+               "labels": {"background": 0, **REGIONS}, "regions_class_order": REGIONS_CLASS_ORDER,
+               "numTraining": n, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(dataset, indent=1))
     return splits
 
@@ -184,7 +192,7 @@ def predict_test(model_dir: str, shards: str, test: str, out: Path, tmp: Path) -
     out.mkdir(parents=True, exist_ok=True)
     for case, (pf, ps, affine) in cases.items():
         lab = np.moveaxis(np.asarray(nib.load(str(tmp / "seg" / f"{case}.nii.gz")).dataobj), -1, 0)  # (S, H, W)
-        regions = np.stack([lab > 0, (lab == 2) | (lab == 3), lab == 3], axis=1).astype(np.float32)  # nested labels
+        regions = regions_of_nested(lab).astype(np.float32)
         source = ps.geometry.inverse(regions, ps.slice_index) > 0.5  # (3, X, Y, Z), as predict maps back
         save_volume(out / f"{pf.pid}.nii.gz", to_labels(source, "regions", pf.release), affine)
 
