@@ -182,6 +182,12 @@ def info(
     typer.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_summary(s))
 
 
+# train's options that go into TrainConfig as they are (the recipe's are RECIPE_FIELDS; --format is `fmt`)
+TRAIN_OPTIONS = ("model", "base_channels", "depth", "loss", "warmup_epochs", "folds", "fold", "epochs", "batch_size",
+                 "num_workers", "seed", "device", "compile", "log_samples", "max_batches", "checkpoint_every",
+                 "fg_balance", "grad_clip")
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -204,6 +210,7 @@ def train(
     augment: Annotated[Optional[str], typer.Option(help="nnunet (rotation, scaling, mirroring, noise, blur, brightness, contrast, low resolution, gamma on the training device), light (the seed's flips and small rotations in the loader) or off.  [default: nnunet]")] = None,
     fg_fraction: Annotated[Optional[float], typer.Option(help="Share of each batch that holds tumour (foreground oversampling).  [default: 0.33]")] = None,
     fg_balance: Annotated[bool, typer.Option("--fg-balance/--no-fg-balance", help="Foreground sampling as nnU-Net's: the --fg-fraction share of every batch drawn for a mask channel chosen evenly (rare ET as often as oedema), a slice weighted by that channel's pixels.")] = False,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm at this value (nnU-Net: 12); 0: off.")] = 0.0,
     context: Annotated[Optional[int], typer.Option(help="2.5D: neighbouring slices on each side given as extra channels.  [default: 0]")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation: split the training patients into this many folds by the hash of the patient id alone (not --seed: the folds of one --folds K partition the patients whatever the seed; 0: off, use the set's val split).")] = 0,
     fold: Annotated[int, typer.Option(help="With --folds: the fold held out for validation.")] = 0,
@@ -233,10 +240,8 @@ def train(
     from train.loop import train as run
 
     options = dict(locals())  # the recipe options by name, as RECIPE_FIELDS names them; the others as they are
-    same = ("model", "base_channels", "depth", "loss", "warmup_epochs", "folds", "fold", "epochs", "batch_size",
-            "num_workers", "seed", "device", "compile", "log_samples", "max_batches", "checkpoint_every", "fg_balance")
     cfg = _config(from_options, recipe_name=recipe, recipe_options={k: options[k] for k in RECIPE_FIELDS},
-                  fmt=format, **{k: options[k] for k in same})
+                  fmt=format, **{k: options[k] for k in TRAIN_OPTIONS})
     with _refusals(f"continue with the same command plus --resume (from {out / 'checkpoints' / 'last.pt'})"):
         history = run(shards, out, cfg, resume=resume, overwrite=overwrite, progress=not quiet, cache_dir=cache_dir,
                       storage_options=_json_object(storage_options, "--storage-options"), cache_bytes=int(cache_size_gb * 2**30), remote_timeout=remote_timeout,

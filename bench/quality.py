@@ -21,6 +21,7 @@ Recipes:
   +context    the default with one neighbouring slice on each side (when the default has none),
               seeds 0 and 1
   +fg-balance the default with nnU-Net's class-balanced foreground sampling, seeds 0, 1, 2
+  +grad-clip  the default with nnU-Net's gradient clipping (norm 12), seeds 0, 1, 2
   monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
   nnunet/sK   nnU-Net v2's own 2d configuration (bench/nnunet_peer.py, in a Python with nnunetv2:
               --nnunet-python), the same patients, split, model size and slices; seeds 0, 1, 2
@@ -109,6 +110,9 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     if not base.fg_balance:  # nnU-Net's class-balanced foreground sampling, as an addition, 3 seeds
         for seed in (0, 1, 2):
             out[f"+fg-balance/s{seed}"] = (dataclasses.replace(base, fg_balance=True, seed=seed), None)
+    if not base.grad_clip:  # nnU-Net's gradient clipping (norm 12), as an addition, 3 seeds
+        for seed in (0, 1, 2):
+            out[f"+grad-clip/s{seed}"] = (dataclasses.replace(base, grad_clip=12.0, seed=seed), None)
     out["-postprocess"] = (None, "default/s0")
     for name in sorted(extra):
         part, _, seed = name.rpartition("/s")

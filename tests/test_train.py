@@ -218,3 +218,23 @@ def test_torchrun_two_ranks_disjoint_data_equal_batches(shard_set, tmp_path):
         pb = {k.rsplit("_s", 1)[0] for k in b["keys"]}
         assert not pa & pb  # whole patients per rank
     assert len(_rows(run)) == 2
+
+
+def test_grad_clip_bounds_the_update(shard_set, tmp_path):
+    """--grad-clip (nnU-Net's 12): one SGD step with the gradient norm clipped to 1e-9 barely moves
+    the weights; the same step unclipped moves them; the initial weights are the seed's."""
+    from train.loop import training_parts
+
+    cfg = TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1, max_batches=1,
+                      postprocess=False, augment="off", weight_decay=0.0)  # decay moves weights unclipped
+    start = {k: v.clone() for k, v in training_parts(cfg, torch.device("cpu"))["model"].state_dict().items()}
+
+    def moved(run_cfg, name):
+        train(str(shard_set), tmp_path / name, run_cfg, progress=False)
+        state = checkpoint.load(tmp_path / name / "checkpoints" / "last.pt")["model"]
+        return max(float((state[k].float() - start[k].float()).abs().max()) for k in start if k.endswith("weight"))
+
+    assert moved(dataclasses.replace(cfg, grad_clip=1e-9), "clipped") < 1e-7
+    assert moved(cfg, "free") > 1e-4
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=float("nan"))
