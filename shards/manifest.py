@@ -159,6 +159,10 @@ def _problems(m: dict):
             or not (type(pre.get("size")) is int and 8 <= pre["size"] <= 1024):
         yield "config.preprocess is missing or has no valid mask/size"
         return
+    tff = pre.get("tumour_free_fraction", 1.0)  # training reads it (whom the set thinned)
+    if type(tff) not in (int, float) or not 0.0 <= tff <= 1.0:
+        yield f"config.preprocess.tumour_free_fraction {str(tff)[:40]!r} is not a number in [0, 1]"
+        return
     if "modalities" in cfg and _names_problem(cfg["modalities"], DEFAULT_MODALITIES, 4):
         yield f"config.modalities {str(cfg['modalities'])[:80]!r} is not a list of distinct modalities"
         return

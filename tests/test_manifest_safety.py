@@ -71,6 +71,11 @@ MUTATIONS = {
     "huge zarr metadata": lambda m: [f.update(bytes=50 * 2**20) for f in m["files"]
                                      if f["path"].endswith("/image/zarr.json")][:1] and m,
     "mask_pixels beyond pixels": lambda m: m["patients"][_first(m)].update(mask_pixels=[10**12, 0, 0]) or m,
+    # training reads it to say whom the set thinned: a string or a list there was a TypeError
+    "tumour_free_fraction a string": lambda m: m["config"]["preprocess"].update(tumour_free_fraction="0.5x") or m,
+    "tumour_free_fraction a list": lambda m: m["config"]["preprocess"].update(tumour_free_fraction=[1]) or m,
+    "tumour_free_fraction NaN": lambda m: m["config"]["preprocess"].update(tumour_free_fraction=float("nan")) or m,
+    "tumour_free_fraction above 1": lambda m: m["config"]["preprocess"].update(tumour_free_fraction=2) or m,
 }
 
 
