@@ -146,6 +146,18 @@ def _count(v, limit: int) -> bool:
     return type(v) is int and 0 <= v <= limit
 
 
+def _preprocess_problem(cfg) -> str | None:
+    """What is wrong with a manifest's config.preprocess (the fields readers rely on), or None."""
+    pre = cfg.get("preprocess") if isinstance(cfg, dict) else None
+    if not isinstance(pre, dict) or pre.get("mask") not in ("subregions", "regions") \
+            or not (type(pre.get("size")) is int and 8 <= pre["size"] <= 1024):
+        return "config.preprocess is missing or has no valid mask/size"
+    tff = pre.get("tumour_free_fraction", 1.0)  # training reads it (whom the set thinned)
+    if type(tff) not in (int, float) or not 0.0 <= tff <= 1.0:
+        return f"config.preprocess.tumour_free_fraction {str(tff)[:40]!r} is not a number in [0, 1]"
+    return None
+
+
 def _problems(m: dict):
     """Yield what is wrong with a manifest that passed `check_format` (nothing: it is valid)."""
     layouts = m["format"].get("layouts")
@@ -154,14 +166,8 @@ def _problems(m: dict):
         yield f"format.layouts {layouts!r} is not a non-empty list of {LAYOUTS}"
         return
     cfg = m.get("config")
-    pre = cfg.get("preprocess") if isinstance(cfg, dict) else None
-    if not isinstance(pre, dict) or pre.get("mask") not in ("subregions", "regions") \
-            or not (type(pre.get("size")) is int and 8 <= pre["size"] <= 1024):
-        yield "config.preprocess is missing or has no valid mask/size"
-        return
-    tff = pre.get("tumour_free_fraction", 1.0)  # training reads it (whom the set thinned)
-    if type(tff) not in (int, float) or not 0.0 <= tff <= 1.0:
-        yield f"config.preprocess.tumour_free_fraction {str(tff)[:40]!r} is not a number in [0, 1]"
+    if (why := _preprocess_problem(cfg)) is not None:
+        yield why
         return
     if "modalities" in cfg and _names_problem(cfg["modalities"], DEFAULT_MODALITIES, 4):
         yield f"config.modalities {str(cfg['modalities'])[:80]!r} is not a list of distinct modalities"
