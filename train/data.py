@@ -212,24 +212,37 @@ def with_foreground(batches, fraction: float, rng, balance: bool = False):
     """Each batch with at least ceil(fraction * len) tumour slices (`oversample`), drawn from the
     last FG_RESERVOIR tumour slices of the stream so far (this batch's included); with `balance`,
     ceil(fraction * len) of its slices always drawn, class-balanced (`oversample_balanced`)."""
-    reservoir = []
+    reservoir, areas = [], []  # areas: each reservoir slice's pixels per mask channel (balance only)
     for batch in batches:
-        reservoir.extend(item for item in batch if item[1].any())
+        new = [item for item in batch if item[1].any()]
+        reservoir.extend(new)
         del reservoir[:-FG_RESERVOIR]
-        (oversample_balanced if balance else oversample)(batch, reservoir, fraction, rng)
+        if balance:  # counted once per slice, as it enters
+            areas.extend(channel_areas(item[1]) for item in new)
+            del areas[:-FG_RESERVOIR]
+            oversample_balanced(batch, reservoir, fraction, rng, np.array(areas))
+        else:
+            oversample(batch, reservoir, fraction, rng)
         yield batch
 
 
-def oversample_balanced(batch: list, reservoir: list, fraction: float, rng) -> None:
+def channel_areas(mask: np.ndarray) -> np.ndarray:
+    """Pixels of each channel of a slice's mask (K, H, W) -> (K,) int64."""
+    return mask.reshape(mask.shape[0], -1).sum(1, dtype=np.int64)
+
+
+def oversample_balanced(batch: list, reservoir: list, fraction: float, rng, areas: np.ndarray | None = None) -> None:
     """In place, as nnU-Net samples foreground: ceil(fraction * len) randomly placed slices of the
     batch are replaced by draws from `reservoir`, each for a mask channel chosen evenly among those
     the reservoir holds, then a slice with probability proportional to that channel's pixels in it
     (nnU-Net: a foreground class or region, then one of its voxels). Rare classes (ET) get their
-    share of the drawn slices however small they are."""
+    share of the drawn slices however small they are. `areas` (R, K): `channel_areas` of the
+    reservoir's slices, when the caller keeps them."""
     n = int(np.ceil(fraction * len(batch) - 1e-9))
     if n <= 0 or not reservoir:
         return
-    areas = np.array([item[1].reshape(item[1].shape[0], -1).sum(1, dtype=np.int64) for item in reservoir])  # (R, K)
+    if areas is None:
+        areas = np.array([channel_areas(item[1]) for item in reservoir])  # (R, K)
     present = np.flatnonzero(areas.sum(0))
     for i in rng.choice(len(batch), size=min(n, len(batch)), replace=False):
         c = present[rng.integers(len(present))]

@@ -136,7 +136,11 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
         return 0.0
     if not pred.any() or not ref.any():
         return EMPTY_HD95
-    return float(np.percentile(np.hstack(surface_distances(pred, ref, spacing)), 95))
+    return _hd95_of(*surface_distances(pred, ref, spacing))
+
+
+def _hd95_of(d_pred: np.ndarray, d_ref: np.ndarray) -> float:
+    return float(np.percentile(np.hstack((d_pred, d_ref)), 95))
 
 
 def nsd(pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float | None = None) -> float:
@@ -149,11 +153,27 @@ def nsd(pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float | None = No
         return 1.0
     if not (pred & ref).any():
         return 0.0
-    tol = float(min(spacing)) if tolerance is None else float(tolerance)
-    d_pred, d_ref = surface_distances(pred, ref, spacing)
+    return _nsd_of(*surface_distances(pred, ref, spacing), _tolerance(spacing, tolerance))
+
+
+def _tolerance(spacing, tolerance: float | None) -> float:
+    return float(min(spacing)) if tolerance is None else float(tolerance)
+
+
+def _nsd_of(d_pred: np.ndarray, d_ref: np.ndarray, tol: float) -> float:
+    """NSD from the two surfaces' distances (the scorer's arithmetic, in its order)."""
     a_in, b_in = np.sum(d_ref <= tol) / d_ref.size, np.sum(d_pred <= tol) / d_pred.size
     a_out, b_out = np.sum(d_ref > tol) / d_ref.size, np.sum(d_pred > tol) / d_pred.size
     return float((a_in + b_in) / (a_in + b_in + a_out + b_out + sys.float_info.min))
+
+
+def _found_scores(p: np.ndarray, r: np.ndarray, spacing, tolerance: float | None) -> tuple[float, float, float]:
+    """(Dice, HD95, NSD) of a found lesion `r` against its components `p` (both non-empty): the
+    surface distances computed once for HD95 and NSD."""
+    inter = float((r & p).sum())
+    d_pred, d_ref = surface_distances(p, r, spacing)
+    nsd_value = _nsd_of(d_pred, d_ref, _tolerance(spacing, tolerance)) if inter else 0.0  # zero overlap: 0
+    return 2.0 * inter / float(r.sum() + p.sum()), _hd95_of(d_pred, d_ref), nsd_value
 
 
 def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing, params: LesionParams = BRATS_2023) -> dict:
@@ -186,8 +206,7 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing, params: LesionPar
             continue
         box = _union_box([ref_boxes[k - 1]] + [pred_boxes[c - 1] for c in comps], ref.shape)
         r, p = ref_cc[box] == k, np.isin(pred_cc[box], comps)
-        found.append((2.0 * float((r & p).sum()) / float(r.sum() + p.sum()), hd95(p, r, spacing),
-                      nsd(p, r, spacing, params.nsd_tolerance)))
+        found.append(_found_scores(p, r, spacing, params.nsd_tolerance))
     fp = n_pred - len(claimed)
     return {**_aggregate(found, missed, fp, params), "tp": len(found), "fp": fp, "fn": missed}
 

@@ -49,8 +49,8 @@ def carve_fluid(draft) -> None:
     else:
         edge = np.argwhere(core & ~ndi.binary_erosion(core))
         at = edge[rng.integers(len(edge))]
-        dist = np.sqrt(sum(((np.arange(n) - a) * sp).reshape([-1 if k == i else 1 for k in range(3)]) ** 2
-                           for i, (n, a) in enumerate(zip(core.shape, at))))
+        offsets = (np.indices(core.shape) - at[:, None, None, None]) * sp  # mm from the edge voxel, per axis
+        dist = np.sqrt(offsets[0] ** 2 + offsets[1] ** 2 + offsets[2] ** 2)
         n = max(int(rng.uniform(0.10, 0.35) * core.sum()), 1)
         fluid = core & (dist <= lowest(dist[core], n))
     draft.lab[fluid] = FLUID
@@ -64,11 +64,12 @@ def carve_fluid(draft) -> None:
     draft.fluid_texture = rng.uniform(0.02, 0.08)
 
 
-def release_labels(lab: np.ndarray, rel) -> np.ndarray:
+def release_labels(lab: np.ndarray, rel, names_of: dict = None) -> np.ndarray:
     """A working label map (1 NCR/NET, 2 ED, 3 ET, 4 fluid) in `rel`'s labels; a working label with
-    no sub-region in the release (MEN-RT's oedema) becomes background."""
+    no sub-region in the release (MEN-RT's oedema) becomes background. `names_of`: working label ->
+    the names it goes by, first match taken (default `_NAMES`; the toy cases pass their own)."""
     out = np.zeros_like(lab)
-    for value, names in _NAMES.items():
+    for value, names in (names_of or _NAMES).items():
         name = next((n for n in names if n in rel.subregions), None)
         if name is not None:
             out[lab == value] = rel.label_of(name)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.synthetic.cases import Case, write_case
+from preprocess.synthetic.fluid import release_labels
 from preprocess.synthetic.toy import make_case
 from shards.domain import MODALITIES, release as release_named
 
@@ -32,10 +33,7 @@ def release_case(release: str, index: int, shape=(45, 54, 45), seed: int = 0, de
     """(pid, images by modality (X, Y, Z) int16 in RAS order, seg in the release's labels)."""
     rel = release_named(release)  # 2018/2019/2021 -> 2020; ValueError naming the known ones
     case = make_case(index, shape=shape, release="2023", seed=seed)  # labels 1 NCR, 2 ED, 3 ET
-    seg = np.zeros(shape, np.uint8)
-    for value, names in AS.items():
-        name = next(n for n in names if n in rel.subregions)
-        seg[case.seg == value] = rel.label_of(name)
+    seg = release_labels(case.seg, rel, AS)
     images = dict(zip(MODALITIES, (img.copy() for img in case.images)))
     brain = images["t1"] != 0
     if "CC" in rel.subregions:  # the inner half of the necrosis is a cyst
