@@ -120,6 +120,7 @@ def build_shards(
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: CPU count; 0: no Dask, in-process).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
     release: Annotated[Optional[str], typer.Option(help="Read the input as this release of the table (README, Releases); default: told by the file names. Needed for BraTS-PED (ped-2023 or ped-2024).")] = None,
+    planes: Annotated[str, typer.Option(help="Slicing planes, comma-separated: axial first, then coronal and/or sagittal (e.g. axial,coronal,sagittal), cut from the same preprocessed volume; train --plane picks one.")] = "axial",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
     """Build Zarr and/or WebDataset slice shards with a manifest (resumable, deterministic)."""
@@ -133,7 +134,7 @@ def build_shards(
     pre = _config(PreprocessConfig, size=size, normalize=normalize, crop=crop, mask=mask,
                   tumour_free_fraction=tumour_free_fraction, seed=seed)
     cfg = _config(BuildConfig, preprocess=pre, val_fraction=val_fraction, split_seed=seed, formats=formats,
-                  codec=codec)
+                  codec=codec, planes=tuple(p.strip() for p in planes.split(",")))
     with _refusals(INTERRUPTED_BUILD):
         r = build(input, output, cfg, workers=workers, scheduler=scheduler, progress=not quiet, release=release)
     m = r.manifest
@@ -185,7 +186,7 @@ def info(
 # train's options that go into TrainConfig as they are (the recipe's are RECIPE_FIELDS; --format is `fmt`)
 TRAIN_OPTIONS = ("model", "base_channels", "depth", "loss", "warmup_epochs", "folds", "fold", "epochs", "batch_size",
                  "num_workers", "seed", "device", "compile", "log_samples", "max_batches", "checkpoint_every",
-                 "fg_balance", "grad_clip")
+                 "fg_balance", "grad_clip", "plane")
 
 
 @app.command()
@@ -232,6 +233,7 @@ def train(
     max_batches: Annotated[int, typer.Option(help="Cap batches per epoch (0: no cap).")] = 0,
     log: Annotated[Optional[list[str]], typer.Option("--log", help="Experiment tracking besides metrics.csv and the plots: tensorboard (OUT/tensorboard/) or mlflow (MLFLOW_TRACKING_URI, default a local store in OUT). Repeatable.")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
+    plane: Annotated[str, typer.Option(help="Slices to train on: axial, or coronal or sagittal of a set built with --planes (predict --ensemble averages models of different planes in 3D).")] = "axial",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between mid-epoch checkpoints (last.pt with the loader's position, so --resume continues mid-epoch); 0: at epoch ends only.")] = 500,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
 ):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 from shards.config import from_known_fields
 from shards.domain import MASK_CHANNELS
+from shards.layout import PLANES
 
 
 THINS = "train"  # `tumour_free_thins` in a set's config: the split --tumour-free-fraction thins
@@ -20,6 +21,7 @@ class PreprocessConfig:
     mask: str = "subregions"  # "subregions" [NCR/NET, ED, ET] | "regions" [WT, TC, ET]
     tumour_free_fraction: float = 1.0  # fraction of tumour-free brain slices kept (training patients)
     seed: int = 0
+    plane: str = "axial"  # the slicing plane (a checkpoint's; a build's are BuildConfig.planes)
 
     def __post_init__(self):
         if self.normalize not in ("volume", "slice"):
@@ -30,9 +32,13 @@ class PreprocessConfig:
             raise ValueError("tumour_free_fraction must lie in [0, 1]")
         if not 8 <= self.size <= 1024:
             raise ValueError("size must lie in [8, 1024]")
+        if self.plane not in PLANES:
+            raise ValueError(f"plane must be one of {', '.join(PLANES)}, not {str(self.plane)[:40]!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.plane == "axial":  # every axial recipe's record, as it always was
+            del d["plane"]
         if self.tumour_free_fraction < 1.0:  # the sets that thin say whom: training patients only
             d["tumour_free_thins"] = THINS
         return d

@@ -1,10 +1,15 @@
 """Where a patient's slices came from, as a frozen record, with the way there and the way back.
 
 The way there (what the recipe does to index space), in order:
-  1. reorient the storage axes to RAS+ (`to_canonical`)
-  2. crop in-plane to `crop_box` (x0, x1, y0, y1) and keep the axial slices `slice_index`
+  1. reorient the storage axes to RAS+ (`to_canonical`), then lay the volume out for the slicing
+     `plane` (`to_view`): (A, B, S), S the axis slices are cut along. Axial: (X, Y, Z) as it is;
+     coronal: (X, Z, Y); sagittal: (Y, Z, X). A coronal or sagittal plane is zero-padded (evenly,
+     the odd voxel after) to a square A x B, so its slices keep the voxels' proportions whether or
+     not the recipe crops (the axial plane is never padded: its slices are those of every set)
+  2. crop in-plane to `crop_box` (a0, a1, b0, b1) and keep the slices `slice_index`
   3. resize in-plane to size x size (`to_slices`: antialiased linear for images, nearest for labels)
-The way back undoes them in reverse (`from_slices`, then `from_canonical`; both: `inverse`), so a
+The way back undoes them in reverse (`from_slices`, `from_view`, `from_canonical`; all three:
+`inverse`), so a
 prediction on the slices lands on the source volume's voxels, zeros outside the box and on the
 slices not kept. `to_dict()` is the record stored in the manifest and the Zarr attributes.
 
@@ -23,6 +28,10 @@ import numpy as np
 
 from preprocess import kernel, resample  # kernel: numba's or numpy's resize, the same bytes
 from shards.domain import RELEASES
+from shards.layout import PLANES
+
+# plane -> the canonical (RAS) axes laid out as (A, B, S): in-plane rows, in-plane columns, slices
+PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 
 # ---------------------------------------------------------------- voxel size and orientation
 
@@ -144,6 +153,12 @@ def canonical_shape_of(source_shape, ornt) -> tuple[int, int, int]:
     return tuple(out)
 
 
+def _view_shape(canonical_shape, plane: str) -> tuple[int, int, int]:
+    """(A, B, S) of a canonical volume laid out for `plane`; a coronal or sagittal plane padded square."""
+    a, b, n = (int(canonical_shape[k]) for k in PLANE_AXES.get(plane, (0, 1, 2)))
+    return (a, b, n) if plane == "axial" else (max(a, b), max(a, b), n)
+
+
 # ---------------------------------------------------------------- the record
 
 @dataclass(frozen=True)
@@ -160,6 +175,7 @@ class Geometry:
     labels: tuple  # label values of the release, background first
     convention: str  # the release's name in shards.domain.RELEASES
     affine_known: bool  # False: the input carried no affine and the identity was assumed
+    plane: str = "axial"  # the slicing plane (PLANES); stored only when it is not axial
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here, to plain tuples of Python numbers
@@ -170,27 +186,31 @@ class Geometry:
         set_(self, "crop_box", _parse_ints("crop_box", self.crop_box, 4, 0))
         set_(self, "labels", _parse_ints("labels", self.labels, None, 0))
         set_(self, "spacing", spacing_of(self.affine))
+        if not (isinstance(self.plane, str) and self.plane in PLANES):
+            raise ValueError(f"geometry.plane {str(self.plane)[:40]!r} is not one of {', '.join(PLANES)}")
         if self.canonical_shape != canonical_shape_of(self.source_shape, self.ornt):
             raise ValueError(f"geometry.canonical_shape {list(self.canonical_shape)} is not source_shape "
                              f"{list(self.source_shape)} reoriented by ornt {[list(r) for r in self.ornt]}")
         x0, x1, y0, y1 = self.crop_box
-        if not (x0 < x1 <= self.canonical_shape[0] and y0 < y1 <= self.canonical_shape[1]):
+        if not (x0 < x1 <= self.view_shape[0] and y0 < y1 <= self.view_shape[1]):
             raise ValueError(f"geometry.crop_box {list(self.crop_box)} is not a box inside the plane "
-                             f"{list(self.canonical_shape[:2])}")
+                             f"{list(self.view_shape[:2])}")
         if not (isinstance(self.convention, str) and self.convention in RELEASES):
             raise ValueError(f"geometry.convention {self.convention!r} is not a known release ({', '.join(RELEASES)})")
         if not isinstance(self.affine_known, bool):
             raise ValueError(f"geometry.affine_known must be true or false, not {self.affine_known!r}")
 
     @classmethod
-    def of_source(cls, affine: np.ndarray, source_shape, convention: str, affine_known: bool = True) -> "Geometry":
+    def of_source(cls, affine: np.ndarray, source_shape, convention: str, affine_known: bool = True,
+                  plane: str = "axial") -> "Geometry":
         """The geometry of a source volume before any crop: reorientation from the affine, the box
-        the whole plane, the labels those of the release."""
+        the whole (padded) plane, the labels those of the release."""
         ornt = canonical_ornt(affine).astype(int)
         canonical = canonical_shape_of(source_shape, ornt)
+        a, b, _ = _view_shape(canonical, plane)
         return cls(affine=affine, source_shape=source_shape, ornt=ornt, canonical_shape=canonical,
-                   crop_box=(0, canonical[0], 0, canonical[1]), labels=RELEASES[convention].label_values,
-                   convention=convention, affine_known=affine_known)
+                   crop_box=(0, a, 0, b), labels=RELEASES[convention].label_values,
+                   convention=convention, affine_known=affine_known, plane=plane)
 
     def cropped(self, box) -> "Geometry":
         return replace(self, crop_box=box)
@@ -198,6 +218,8 @@ class Geometry:
     def to_dict(self) -> dict:
         """The stored record: plain JSON types, keys in field order."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.plane == "axial":  # the record of every axial set, as it always was
+            del d["plane"]
         return {k: ([list(r) for r in v] if k in ("affine", "ornt") else list(v) if isinstance(v, tuple) else v)
                 for k, v in d.items()}
 
@@ -207,7 +229,7 @@ class Geometry:
         if not isinstance(d, dict):
             raise ValueError(f"geometry must be a mapping, not {type(d).__name__}")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d]
+        missing = [n for n in names if n not in d and n != "plane"]  # no plane: axial
         unknown = sorted(set(d) - set(names))
         if missing or unknown:
             raise ValueError(f"geometry: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
@@ -235,10 +257,25 @@ class Geometry:
             out[axis] = self.spacing[k]
         return tuple(out)
 
+    @property
+    def view_shape(self) -> tuple[int, int, int]:
+        """(A, B, S) of the volume laid out for the plane (`to_view`), padding included."""
+        return _view_shape(self.canonical_shape, self.plane)
+
+    @property
+    def view_spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along the view's axes A, B, S."""
+        return tuple(self.canonical_spacing[k] for k in PLANE_AXES[self.plane])
+
+    def _pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Zeros before and after along A and B (`to_view`)."""
+        return tuple(((n - c) // 2, n - c - (n - c) // 2) for n, c in
+                     zip(self.view_shape[:2], (self.canonical_shape[k] for k in PLANE_AXES[self.plane][:2])))
+
     def slice_spacing(self, size: int) -> tuple[float, float, float]:
-        """Pixel size (mm) of the stored `size` x `size` slices along X and Y (the crop box
-        resized), and the slice spacing along Z."""
-        sx, sy, sz = self.canonical_spacing
+        """Pixel size (mm) of the stored `size` x `size` slices along A and B (the crop box
+        resized), and the spacing between slices."""
+        sx, sy, sz = self.view_spacing
         x0, x1, y0, y1 = self.crop_box
         return sx * (x1 - x0) / size, sy * (y1 - y0) / size, sz
 
@@ -247,6 +284,15 @@ class Geometry:
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Step 1: (..., X, Y, Z) in storage order -> RAS+ order (a view, not a copy)."""
         return apply_ornt(arr, self.ornt_array)
+
+    def to_view(self, canonical: np.ndarray) -> np.ndarray:
+        """Step 1's layout: (..., X, Y, Z) in RAS+ order -> (..., A, B, S) for the plane (axial:
+        the array itself; otherwise a padded copy)."""
+        if self.plane == "axial":
+            return canonical
+        lead = canonical.ndim - 3
+        view = canonical.transpose(tuple(range(lead)) + tuple(lead + k for k in PLANE_AXES[self.plane]))
+        return np.pad(view, ((0, 0),) * lead + self._pads() + ((0, 0),))
 
     def to_slices(self, canonical: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
         """Steps 2-3: canonical (X, Y, Z) -> (S, size, size) of the kept slices inside the box:
@@ -260,19 +306,28 @@ class Geometry:
 
     def forward(self, vol: np.ndarray, slice_index, size: int, labels: bool = False) -> np.ndarray:
         """Steps 1-3: source (X, Y, Z) -> (S, size, size)."""
-        return self.to_slices(self.to_canonical(vol), slice_index, size, labels)
+        return self.to_slices(self.to_view(self.to_canonical(vol)), slice_index, size, labels)
 
     # ------------------------------------------------------------ the way back
 
     def from_slices(self, slices: np.ndarray, slice_index) -> np.ndarray:
-        """Undo steps 3-2: (S, C, size, size) float -> canonical (C, X, Y, Z) float32, resized back
+        """Undo steps 3-2: (S, C, size, size) float -> the view (C, A, B, S) float32, resized back
         to the box (bilinear) and zero outside it and on the slices not kept."""
         x0, x1, y0, y1 = self.crop_box
-        canon = np.zeros((slices.shape[1],) + self.canonical_shape, np.float32)
+        view = np.zeros((slices.shape[1],) + self.view_shape, np.float32)
         if len(slice_index):
             t = resample.bilinear(np.asarray(slices, np.float32), x1 - x0, y1 - y0)
-            canon[:, x0:x1, y0:y1, list(slice_index)] = t.transpose(1, 2, 3, 0)  # (C, bx, by, S)
-        return canon
+            view[:, x0:x1, y0:y1, list(slice_index)] = t.transpose(1, 2, 3, 0)  # (C, bx, by, S)
+        return view
+
+    def from_view(self, view: np.ndarray) -> np.ndarray:
+        """Undo `to_view`: (..., A, B, S) -> (..., X, Y, Z) in RAS+ order (the padding dropped)."""
+        if self.plane == "axial":
+            return view
+        (a0, a1), (b0, b1) = self._pads()
+        lead = view.ndim - 3
+        core = view[..., a0: view.shape[-3] - a1, b0: view.shape[-2] - b1, :]
+        return core.transpose(tuple(range(lead)) + tuple(lead + k for k in np.argsort(PLANE_AXES[self.plane])))
 
     def from_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Undo step 1: (..., X, Y, Z) in RAS+ order -> storage order, contiguous."""
@@ -280,4 +335,4 @@ class Geometry:
 
     def inverse(self, slices: np.ndarray, slice_index) -> np.ndarray:
         """Undo steps 3-1: (S, C, size, size) -> (C, X, Y, Z) on the source volume's voxels."""
-        return self.from_canonical(self.from_slices(slices, slice_index))
+        return self.from_canonical(self.from_view(self.from_slices(slices, slice_index)))

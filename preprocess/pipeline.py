@@ -1,4 +1,5 @@
-"""One patient's recipe: volumes on disk -> normalised, resized 2D axial slices.
+"""One patient's recipe: volumes on disk -> normalised, resized 2D slices of one plane (axial,
+or coronal or sagittal: `Geometry.to_view` lays the volume out so slices are cut along its last axis).
 
 Steps, in order (each a pure function from `preprocess.steps`; the index-space ones, 2, 6 and 7,
 through `preprocess.geometry.Geometry`, which holds their inverse beside them):
@@ -7,12 +8,13 @@ through `preprocess.geometry.Geometry`, which holds their inverse beside them):
      validate (present, 3D, a finite non-singular affine, same shape and affine, labels within
      the release's set); NaN/Inf image voxels become 0 (counted), but a modality NaN/Inf on more
      than half of the brain (step 3's mask), or with no brain left, fails the patient, named
-  2. reorient everything to RAS+ so every patient's slices look the same whatever the affine
+  2. reorient everything to RAS+ so every patient's slices look the same whatever the affine, and
+     lay it out for the plane (coronal and sagittal need square pixels: refused otherwise)
   3. brain mask = voxels nonzero in any modality (BraTS volumes are skull-stripped). Rule for
      defaced, not skull-stripped data (PED, MEN-RT): the same, so the "brain" is the head (every
      nonzero voxel), as nnU-Net's nonzero mask is; slices with head are kept and z-score
      statistics come from the head. Zero air stays background
-  4. keep axial slices that contain brain; optionally keep only a fraction of tumour-free ones
+  4. keep the plane's slices that contain brain; optionally keep only a fraction of tumour-free ones
   5. normalise each modality (z-score over the whole volume's brain voxels, background 0;
      or per slice) -- statistics always come from the full volume or slice, not a crop
   6. optionally crop in-plane to the brain's square bounding box (recorded for the way back)
@@ -24,7 +26,7 @@ No NaN/Inf is ever written: a normalised image with values beyond float16 fails 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,20 +173,32 @@ def prepare_volumes(pf: PatientFiles, vols: dict, cfg: PreprocessConfig) -> Kern
     normalisation statistics, up to the image kernel."""
     rel = pf.release
     ref = vols[rel.modalities[0]]
-    geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices)
+    geo = Geometry.of_source(ref.affine, ref.data.shape, pf.convention, affine_known=not pf.slices,
+                             plane=cfg.plane)
+    _check_square_pixels(pf, geo)
     stored, bad, nonfinite = _finite_volumes(vols, rel.modalities)
-    images = [geo.to_canonical(v) for v in stored]  # (X, Y, Z) in RAS order
-    seg = geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8)) if SEG in vols else None
+    images = [geo.to_view(geo.to_canonical(v)) for v in stored]  # (A, B, S): RAS order laid out for the plane
+    seg = geo.to_view(geo.to_canonical(np.asarray(vols[SEG].data).astype(np.uint8))) if SEG in vols else None
 
     # the brain mask, and (compiled kernel, integer volumes) each volume's exact sums in one pass
     brain, sums = kernel.brain_and_sums(stored)
     _check_nonfinite(pf, bad, brain)
-    brain = geo.to_canonical(brain)
+    brain = geo.to_view(geo.to_canonical(brain))
     z_keep = select_slices(pf.pid, brain, seg, cfg)
     if cfg.crop:
         geo = geo.cropped(steps.square_box(brain.any(axis=2)))
     means, stds = _statistics(images, brain, sums, z_keep, cfg.normalize)
     return KernelInputs(geo, images, brain, seg, z_keep, means, stds, nonfinite)
+
+
+def _check_square_pixels(pf: PatientFiles, geo: Geometry) -> None:
+    """Coronal and sagittal slices are cut from the volume as it is: they need the same voxel size
+    along both of their in-plane axes (BraTS volumes are 1 mm isotropic), or they would be stretched."""
+    a, b, _ = geo.view_spacing
+    if geo.plane != "axial" and not np.isclose(a, b, rtol=1e-3):
+        raise InputError(f"{_name(pf, pf.release.modalities[0])} has {a:g} x {b:g} mm voxels in the {geo.plane} "
+                         f"plane; {geo.plane} slices need square pixels: resample it to isotropic voxels, or "
+                         f"build axial slices only")
 
 
 def _finite_volumes(vols: dict, modalities) -> tuple[list, dict, int]:
@@ -251,9 +265,15 @@ def _mask(pf: PatientFiles, k: KernelInputs, cfg: PreprocessConfig) -> np.ndarra
 
 
 def process_patient(pf: PatientFiles, cfg: PreprocessConfig, root: Path | None = None) -> PatientSlices:
-    """The whole recipe for one patient; raises InputError naming the file on bad input."""
+    """The whole recipe for one patient, in `cfg.plane`; raises InputError naming the file on bad input."""
+    return process_planes(pf, cfg, (cfg.plane,), root)[cfg.plane]
+
+
+def process_planes(pf: PatientFiles, cfg: PreprocessConfig, planes: tuple[str, ...],
+                   root: Path | None = None) -> dict[str, PatientSlices]:
+    """The recipe once per slicing plane, from one reading of the patient's files: plane -> its slices."""
     if pf.problem:
         raise InputError(pf.problem)
     vols, sources = load_patient(pf, root)
     counts = validate(pf, vols)
-    return process_volumes(pf, vols, cfg, sources, label_voxels=counts)
+    return {p: process_volumes(pf, vols, replace(cfg, plane=p), sources, label_voxels=counts) for p in planes}

@@ -9,6 +9,11 @@ else spells a shard path.
     zarr/{split}/{pid}/{image,mask}/zarr.json          its arrays' metadata
     zarr/{split}/{pid}/{image,mask}/c/0/0/0/0          their one storage shard each
     wds/{split}-{pid}.tar                              one patient's tar, named by its split and id
+  a set built with more planes than axial (`build-shards --planes`) also holds, per further plane:
+    zarr/{split}/{pid}/{plane}/...                     that plane's group inside the patient's
+    wds/{plane}/{split}-{pid}.tar                      that plane's tar, in a folder of its own
+  (the axial files stay where they always were, so plain readers of `wds/*.tar` and of a
+  patient's `image`/`mask` read axial slices, as in any other set)
 
 Every patient's files are named from its own id (never from its position among the others), so
 adding or removing patients leaves the other patients' files untouched (incremental builds).
@@ -22,6 +27,7 @@ import re
 from shards.tree import walk  # not os.walk: it recurses, and a planted tree can be deep
 
 SPLITS = ("train", "val")
+PLANES = ("axial", "coronal", "sagittal")  # the slicing planes; axial is every set's own
 LAYOUTS = ("zarr", "wds")
 ARRAYS = ("image", "mask")
 ZARR_ROOT, WDS_ROOT = "zarr", "wds"  # the folders of the two layouts
@@ -42,6 +48,12 @@ def zarr_group(split: str, pid: str) -> str:
     return f"{zarr_split(split)}/{pid}"
 
 
+def zarr_plane_group(split: str, pid: str, plane: str = "axial") -> str:
+    """The group of the patient's `plane` slices: the patient's group itself for axial."""
+    g = zarr_group(split, pid)
+    return g if plane == "axial" else f"{g}/{plane}"
+
+
 def zarr_array_meta(group: str, name: str) -> str:
     """`name`'s zarr.json inside `group` (any prefix: relative path, folder or URL)."""
     return f"{group}/{name}/{ZARR_META}"
@@ -51,9 +63,9 @@ def zarr_array_shard(group: str, name: str) -> str:
     return f"{group}/{name}/{ZARR_SHARD}"
 
 
-def zarr_patient_files(split: str, pid: str) -> tuple[str, ...]:
-    """Every file a patient's group may hold (the shard files are absent for 0 slices)."""
-    g = zarr_group(split, pid)
+def zarr_patient_files(split: str, pid: str, plane: str = "axial") -> tuple[str, ...]:
+    """Every file a patient's group of `plane` may hold (the shard files are absent for 0 slices)."""
+    g = zarr_plane_group(split, pid, plane)
     return (f"{g}/{ZARR_META}",) + tuple(p for a in ARRAYS for p in (zarr_array_meta(g, a), zarr_array_shard(g, a)))
 
 
@@ -62,10 +74,10 @@ def zarr_group_meta(splits=SPLITS) -> tuple[str, ...]:
     return (f"{ZARR_ROOT}/{ZARR_META}",) + tuple(f"{zarr_split(s)}/{ZARR_META}" for s in splits)
 
 
-def wds_tar(split: str, pid: str) -> str:
+def wds_tar(split: str, pid: str, plane: str = "axial") -> str:
     """The tar of patient `pid` in `split` (named from the patient, so it never moves when other
-    patients are added or removed)."""
-    return f"{WDS_ROOT}/{split}-{pid}.tar"
+    patients are added or removed); a further plane's in `wds/{plane}/`."""
+    return f"{WDS_ROOT}/{split}-{pid}.tar" if plane == "axial" else f"{WDS_ROOT}/{plane}/{split}-{pid}.tar"
 
 
 def symlink_inside(root, names) -> str | None:

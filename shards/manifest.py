@@ -70,25 +70,71 @@ def source_section(convention: str, n_found: int, kind: str, note: str | None = 
     return {"convention": convention, "n_patients_found": n_found, "kind": kind, **({"note": note} if note else {})}
 
 
-def patient_entry(*, split: str, slice_index: list[int], mask, label_voxels, sources, geometry: dict,
-                  nonfinite_voxels, notes) -> dict:
-    """A finished patient's entry in `patients`: its split, its slices (count and source indices),
-    its per-channel mask pixel counts over `pixels` (from `mask`, (S, K, H, W)), its per-label
-    voxel counts, its source files and their checksums, its geometry and what the build noted."""
+def _slices_entry(slice_index: list[int], mask) -> dict:
+    """One plane's slices: count, source indices along the plane's axis, per-channel mask pixel
+    counts over `pixels` (from `mask`, (S, K, H, W))."""
     s, k = mask.shape[:2]
-    return {
-        "split": split, "n_slices": len(slice_index), "slice_index": slice_index, "label_voxels": label_voxels,
-        "mask_pixels": [int(c) for c in mask.reshape(s, k, -1).sum(axis=(0, 2))],
-        "pixels": int(s * mask.shape[2] * mask.shape[3]),
+    return {"n_slices": len(slice_index), "slice_index": slice_index,
+            "mask_pixels": [int(c) for c in mask.reshape(s, k, -1).sum(axis=(0, 2))],
+            "pixels": int(s * mask.shape[2] * mask.shape[3])}
+
+
+def patient_entry(*, split: str, slice_index: list[int], mask, label_voxels, sources, geometry: dict,
+                  nonfinite_voxels, notes, planes: dict | None = None) -> dict:
+    """A finished patient's entry in `patients`: its split, its axial slices (count and source
+    indices), its per-channel mask pixel counts over `pixels`, its per-label voxel counts, its source
+    files and their checksums, its geometry and what the build noted; with further `planes` (name ->
+    that plane's `PatientSlices`), `planes` holds each one's slices and geometry (PLANE_FIELDS)."""
+    sl = _slices_entry(slice_index, mask)
+    entry = {
+        "split": split, "n_slices": sl["n_slices"], "slice_index": slice_index, "label_voxels": label_voxels,
+        "mask_pixels": sl["mask_pixels"], "pixels": sl["pixels"],
         "sources": sources, "geometry": geometry, "nonfinite_voxels": nonfinite_voxels, "notes": list(notes),
     }
+    if planes:
+        entry["planes"] = {p: dict(_slices_entry(ps.slice_index, ps.mask), geometry=ps.geometry.to_dict())
+                           for p, ps in planes.items()}
+    return entry
 
 
-def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: str, sha256: str | None = None) -> dict:
+# what a further plane's record in a patient's `planes` holds (the axial ones are the entry's own)
+PLANE_FIELDS = ("n_slices", "slice_index", "mask_pixels", "pixels", "geometry")
+
+
+def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: str, sha256: str | None = None,
+               plane: str = "axial") -> dict:
     """The manifest's entry of one file of the set at `out` (hashed unless `sha256` is given);
-    the zarr group metadata shared by all patients has no patient and no split."""
-    return {"path": path.relative_to(out).as_posix(), "bytes": path.stat().st_size,
-            "sha256": sha256 or sha256_file(path), "patient": pid, "split": split, "format": fmt}
+    the zarr group metadata shared by all patients has no patient and no split. A further plane's
+    file names its plane (an axial file's entry is as it always was)."""
+    entry = {"path": path.relative_to(out).as_posix(), "bytes": path.stat().st_size,
+             "sha256": sha256 or sha256_file(path), "patient": pid, "split": split, "format": fmt}
+    if plane != "axial":
+        entry["plane"] = plane
+    return entry
+
+
+def set_planes(m: dict) -> tuple[str, ...]:
+    """The slicing planes a (validated) shard set holds: axial first."""
+    return tuple(m["config"].get("planes", ("axial",)))
+
+
+def file_plane(f: dict) -> str:
+    return f.get("plane", "axial")
+
+
+def plane_view(m: dict, plane: str) -> dict:
+    """A validated manifest as a set of one plane's slices: every patient's entry with that plane's
+    slices and geometry (PLANE_FIELDS), `config.preprocess.plane` naming it (what a checkpoint
+    records for predict). Axial: the manifest as it is. Unknown or missing planes: ManifestError."""
+    if plane == "axial":
+        return m
+    if plane not in set_planes(m):
+        raise ManifestError(f"the shard set holds {', '.join(set_planes(m))} slices, not {plane}: build it with "
+                            f"--planes {','.join(dict.fromkeys(set_planes(m) + (plane,)))}")
+    patients = {pid: {**{k: v for k, v in p.items() if k != "planes"}, **p["planes"][plane]}
+                for pid, p in m["patients"].items()}
+    config = dict(m["config"], preprocess=dict(m["config"]["preprocess"], plane=plane))
+    return dict(m, config=config, patients=patients)
 
 
 # fields of the build's per-patient records that are the build's own, not the manifest's
@@ -180,17 +226,12 @@ def _problems(m: dict):
             or not isinstance(failed, list):
         yield "patients, splits, files or failed is missing or of the wrong type"
         return
+    if (why := _planes_problem(cfg)) is not None:
+        yield why
+        return
     for pid, p in patients.items():
-        if (why := patient_id_problem(pid)) is not None:
+        if (why := patient_id_problem(pid) or _patient_problem(pid, p, set_planes(m)[1:])) is not None:
             yield why
-            return
-        if not isinstance(p, dict) or p.get("split") not in SPLITS or not _count(p.get("n_slices"), MAX_SLICES) \
-                or not _count(p.get("pixels"), MAX_SLICES * 1024 * 1024):
-            yield f"patient {pid}: split, n_slices or pixels missing or out of range"
-            return
-        mp = p.get("mask_pixels")
-        if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
-            yield f"patient {pid}: mask_pixels is not a list of counts within its pixels"
             return
     listed = []
     for split, pids in splits.items():
@@ -204,18 +245,61 @@ def _problems(m: dict):
         return
     seen = set()
     for f in files:
-        yield from _file_problems(f, patients, layouts, seen)
-    if "wds" in layouts:  # each patient is exactly one tar: the loader looks it up by patient
-        tars = [f.get("patient") for f in files if isinstance(f, dict) and f.get("format") == "wds"]
-        if sorted(map(str, tars)) != sorted(patients):
-            yield "the WebDataset files are not exactly one tar per patient"
+        yield from _file_problems(f, patients, layouts, seen, set_planes(m))
+    if "wds" in layouts:  # each patient is exactly one tar per plane: the loader looks it up by patient
+        tars = [(str(f.get("patient")), str(f.get("plane", "axial"))) for f in files
+                if isinstance(f, dict) and f.get("format") == "wds"]
+        if sorted(tars) != sorted((p, q) for p in patients for q in set_planes(m)):
+            yield "the WebDataset files are not exactly one tar per patient and plane"
     for f in failed:
         if not (isinstance(f, dict) and isinstance(f.get("patient"), str) and isinstance(f.get("reason"), str)):
             yield "failed holds an entry that is not {patient, reason}"
             return
 
 
-def _file_problems(f, patients: dict, layouts: list, seen: set):
+def _planes_problem(cfg: dict) -> str | None:
+    """config.planes, when there: axial first, then coronal and/or sagittal, each once; a set's
+    own preprocess names no plane (a plane view's does: `plane_view`)."""
+    planes = cfg.get("planes", ["axial"])
+    if not (isinstance(planes, list) and planes and planes[0] == "axial" and len(set(map(str, planes))) == len(planes)
+            and all(isinstance(x, str) and x in layout.PLANES for x in planes)):
+        return f"config.planes {str(planes)[:80]!r} is not axial followed by coronal and/or sagittal, each once"
+    if "plane" in cfg["preprocess"]:
+        return "config.preprocess.plane is not a field of a shard set (its planes are config.planes)"
+    return None
+
+
+def _slices_problem(p) -> str | None:
+    if not isinstance(p, dict) or not _count(p.get("n_slices"), MAX_SLICES) \
+            or not _count(p.get("pixels"), MAX_SLICES * 1024 * 1024):
+        return "n_slices or pixels missing or out of range"
+    mp = p.get("mask_pixels")
+    if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
+        return "mask_pixels is not a list of counts within its pixels"
+    return None
+
+
+def _patient_problem(pid: str, p, further: tuple[str, ...]) -> str | None:
+    """What is wrong with patient `pid`'s entry, or None; `further`: the set's planes after axial,
+    each of which the entry's `planes` must hold (PLANE_FIELDS, its geometry naming the plane)."""
+    if not isinstance(p, dict) or p.get("split") not in SPLITS:
+        return f"patient {pid}: split missing or not one of {', '.join(SPLITS)}"
+    if (why := _slices_problem(p)) is not None:
+        return f"patient {pid}: {why}"
+    planes = p.get("planes", {})
+    if not (isinstance(planes, dict) and sorted(planes) == sorted(further)) or ("planes" in p and not further):
+        return f"patient {pid}: planes {str(list(planes) if isinstance(planes, dict) else planes)[:60]} " \
+               f"are not the set's further planes {list(further)}"
+    for name, q in planes.items():
+        if (why := _slices_problem(q)) is not None:
+            return f"patient {pid}, plane {name}: {why}"
+        if not (isinstance(q.get("slice_index"), list) and isinstance(q.get("geometry"), dict)
+                and q["geometry"].get("plane") == name):
+            return f"patient {pid}, plane {name}: slice_index or geometry missing, or its geometry not of {name}"
+    return None
+
+
+def _file_problems(f, patients: dict, layouts: list, seen: set, planes: tuple[str, ...]):
     if not isinstance(f, dict):
         yield f"files holds a non-object entry {str(f)[:40]!r}"
         return
@@ -234,16 +318,21 @@ def _file_problems(f, patients: dict, layouts: list, seen: set):
     elif path.endswith(f"/{layout.ZARR_META}") and f["bytes"] > layout.MAX_META_BYTES:
         # bounded here, so no reader (remote downloads included) fetches a huge "metadata" file
         yield f"{path}: {f['bytes']} bytes of zarr metadata; more than {layout.MAX_META_BYTES} is refused"
-    pid = f.get("patient")
-    if pid is None and f.get("format") == "wds":
+    pid, plane = f.get("patient"), f.get("plane", "axial")
+    if plane not in planes or (plane == "axial" and "plane" in f):
+        yield f"{path}: plane {str(plane)[:40]!r} is not one of the set's further planes {list(planes[1:])}"
+    elif pid is None and f.get("format") == "wds":
         yield f"{path}: a WebDataset shard names no patient"
     elif pid is not None:
         if not isinstance(pid, str) or pid not in patients:
             yield f"{path}: patient {str(pid)[:40]!r} is not in `patients`"
-        elif f["format"] == "zarr" and not path.startswith(layout.zarr_group(patients[pid]["split"], pid) + "/"):
-            yield f"{path}: not under its patient's group {layout.zarr_group(patients[pid]['split'], pid)}/"
-        elif f["format"] == "wds" and path != layout.wds_tar(patients[pid]["split"], pid):
-            yield f"{path}: a WebDataset shard is its patient's {layout.wds_tar(patients[pid]['split'], pid)}"
+            return
+        group, tar = layout.zarr_plane_group(patients[pid]["split"], pid, plane), \
+            layout.wds_tar(patients[pid]["split"], pid, plane)
+        if f["format"] == "zarr" and not path.startswith(group + "/"):
+            yield f"{path}: not under its patient's {plane} group {group}/"
+        elif f["format"] == "wds" and path != tar:
+            yield f"{path}: a WebDataset shard is its patient's {plane} tar {tar}"
 
 
 def parse_manifest(raw: bytes, where: str) -> dict:

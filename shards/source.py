@@ -33,7 +33,7 @@ from shards.contract import ShardFormatError
 from shards.errors import BratsShardsError
 from shards.remote import MIN_RATE, TooSlow, failure_reason, is_transient
 from shards.manifest import MAX_MANIFEST_BYTES, ManifestError, missing_manifest, parse_manifest, read_local, \
-    set_channels
+    file_plane, plane_view, set_channels
 from shards.wds_io import read_wds_patient, sample_key
 from shards.zarr_io import read_zarr_patient
 
@@ -85,7 +85,9 @@ class ShardSource:
             raise ShardSetError(str(e)) from None
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.files = {f["path"]: f for f in self.manifest["files"]}
-        self._wds = {f["patient"]: f["path"] for f in self.manifest["files"] if f["format"] == "wds"}
+        self.set_manifest, self.plane = self.manifest, "axial"
+        self._wds = {f["patient"]: f["path"] for f in self.manifest["files"]
+                     if f["format"] == "wds" and file_plane(f) == "axial"}
         if self.remote:
             self.cache = Path(cache_dir or default_cache_dir()) / "sha256"
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -302,6 +304,18 @@ class ShardSource:
             self._verified.discard(p.name)
 
     # -- manifest views
+    def select_plane(self, plane: str) -> "ShardSource":
+        """Read `plane`'s slices from now on (a set built with `--planes`): `manifest` becomes that
+        plane's view (`shards.manifest.plane_view`); the file's own stays in `set_manifest`."""
+        try:
+            self.manifest = plane_view(self.set_manifest, plane)
+        except ManifestError as e:
+            raise ShardSetError(f"{self.location}: {e}") from None
+        self.plane = plane
+        self._wds = {f["patient"]: f["path"] for f in self.manifest["files"]
+                     if f["format"] == "wds" and file_plane(f) == plane}
+        return self
+
     def layouts(self) -> list[str]:
         return list(self.manifest["format"]["layouts"])
 
@@ -328,7 +342,7 @@ class ShardSource:
             raise ShardSetError(f"patient {pid} is not in the shard set {self.location}")
         n = p["n_slices"]
         if fmt == "zarr":
-            group = layout.zarr_group(p["split"], pid)
+            group = layout.zarr_plane_group(p["split"], pid, self.plane)
             where = f"{self.location}/{group}"
             image, mask = read_zarr_patient(self.read_buffer, group, per_slice=per_slice, n_slices=n, where=where)
             self._check_channels(image, mask, where)

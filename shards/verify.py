@@ -12,7 +12,8 @@ from pathlib import Path
 from shards import layout
 from shards.atomic import sha256_file
 from shards.contract import ShardFormatError
-from shards.manifest import LAYOUTS, ManifestError, load_manifest, plain, read_local
+from shards.manifest import LAYOUTS, ManifestError, file_plane, load_manifest, plain, plane_view, read_local, \
+    set_planes
 from shards.provenance import changed_patients
 from shards.tree import walk
 from shards.wds_io import scan_tar
@@ -100,23 +101,32 @@ def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> li
     for pid, p in m["patients"].items():
         if pid not in m["splits"].get(p["split"], []):
             problems.append(f"patient {pid} is not listed in split {p['split']}")
-        try:
-            if "zarr" in m["format"]["layouts"] and not bad.intersection(zarr_files.get(pid, [])):
-                _check_zarr_patient(read, p["split"], pid, p["n_slices"], problems)
-            if "wds" in m["format"]["layouts"]:
-                tars = wds_files.get(pid, [])
-                if len(tars) != 1:
-                    problems.append(f"patient {pid}: {len(tars)} WebDataset shards in the manifest; one per patient")
-                for rel in tars:
-                    if rel not in bad:
-                        scan_tar(read(rel), rel, p["n_slices"], pid, strict=True, copy=False)
-        except (ShardFormatError, ManifestError) as e:
-            problems.append(str(e))
-        except FileNotFoundError as e:
-            problems.append(f"{e.filename}: missing")
-        except OSError as e:
-            problems.append(f"{e.filename or pid}: cannot read: {e.strerror or e}")
+        for plane in set_planes(m):
+            _check_plane(read, m, pid, plane, (wds_files.get((pid, plane), []), zarr_files.get(pid, [])), bad,
+                         problems)
     return problems
+
+
+def _check_plane(read, m: dict, pid: str, plane: str, files: tuple[list, list], bad, problems: list) -> None:
+    """One patient's files of one plane against the manifest (`_check_counts`)."""
+    p = plane_view(m, plane)["patients"][pid]
+    tars, zarr_files = files
+    try:
+        if "zarr" in m["format"]["layouts"] and not bad.intersection(zarr_files):
+            _check_zarr_patient(read, layout.zarr_plane_group(p["split"], pid, plane), p["n_slices"], problems)
+        if "wds" in m["format"]["layouts"]:
+            if len(tars) != 1:
+                problems.append(f"patient {pid}: {len(tars)} {plane} WebDataset shards in the manifest; one per "
+                                f"patient and plane")
+            for rel in tars:
+                if rel not in bad:
+                    scan_tar(read(rel), rel, p["n_slices"], pid, strict=True, copy=False)
+    except (ShardFormatError, ManifestError) as e:
+        problems.append(str(e))
+    except FileNotFoundError as e:
+        problems.append(f"{e.filename}: missing")
+    except OSError as e:
+        problems.append(f"{e.filename or pid}: cannot read: {e.strerror or e}")
 
 
 def _files_by_patient(m: dict, problems: list) -> tuple[dict, dict]:
@@ -125,13 +135,13 @@ def _files_by_patient(m: dict, problems: list) -> tuple[dict, dict]:
     wds_files, zarr_files = {}, {}
     for f in m["files"]:
         if f["format"] == "wds" and f.get("patient") is not None:
-            wds_files.setdefault(f["patient"], []).append(f["path"])
+            wds_files.setdefault((f["patient"], file_plane(f)), []).append(f["path"])
         elif f["format"] == "zarr":
             pid = f.get("patient")
             if pid is None:
                 ok = f["path"] in layout.zarr_group_meta()
             else:
-                ok = f["path"] in layout.zarr_patient_files(m["patients"][pid]["split"], pid)
+                ok = f["path"] in layout.zarr_patient_files(m["patients"][pid]["split"], pid, file_plane(f))
                 zarr_files.setdefault(pid, []).append(f["path"])
             if not ok:
                 problems.append(f"{f['path']}: not a file of the zarr layout")
@@ -140,9 +150,9 @@ def _files_by_patient(m: dict, problems: list) -> tuple[dict, dict]:
     return wds_files, zarr_files
 
 
-def _check_zarr_patient(read, split: str, pid: str, n: int, problems: list) -> None:
-    """The patient's zarr group: its group metadata, then both arrays decoded (`read_zarr_patient`)."""
-    prefix = layout.zarr_group(split, pid)
+def _check_zarr_patient(read, prefix: str, n: int, problems: list) -> None:
+    """A patient's zarr group (of one plane): its group metadata, then both arrays decoded
+    (`read_zarr_patient`)."""
     group_meta = f"{prefix}/{layout.ZARR_META}"
     group = read(group_meta)
     if group is None:

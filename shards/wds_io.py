@@ -66,7 +66,7 @@ def _padded(n: int) -> int:
 
 
 def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.ndarray,
-                  slice_index: list[int], sync: bool = True) -> tuple[Path, str]:
+                  slice_index: list[int], sync: bool = True, plane: str = "axial") -> tuple[Path, str]:
     """Write one patient's slices as one tar, atomically; returns (path, sha256). The tar is
     assembled in memory (one patient) in one buffer -- each slice's bytes copied once, after the
     `.npy` header that all its slices share -- so it is hashed without reading the file back.
@@ -78,6 +78,8 @@ def write_patient(path: Path, pid: str, split: str, image: np.ndarray, mask: np.
     for i, z in enumerate(slice_index):
         key = sample_key(pid, i)
         meta = {"patient": pid, "slice": i, "source_slice": int(z), "split": split}
+        if plane != "axial":  # `source_slice` counts along this plane's axis (an axial tar's meta as ever)
+            meta["plane"] = plane
         members += [(f"{key}.image.npy", [img_head, image[i]]), (f"{key}.mask.npy", [mask_head, mask[i]]),
                     (f"{key}.meta.json", [json.dumps(meta, sort_keys=True).encode()])]
     data = tar_bytes(members)

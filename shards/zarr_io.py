@@ -39,12 +39,18 @@ def write_group_meta(out: Path, splits) -> list[Path]:
     return [out / rel for rel in layout.zarr_group_meta(splits)]
 
 
-def write_patient(group_dir: Path, image: np.ndarray, mask: np.ndarray, attrs: dict, codec: str) -> list[Path]:
-    """Write one patient's group atomically; returns the files written (final paths)."""
+def write_patient(group_dir: Path, image: np.ndarray, mask: np.ndarray, attrs: dict, codec: str,
+                  planes: dict | None = None) -> list[Path]:
+    """Write one patient's group atomically; returns the files written (final paths). `planes`:
+    name -> (image, mask, attrs) of further slicing planes, each a group inside the patient's
+    (`layout.zarr_plane_group`), written with it in the same one rename."""
     tmp = tmp_name(group_dir)  # a folder, renamed into place as a whole
     if tmp.exists():
         shutil.rmtree(tmp)
-    _write_group(tmp, image, mask, attrs, codec, direct=_direct_ok())
+    direct = _direct_ok()
+    _write_group(tmp, image, mask, attrs, codec, direct=direct)
+    for name, (p_image, p_mask, p_attrs) in (planes or {}).items():
+        _write_group(tmp / name, p_image, p_mask, p_attrs, codec, direct=direct)
     if group_dir.exists():
         shutil.rmtree(group_dir)
     tmp.replace(group_dir)

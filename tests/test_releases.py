@@ -191,14 +191,15 @@ def oracle(monkeypatch):
     """predict with the truth as the model's output (the regions of the patient's own mask): the
     channels -> labels -> file path is then checked exactly (a one-epoch model predicts little)."""
     seen = {}
-    real_prepare = predict_mod.prepare_patient
+    real_prepare = predict_mod.prepare_planes
 
-    def prepare(pf, pre):
+    def prepare(pf, recipes):
+        pre = recipes[0]
         truth = process_patient(pf, pre)  # predict's discovery still lists the segmentation
         seen["regions"] = truth.mask if pre.mask == "regions" else regions_of(truth.mask, 1, pf.release)
-        return real_prepare(pf, pre)  # what predict itself reads: the images alone
+        return real_prepare(pf, recipes)  # what predict itself reads: the images alone
 
-    monkeypatch.setattr(predict_mod, "prepare_patient", prepare)
+    monkeypatch.setattr(predict_mod, "prepare_planes", prepare)
     monkeypatch.setattr(predict_mod, "predict_slices",
                         lambda model, image, *a, **k: seen["regions"].astype(np.float32))
 

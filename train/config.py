@@ -52,6 +52,7 @@ class TrainConfig:
     log_samples: bool = False
     max_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (quick looks, tests)
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (last.pt with the loader position); 0: epochs only
+    plane: Literal["axial", "coronal", "sagittal"] = "axial"  # the slices trained on (a set built with --planes)
 
     def __post_init__(self):
         check_choices(self)

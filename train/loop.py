@@ -162,6 +162,7 @@ def setup(shards: str, out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     if resume:  # the options a resume runs with come from the checkpoint, before anything is built
         ck, cfg = resumed_config(out / "checkpoints" / "last.pt", source, cfg, given)
         device = pick_device(cfg.device)
+    source.select_plane(cfg.plane)  # the plane's slices and geometry; what the checkpoint records for predict
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
     set_mode, rel = set_mode_of(source), release_of_set(source.manifest["config"])
     n_mod = len(set_channels(source.manifest)[0])

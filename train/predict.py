@@ -1,9 +1,10 @@
 """`predict`: a checkpoint applied to a BraTS-layout folder, written back as NIfTI label maps.
 
-For each patient: exactly the preprocessing recorded in the checkpoint (all brain slices kept),
-with the checkpoint's 2.5D context (`train.data.with_context`), the model over all slices in
-batches (optionally averaged over in-plane flips; several checkpoints: an ensemble, their
-probabilities averaged), then the way back: undo the resize (bilinear on probabilities), the crop (zeros outside the box and on the
+For each patient: exactly the preprocessing recorded in the checkpoint (all brain slices kept, in
+the plane it was trained on), with the checkpoint's 2.5D context (`train.data.with_context`), the
+model over all slices in batches (optionally averaged over in-plane flips; several checkpoints: an
+ensemble, their probabilities averaged; checkpoints of different planes -- axial, coronal,
+sagittal -- are each mapped back to the source grid and averaged there, in 3D), then the way back: undo the resize (bilinear on probabilities), the crop (zeros outside the box and on the
 slices without brain) and the reorientation, so the output has the input's shape and affine.
 
 Channels -> one label map (documented rule):
@@ -65,11 +66,15 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
 
 
 def check_ensemble(members: list[dict]) -> None:
-    """An ensemble's checkpoints must agree on what they read and what they output."""
+    """An ensemble's checkpoints must agree on what they read and what they output; they may
+    differ in the slicing plane alone (a triplanar ensemble: probabilities averaged in 3D)."""
     first = members[0]
     for m in members[1:]:
         for key in ("preprocess", "output_mode", "release"):
-            if m[key] != first[key]:
+            a, b = m[key], first[key]
+            if key == "preprocess":  # the plane may differ: each member's slices are cut as it was trained
+                a, b = replace(a, plane="axial"), replace(b, plane="axial")
+            if a != b:
                 raise PredictError(f"{m['path']} and {first['path']} differ in {key}: they cannot form an ensemble")
 
 
@@ -105,35 +110,67 @@ def predict_patient(model, pre: PreprocessConfig, output_mode: str, pf: PatientF
                     tta=False, context: int = 0, post: PostprocessConfig | None = None,
                     ensemble: list | None = None, trained=None) -> tuple[np.ndarray, np.ndarray]:
     """(label map, affine) of one patient. `model` may be one model or, with `ensemble`, ignored
-    in favour of a list of (model, context) pairs whose probabilities are averaged."""
+    in favour of a list of (model, context) pairs, or (model, context, preprocess) triples of
+    members that may differ in plane, whose probabilities are averaged on the source grid."""
     check_release(pf, trained)
-    ps, affine = prepare_patient(pf, pre)
-    labels = segment(ps, ensemble or [(model, context)], output_mode, pf.release, affine, device, batch_size, tta, post)
-    return labels, affine
+    members = [m if len(m) == 3 else (*m, pre) for m in (ensemble or [(model, context)])]
+    prob, affine = ensemble_probabilities(pf, members, device, batch_size, tta)
+    return label_map(prob, output_mode, pf.release, affine, post), affine
 
 
 def prepare_patient(pf: PatientFiles, pre: PreprocessConfig):
     """(PatientSlices, source affine) of one patient: read, checked, preprocessed as recorded."""
+    slices, affine = prepare_planes(pf, [pre])
+    return slices[pre], affine
+
+
+def prepare_planes(pf: PatientFiles, recipes: list[PreprocessConfig]):
+    """({recipe: PatientSlices}, source affine): the patient read and checked once, then
+    preprocessed by each recipe (an ensemble's planes)."""
     if pf.problem:
         raise InputError(pf.problem)
     pf = replace(pf, files={k: v for k, v in pf.files.items() if k != SEG})  # never look at a reference
     vols, _ = load_patient(pf)
     validate(pf, vols)
-    return process_volumes(pf, vols, pre), vols[pf.release.modalities[0]].affine
+    return {pre: process_volumes(pf, vols, pre) for pre in dict.fromkeys(recipes)}, \
+        vols[pf.release.modalities[0]].affine
+
+
+def ensemble_probabilities(pf: PatientFiles, members: list, device, batch_size: int = 32, tta: bool = False):
+    """(probabilities (K, X, Y, Z) on the source grid, affine): the mean over `members`, (model,
+    context, preprocess) triples; members of one recipe are averaged on their slices, then each
+    recipe (plane) is mapped back to the source grid and weighed by its members."""
+    slices, affine = prepare_planes(pf, [pre for _, _, pre in members])
+    prob = 0
+    for pre, ps in slices.items():
+        group = [(m, k) for m, k, p in members if p == pre]
+        prob = prob + source_probabilities(ps, group, device, batch_size, tta) * (len(group) / len(members))
+    return prob, affine
+
+
+def source_probabilities(ps, members: list, device, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+    """The members' (model, context) mean probabilities of a prepared patient, mapped back onto
+    its source grid: (K, X, Y, Z) as the source is stored."""
+    prob = sum(predict_slices(m, with_context(ps.image, ps.slice_index, k), device, batch_size, tta)
+               for m, k in members) / len(members)
+    return ps.geometry.inverse(prob, ps.slice_index)
+
+
+def label_map(prob: np.ndarray, output_mode: str, release, affine, post: PostprocessConfig | None = None):
+    """Source-grid probabilities -> the label map: thresholded, post-processed, labelled in
+    `release`'s convention."""
+    positive = prob > THRESHOLD
+    if post is not None and (post.et_min_mm3 or post.min_component_mm3) and tuple(release.regions) == REGIONS:
+        positive = postprocess(to_regions(positive, output_mode), post, float(np.prod(spacing_of(affine))))
+        output_mode = "regions"
+    return to_labels(positive, output_mode, release)
 
 
 def segment(ps, members: list, output_mode: str, release, affine, device, batch_size: int = 32, tta: bool = False,
             post: PostprocessConfig | None = None) -> np.ndarray:
     """The label map of a prepared patient on its source grid: the members' (model, context)
     probabilities averaged, mapped back, thresholded, post-processed, labelled in `release`'s convention."""
-    prob = sum(predict_slices(m, with_context(ps.image, ps.slice_index, k), device, batch_size, tta)
-               for m, k in members) / len(members)
-    prob = ps.geometry.inverse(prob, ps.slice_index)  # (K, X, Y, Z) as the source is stored
-    positive = prob > THRESHOLD
-    if post is not None and (post.et_min_mm3 or post.min_component_mm3) and tuple(release.regions) == REGIONS:
-        positive = postprocess(to_regions(positive, output_mode), post, float(np.prod(spacing_of(affine))))
-        output_mode = "regions"
-    return to_labels(positive, output_mode, release)
+    return label_map(source_probabilities(ps, members, device, batch_size, tta), output_mode, release, affine, post)
 
 
 def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: str = "auto",
@@ -148,7 +185,7 @@ def predict(checkpoint, input_dir: str | Path, output_dir: str | Path, device: s
     check_ensemble(members)
     pre, output_mode = members[0]["preprocess"], members[0]["output_mode"]
     post = members[0]["postprocess"] if postprocess else None
-    ensemble = [(m["model"], m["context"]) for m in members]
+    ensemble = [(m["model"], m["context"], m["preprocess"]) for m in members]
     disc = discover(input_dir, need_seg=False, release=release)
     return write_predictions(disc.patients, output_dir, progress, lambda pf: predict_patient(
         None, pre, output_mode, pf, dev, batch_size, tta, post=post, ensemble=ensemble, trained=members[0]["release"]))

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 from preprocess.config import PreprocessConfig
 from shards.codecs import parse_codec_spec
 from shards.errors import BratsShardsError
+from shards.layout import PLANES
 
 Format = Literal["zarr", "wds"]
 
@@ -39,6 +40,16 @@ def parse_formats(value) -> tuple[Format, ...]:
     return tuple(value)
 
 
+def parse_planes(value) -> tuple[str, ...]:
+    """The slicing planes of a build: axial first (every set's own slices), then coronal and/or
+    sagittal, each once."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value or value[0] != "axial" \
+            or any(not isinstance(v, str) or v not in PLANES for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"planes must list axial first, then coronal and/or sagittal, each once "
+                         f"(e.g. axial,coronal,sagittal), not {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value!r}")
+    return tuple(value)
+
+
 def parse_val_fraction(value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(f"val_fraction must be a number in [0, 1], not {value!r}")
@@ -59,11 +70,13 @@ class BuildConfig:
     split_seed: int = 0
     formats: tuple[Format, ...] = ("zarr", "wds")
     codec: str = "blosc-lz4:5"  # `shards.codecs.CodecName[:level]`; chosen by bench/codecs.py + bench/loader.py
+    planes: tuple[str, ...] = ("axial",)  # slicing planes; a set's config lists them when not axial only
 
     def __post_init__(self):
         if not isinstance(self.preprocess, PreprocessConfig):
             raise ValueError(f"preprocess must be a PreprocessConfig, not {type(self.preprocess).__name__}")
         object.__setattr__(self, "formats", parse_formats(self.formats))
+        object.__setattr__(self, "planes", parse_planes(self.planes))
         parse_val_fraction(self.val_fraction)
         parse_seed(self.split_seed)
         parse_codec_spec(self.codec)
@@ -71,6 +84,9 @@ class BuildConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["formats"] = list(self.formats)
+        d["planes"] = list(self.planes)
+        if self.planes == ("axial",):  # an axial set's config, as it always was
+            del d["planes"]
         d["preprocess"] = self.preprocess.to_dict()  # its own record (a thinned set says whom it thins)
         return d
 
@@ -78,7 +94,8 @@ class BuildConfig:
     def from_dict(cls, d: dict) -> "BuildConfig":
         """The inverse of `to_dict` (keys it does not write, e.g. a manifest's `convention`, are ignored)."""
         return cls(preprocess=PreprocessConfig.from_dict(d["preprocess"]), val_fraction=d["val_fraction"],
-                   split_seed=d["split_seed"], formats=tuple(d["formats"]), codec=d["codec"])
+                   split_seed=d["split_seed"], formats=tuple(d["formats"]), codec=d["codec"],
+                   planes=tuple(d.get("planes", ("axial",))))
 
 
 @dataclass(frozen=True)

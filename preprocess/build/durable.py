@@ -186,6 +186,7 @@ def _our_temporaries(out: Path, pids: set[str]):
         return m is not None and m["pid"] in pids
 
     where = [(out, lambda n: n == MANIFEST), (out / layout.WDS_ROOT, our_tar)]
+    where += [(out / layout.WDS_ROOT / p, our_tar) for p in layout.PLANES[1:]]  # further planes' tars
     where += [(out / layout.zarr_split(s), pids.__contains__) for s in SPLITS]
     for folder, is_ours in where:
         if folder.is_dir() and not folder.is_symlink():

@@ -45,24 +45,28 @@ def val_fallback(done: dict, cfg: BuildConfig) -> str | None:
     return min(sorted(done), key=lambda p: split_score(p, cfg.split_seed))
 
 
-def plan_paths(pid: str, split: str) -> dict[str, str]:
-    """Where a patient's files go: named from its id and split only, so adding or removing other
-    patients never moves them (a re-run builds only new patients and drops only removed ones)."""
-    return {"zarr": layout.zarr_group(split, pid), "wds": layout.wds_tar(split, pid)}
+def plan_paths(pid: str, split: str, planes: tuple[str, ...] = ("axial",)) -> dict[str, list[str]]:
+    """Where a patient's files go: its zarr group (every plane inside it) and one tar per plane,
+    named from its id and split only, so adding or removing other patients never moves them (a
+    re-run builds only new patients and drops only removed ones)."""
+    return {"zarr": [layout.zarr_group(split, pid)], "wds": [layout.wds_tar(split, pid, p) for p in planes]}
 
 
 def valid_done(out: Path, rec: dict, split: str, cfg: BuildConfig) -> bool:
-    """A finished patient counts only if its files sit where this plan puts them, complete."""
-    want = plan_paths(rec["pid"], split)
-    if rec.get("split") != split:
+    """A finished patient counts only if its files sit where this plan puts them, complete, for
+    every plane of this build."""
+    want = plan_paths(rec["pid"], split, cfg.planes)
+    if rec.get("split") != split or sorted(rec.get("planes", {})) != sorted(cfg.planes[1:]):
         return False
     for f in rec["files"]:
         p = out / f["path"]
         if not (p.is_file() and p.stat().st_size == f["bytes"]):
             return False
-        if not (f["path"].startswith(want["zarr"] + "/") or f["path"] == want["wds"]):
+        if not (f["path"].startswith(want["zarr"][0] + "/") or f["path"] in want["wds"]):
             return False
-    return {f["format"] for f in rec["files"]} == set(cfg.formats)
+    tars = [f["path"] for f in rec["files"] if f["format"] == "wds"]
+    return {f["format"] for f in rec["files"]} == set(cfg.formats) and sorted(tars) == sorted(
+        want["wds"] if "wds" in cfg.formats else [])
 
 
 def _load_json(path: Path):
