@@ -8,8 +8,8 @@ of `patients` cases with the build's fixed hash split (train/val), and separate 
 (epochs x batches x batch size); the MONAI peer gets the same budget.
 
 Scoring, end to end: each model's labels for the test cases are written as NIfTI on the source
-grid by `train.predict` (the code `python cli.py predict` runs: `prepare_patient` once per case,
-then `segment` per model), then `train.evaluate.evaluate` scores them as `python cli.py evaluate`
+grid by `train.predict` (the code `python cli.py predict` runs: `prepare_planes` once per case and
+recipe, the members averaged on the source grid), then `train.evaluate.evaluate` scores them as `python cli.py evaluate`
 does: per-patient Dice and HD95 of WT/TC/ET. Reported per recipe: mean and standard deviation over
 test patients, training slices/s, and for the recipes run with two seeds the seed-to-seed spread.
 
@@ -23,6 +23,10 @@ Recipes:
   +fg-balance the default with nnU-Net's class-balanced foreground sampling, seeds 0, 1, 2
   +grad-clip  the default with nnU-Net's gradient clipping (norm 12), seeds 0, 1, 2
   monai       MONAI's DynUNet 2D recipe (bench/monai_peer.py; `pip install -e ".[bench]"`)
+  coronal/sK, sagittal/sK  the default trained on one other plane's slices (a set built with
+              --planes axial,coronal,sagittal: WORK/shards{size}-planes, whose axial files are the
+              axial set's), seeds 0, 1, 2
+  triplanar/sK  default/sK, coronal/sK and sagittal/sK averaged in 3D (predict --ensemble)
   nnunet/sK   nnU-Net v2's own 2d configuration (bench/nnunet_peer.py, in a Python with nnunetv2:
               --nnunet-python), the same patients, split, model size and slices; seeds 0, 1, 2
 
@@ -48,9 +52,10 @@ from preprocess.nifti import save_volume
 from preprocess.config import PreprocessConfig
 from preprocess.synthetic.realistic import make_realistic_data
 from shards.domain import REGIONS
+from shards.layout import PLANES
 from train.evaluate import evaluate
 from train.loop import TrainConfig, train
-from train.predict import load_checkpoint, prepare_patient, segment
+from train.predict import check_ensemble, ensemble_probabilities, label_map, load_checkpoint
 from train.recipe import SEED_RECIPE
 
 SETTINGS = {
@@ -83,9 +88,26 @@ def prepare_data(work: Path, s: dict) -> tuple[Path, Path]:
     if not (test / "name_mapping.csv").exists():
         make_realistic_data(test, s["test"], seed=0, start=1001, progress=True)
     if not (shards / "manifest.json").exists():
-        pre = PreprocessConfig(size=s["size"], crop=True, tumour_free_fraction=s["tumour_free"])
-        build(data, shards, BuildConfig(preprocess=pre, val_fraction=0.25), workers=2)
+        build(data, shards, build_config(s), workers=2)
     return shards, test
+
+
+def build_config(s: dict, planes=("axial",)) -> BuildConfig:
+    pre = PreprocessConfig(size=s["size"], crop=True, tumour_free_fraction=s["tumour_free"])
+    return BuildConfig(preprocess=pre, val_fraction=0.25, planes=planes)
+
+
+def planes_set(work: Path, s: dict) -> Path:
+    """The same build with coronal and sagittal slices too (`build-shards --planes`), made on first
+    use; its axial files are the axial set's, byte for byte (checked here)."""
+    shards, tri = work / f"shards{s['size']}", work / f"shards{s['size']}-planes"
+    if not (tri / "manifest.json").exists():
+        build(work / "data", tri, build_config(s, PLANES), workers=2)
+    axial = {f["path"]: f["sha256"] for f in json.loads((shards / "manifest.json").read_text())["files"]}
+    both = {f["path"]: f["sha256"] for f in json.loads((tri / "manifest.json").read_text())["files"]}
+    if any(both.get(p) != h for p, h in axial.items()):
+        raise SystemExit(f"{tri}: its axial files differ from {shards}'s")
+    return tri
 
 
 def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dict[str, tuple[TrainConfig | None, str | None]]:
@@ -113,6 +135,10 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     if not base.grad_clip:  # nnU-Net's gradient clipping (norm 12), as an addition, 3 seeds
         for seed in (0, 1, 2):
             out[f"+grad-clip/s{seed}"] = (dataclasses.replace(base, grad_clip=12.0, seed=seed), None)
+    for seed in (0, 1, 2):  # triplanar 2D: a model per plane, then the three averaged in 3D (predict --ensemble)
+        for plane in PLANES[1:]:
+            out[f"{plane}/s{seed}"] = (dataclasses.replace(base, plane=plane, seed=seed), None)
+        out[f"triplanar/s{seed}"] = (None, [f"{p}/s{seed}" for p in ("default",) + PLANES[1:]])
     out["-postprocess"] = (None, "default/s0")
     for name in sorted(extra):
         part, _, seed = name.rpartition("/s")
@@ -123,14 +149,13 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
 
 
 def score(work: Path, name: str, members: list, output_mode: str, post, test: Path, device) -> dict:
-    """Write every test case's labels as NIfTI and evaluate them against the references."""
+    """Write every test case's labels as NIfTI and evaluate them against the references.
+    `members`: (model, context, preprocess) -- several: an ensemble, as `predict --ensemble` runs it."""
     pred_dir = work / "pred" / name.replace("/", "_")
     pred_dir.mkdir(parents=True, exist_ok=True)
-    pre = members[0][2]
     for pf in discover(test, need_seg=False).patients:
-        ps, affine = prepare_patient(pf, pre)
-        labels = segment(ps, [(m, k) for m, k, _ in members], output_mode, pf.release, affine, device, post=post)
-        save_volume(pred_dir / f"{pf.pid}.nii.gz", labels, affine)
+        prob, affine = ensemble_probabilities(pf, members, device)
+        save_volume(pred_dir / f"{pf.pid}.nii.gz", label_map(prob, output_mode, pf.release, affine, post), affine)
     return score_folder(pred_dir, test)
 
 
@@ -145,7 +170,18 @@ def score_folder(pred_dir: Path, test: Path) -> dict:
     return summary
 
 
+def run_ensemble(work: Path, name: str, names: list[str], test: Path, device) -> dict:
+    """A predict-only ensemble of trained recipes' best checkpoints (post-processing: the first's)."""
+    ms = [load_checkpoint(work / "runs" / n.replace("/", "_") / "checkpoints" / "best.pt", device) for n in names]
+    check_ensemble(ms)
+    scores = score(work, name, [(m["model"], m["context"], m["preprocess"]) for m in ms], ms[0]["output_mode"],
+                   ms[0]["postprocess"], test, device)
+    return {"recipe": name, "members": names, "scores": scores}
+
+
 def run_recipe(work: Path, name: str, cfg, reuse, shards: Path, test: Path, device) -> dict:
+    if isinstance(reuse, list):
+        return run_ensemble(work, name, reuse, test, device)
     run = work / "runs" / (reuse or name).replace("/", "_")
     if cfg is not None:
         t0 = time.perf_counter()
@@ -276,7 +312,8 @@ def main():
             r = run_nnunet(work, s, shards, test, int(name[len("nnunet/s"):]), a.nnunet_python)
         else:
             cfg, reuse = todo[name]
-            r = run_recipe(work, name, cfg, reuse, shards, test, device)
+            on = planes_set(work, s) if cfg is not None and cfg.plane != "axial" else shards
+            r = run_recipe(work, name, cfg, reuse, on, test, device)
         path.write_text(json.dumps(r, indent=1))
         results[name] = r
         print(json.dumps({name: {k: v["mean"] for k, v in r["scores"].items()}}), flush=True)

@@ -131,7 +131,7 @@ def test_a_symlink_outside_the_managed_names_is_left_alone(built, fewer, tmp_pat
 def test_a_link_planted_during_the_run_is_not_followed(built, release, fewer, tmp_path, monkeypatch):
     """`wds` swapped for a link while the first patient is being processed: its tar is not written
     through the link, and the sweep deletes nothing there."""
-    import preprocess.build.task as b  # where the task calls process_patient
+    import preprocess.build.task as b  # where the task calls process_planes
 
     out = tmp_path / "set"
     shutil.copytree(built, out, symlinks=True)
@@ -139,7 +139,7 @@ def test_a_link_planted_during_the_run_is_not_followed(built, release, fewer, tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / f"train-{_pids(release)[1]}.tar").write_bytes(b"theirs")
-    real = b.process_patient
+    real = b.process_planes
 
     def planting(*a, **kw):
         if not (out / "wds").is_symlink():
@@ -147,7 +147,7 @@ def test_a_link_planted_during_the_run_is_not_followed(built, release, fewer, tm
             (out / "wds").symlink_to(elsewhere, target_is_directory=True)
         return real(*a, **kw)
 
-    monkeypatch.setattr(b, "process_patient", planting)
+    monkeypatch.setattr(b, "process_planes", planting)
     _refused(_build(fewer, out), "wds", "symbolic link")
     assert _tree(elsewhere) == {f"train-{_pids(release)[1]}.tar": b"theirs"}
 
