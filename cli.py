@@ -286,7 +286,7 @@ def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `train` (best.pt or last.pt), or its run folder (its best.pt).")],
     input: Annotated[Path, typer.Argument(help="BraTS-layout folder; segmentations not needed.")],
     output: Annotated[Path, typer.Argument(help="Folder for <patient>.nii.gz label maps.")],
-    ensemble: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="More checkpoints (e.g. the other folds): probabilities of all are averaged. Repeat the option.")] = None,
+    ensemble: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="More checkpoints (e.g. the other folds, or models of the other planes: train --plane): probabilities of all are averaged on the source grid. Repeat the option.")] = None,
     tta: Annotated[bool, typer.Option(help="Average predictions over in-plane flips.")] = False,
     postprocess: Annotated[bool, typer.Option("--postprocess/--no-postprocess", help="Apply the post-processing thresholds stored in the (first) checkpoint.")] = True,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 32,

@@ -197,8 +197,8 @@ def _check_square_pixels(pf: PatientFiles, geo: Geometry) -> None:
     a, b, _ = geo.view_spacing
     if geo.plane != "axial" and not np.isclose(a, b, rtol=1e-3):
         raise InputError(f"{_name(pf, pf.release.modalities[0])} has {a:g} x {b:g} mm voxels in the {geo.plane} "
-                         f"plane; {geo.plane} slices need square pixels: resample it to isotropic voxels, or "
-                         f"build axial slices only")
+                         f"plane; {geo.plane} slices need square pixels: resample it to isotropic voxels, or use "
+                         f"axial slices only")
 
 
 def _finite_volumes(vols: dict, modalities) -> tuple[list, dict, int]:

@@ -95,3 +95,13 @@ def symlink_inside(root, names) -> str | None:
                 if os.path.islink(os.path.join(dirpath, n)):
                     return os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/")
     return None
+
+
+def symlink_on_the_way(root, rel: str) -> str | None:
+    """The first of `rel`'s parts (a '/'-separated path inside `root`) that is a symbolic link,
+    as a path relative to `root`; None when there is none."""
+    parts = rel.split("/")
+    for k in range(1, len(parts) + 1):
+        if os.path.islink(os.path.join(root, *parts[:k])):
+            return "/".join(parts[:k])
+    return None

@@ -79,7 +79,8 @@ def patient_entry(*, split: str, slice_index: list[int], mask, label_voxels, sou
     """A finished patient's entry in `patients`: its split, its axial slices (count and source
     indices), its per-channel mask pixel counts over `pixels`, its per-label voxel counts, its source
     files and their checksums, its geometry and what the build noted; with further `planes` (name ->
-    that plane's `PatientSlices`), `planes` holds each one's slices and geometry (PLANE_FIELDS)."""
+    that plane's `PatientSlices`), `planes` holds each one's slices and geometry
+    (`manifest_rules.PLANE_FIELDS`)."""
     sl = _slices_entry(slice_index, mask)
     entry = {
         "split": split, "n_slices": sl["n_slices"], "slice_index": slice_index, "label_voxels": label_voxels,
@@ -90,10 +91,6 @@ def patient_entry(*, split: str, slice_index: list[int], mask, label_voxels, sou
         entry["planes"] = {p: dict(_slices_entry(ps.slice_index, ps.mask), geometry=ps.geometry.to_dict())
                            for p, ps in planes.items()}
     return entry
-
-
-# what a further plane's record in a patient's `planes` holds (the axial ones are the entry's own)
-PLANE_FIELDS = ("n_slices", "slice_index", "mask_pixels", "pixels", "geometry")
 
 
 def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: str, sha256: str | None = None,
@@ -110,13 +107,13 @@ def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: s
 
 def plane_view(m: dict, plane: str) -> dict:
     """A validated manifest as a set of one plane's slices: every patient's entry with that plane's
-    slices and geometry (PLANE_FIELDS), `config.preprocess.plane` naming it (what a checkpoint
+    slices and geometry (`manifest_rules.PLANE_FIELDS`), `config.preprocess.plane` naming it (what a checkpoint
     records for predict). Axial: the manifest as it is. Unknown or missing planes: ManifestError."""
     if plane == "axial":
         return m
     if plane not in set_planes(m):
         raise ManifestError(f"the shard set holds {', '.join(set_planes(m))} slices, not {plane}: build it with "
-                            f"--planes {','.join(dict.fromkeys(set_planes(m) + (plane,)))}")
+                            f"--planes {','.join(q for q in layout.PLANES if q in set_planes(m) or q == plane)}")
     patients = {pid: {**{k: v for k, v in p.items() if k != "planes"}, **p["planes"][plane]}
                 for pid, p in m["patients"].items()}
     config = dict(m["config"], preprocess=dict(m["config"]["preprocess"], plane=plane))

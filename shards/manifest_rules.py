@@ -16,6 +16,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # a set without `config.modalities` / `config.mask_channels` is a 2018-2023 glioma set (the build
 # writes them only where they differ from these), so older sets read as they always did
 DEFAULT_MODALITIES = ("t1", "t1gd", "t2", "flair")
+# what a further plane's record in a patient's `planes` holds (the axial ones are the entry's own)
+PLANE_FIELDS = ("n_slices", "slice_index", "mask_pixels", "pixels", "geometry")
 
 
 def set_planes(m: dict) -> tuple[str, ...]:
@@ -75,7 +77,8 @@ def problems(m: dict):
         yield why
         return
     for pid, p in patients.items():
-        if (why := patient_id_problem(pid) or _patient_problem(pid, p, set_planes(m)[1:])) is not None:
+        if (why := patient_id_problem(pid) or _patient_problem(pid, p, set_planes(m)[1:], cfg["preprocess"]["size"])) \
+                is not None:
             yield why
             return
     listed = []
@@ -106,41 +109,53 @@ def _planes_problem(cfg: dict) -> str | None:
     """config.planes, when there: axial first, then coronal and/or sagittal, each once; a set's
     own preprocess names no plane (a plane view's does: `plane_view`)."""
     planes = cfg.get("planes", ["axial"])
-    if not (isinstance(planes, list) and planes and planes[0] == "axial" and len(set(map(str, planes))) == len(planes)
-            and all(isinstance(x, str) and x in layout.PLANES for x in planes)):
-        return f"config.planes {str(planes)[:80]!r} is not axial followed by coronal and/or sagittal, each once"
+    if not (isinstance(planes, list) and planes and all(isinstance(x, str) and x in layout.PLANES for x in planes)
+            and planes == [x for x in layout.PLANES if x in planes] and planes[0] == "axial"):
+        return f"config.planes {str(planes)[:80]!r} is not axial followed by coronal and/or sagittal, each once, " \
+               f"in that order"
     if "plane" in cfg["preprocess"]:
         return "config.preprocess.plane is not a field of a shard set (its planes are config.planes)"
     return None
 
 
-def _slices_problem(p) -> str | None:
+def _slices_problem(p, size: int, channels: int | None) -> str | None:
+    """One plane's slice record: counts in range, `pixels` those of `n_slices` slices of size x
+    size, a count per mask channel (`channels`: how many; None: 1 to 16), `slice_index` one
+    increasing integer index per slice."""
     if not isinstance(p, dict) or not _count(p.get("n_slices"), MAX_SLICES) \
-            or not _count(p.get("pixels"), MAX_SLICES * 1024 * 1024):
-        return "n_slices or pixels missing or out of range"
+            or not _count(p.get("pixels"), MAX_SLICES * 1024 * 1024) or p["pixels"] != p["n_slices"] * size * size:
+        return "n_slices or pixels missing, out of range, or not n_slices slices of the set's size"
     mp = p.get("mask_pixels")
-    if not (isinstance(mp, list) and 1 <= len(mp) <= 16 and all(_count(c, p["pixels"]) for c in mp)):
-        return "mask_pixels is not a list of counts within its pixels"
+    if not (isinstance(mp, list) and (len(mp) == channels if channels else 1 <= len(mp) <= 16)
+            and all(_count(c, p["pixels"]) for c in mp)):
+        return "mask_pixels is not a list of counts, one per mask channel, within its pixels"
+    si = p.get("slice_index")
+    if "slice_index" in p and not (isinstance(si, list) and len(si) == p["n_slices"]
+                                   and all(_count(v, MAX_SLICES) for v in si) and all(a < b for a, b in zip(si, si[1:]))):
+        return "slice_index is not one increasing slice index per slice"
     return None
 
 
-def _patient_problem(pid: str, p, further: tuple[str, ...]) -> str | None:
+def _patient_problem(pid: str, p, further: tuple[str, ...], size: int) -> str | None:
     """What is wrong with patient `pid`'s entry, or None; `further`: the set's planes after axial,
-    each of which the entry's `planes` must hold (PLANE_FIELDS, its geometry naming the plane)."""
+    each of which the entry's `planes` must hold (PLANE_FIELDS and nothing else, its geometry
+    naming the plane; `Geometry.from_dict` checks the rest where a reader uses it)."""
     if not isinstance(p, dict) or p.get("split") not in SPLITS:
         return f"patient {pid}: split missing or not one of {', '.join(SPLITS)}"
-    if (why := _slices_problem(p)) is not None:
+    if (why := _slices_problem(p, size, None)) is not None:
         return f"patient {pid}: {why}"
     planes = p.get("planes", {})
-    if not (isinstance(planes, dict) and sorted(planes) == sorted(further)) or ("planes" in p and not further):
-        return f"patient {pid}: planes {str(list(planes) if isinstance(planes, dict) else planes)[:60]} " \
-               f"are not the set's further planes {list(further)}"
+    if not isinstance(planes, dict):
+        return f"patient {pid}: planes is not a mapping of plane name to its slices"
+    if sorted(planes) != sorted(further) or ("planes" in p and not further):
+        return f"patient {pid}: planes {str(list(planes))[:60]} are not the set's further planes {list(further)}"
     for name, q in planes.items():
-        if (why := _slices_problem(q)) is not None:
+        if (why := _slices_problem(q, size, len(p["mask_pixels"]))) is not None:
             return f"patient {pid}, plane {name}: {why}"
-        if not (isinstance(q.get("slice_index"), list) and isinstance(q.get("geometry"), dict)
-                and q["geometry"].get("plane") == name):
-            return f"patient {pid}, plane {name}: slice_index or geometry missing, or its geometry not of {name}"
+        if sorted(q) != sorted(PLANE_FIELDS):
+            return f"patient {pid}, plane {name}: holds {sorted(q)[:8]}, not exactly {list(PLANE_FIELDS)}"
+        if not (isinstance(q["geometry"], dict) and q["geometry"].get("plane") == name):
+            return f"patient {pid}, plane {name}: its geometry is not of {name}"
     return None
 
 

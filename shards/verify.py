@@ -16,6 +16,7 @@ from shards.manifest import LAYOUTS, ManifestError, file_plane, load_manifest, p
     set_planes
 from shards.provenance import changed_patients
 from shards.tree import walk
+from shards.layout import symlink_on_the_way
 from shards.wds_io import scan_tar
 from shards.zarr_io import read_zarr_patient
 
@@ -42,6 +43,8 @@ def verify(root: str | Path) -> list[str]:
 
 def _file_problem(root: Path, f: dict) -> str | None:
     p = root / f["path"]
+    if link := symlink_on_the_way(root, f["path"]):
+        return f"{link} is a symbolic link: a shard set's files are its own (a link may lead anywhere)"
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode):

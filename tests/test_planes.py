@@ -184,7 +184,7 @@ def test_a_crashed_plane_tar_write_is_swept(sets, release_2020, tmp_path):
     assert not leftover.exists() and verify(out) == []
 
 
-@pytest.mark.parametrize("bad", ["coronal", "axial,axial", "sagittal,axial", "axial,oblique", ""])
+@pytest.mark.parametrize("bad", ["coronal", "axial,axial", "sagittal,coronal", "axial,oblique", "", "axial,,coronal"])
 def test_bad_planes_are_refused_in_one_line(release_2020, tmp_path, bad):
     refused(cli("build-shards", release_2020, tmp_path / "o", "--planes", bad), "--planes")
     assert not (tmp_path / "o").exists()
@@ -224,6 +224,20 @@ TAMPERED = {
     "plane tar moved": (_move_tar, "tar"),
     "plane tar dropped": (lambda m: m["files"].remove(next(f for f in m["files"] if f.get("plane") == "sagittal"
                                                             and f["format"] == "wds")), "one tar per patient and plane"),
+    "planes as a list": (lambda m: _first(m).update(planes=["coronal", "sagittal"]), "mapping"),
+    "a plane record overriding the split": (lambda m: _first(m)["planes"]["coronal"].update(split="val"),
+                                            "not exactly"),
+    "slice_index of letters": (lambda m: _first(m)["planes"]["coronal"].update(
+        slice_index=["a"] * _first(m)["planes"]["coronal"]["n_slices"]), "slice_index"),
+    "slice_index too short": (lambda m: _first(m)["planes"]["sagittal"].update(slice_index=[1]), "slice_index"),
+    "slice_index repeated": (lambda m: _first(m)["planes"]["sagittal"].update(
+        slice_index=[5] * _first(m)["planes"]["sagittal"]["n_slices"]), "slice_index"),
+    "slice_index huge": (lambda m: _first(m)["planes"]["sagittal"].update(
+        slice_index=[10**30] * _first(m)["planes"]["sagittal"]["n_slices"]), "slice_index"),
+    "mask_pixels of another channel count": (lambda m: _first(m)["planes"]["coronal"].update(mask_pixels=[1, 2]),
+                                             "mask_pixels"),
+    "pixels not n_slices slices": (lambda m: _first(m)["planes"]["coronal"].update(
+        pixels=_first(m)["planes"]["coronal"]["pixels"] + 1), "pixels"),
 }
 
 
@@ -234,6 +248,72 @@ def test_tampered_plane_records_are_refused(sets, tmp_path, case):
     with pytest.raises(ManifestError, match=words):
         load_manifest(out)
     refused(cli("info", out), words)
+
+
+def _val_plane(m, plane="coronal"):
+    return m["patients"][m["splits"]["val"][0]]["planes"][plane]
+
+
+GEOMETRY = {  # valid as a manifest, wrong as a geometry: refused when training opens the set
+    "no spacing": lambda m: _val_plane(m).update(geometry={"plane": "coronal"}),
+    "spacing of letters": lambda m: _val_plane(m)["geometry"].update(spacing="abc"),
+    "crop box outside the padded plane": lambda m: _val_plane(m)["geometry"].update(crop_box=[0, 1000, 0, 1000]),
+    "slices beyond the plane's axis": lambda m: _val_plane(m).update(
+        slice_index=list(range(100, 100 + _val_plane(m)["n_slices"]))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEOMETRY))
+def test_a_tampered_plane_geometry_is_refused_before_training(sets, tmp_path, case):
+    out = _tamper(sets[1], tmp_path, GEOMETRY[case])
+    refused(cli("train", out, "--out", tmp_path / "run", "--plane", "coronal", *TRAIN), "coronal")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_build_accepts_the_planes_in_any_order_as_one_config(release_2020, sets, tmp_path):
+    out = tmp_path / "tri"
+    shutil.copytree(sets[1], out)
+    before = (out / "manifest.json").read_bytes()
+    r = cli("build-shards", release_2020, out, "--workers", "0", "--size", "48", "--quiet", "--val-fraction", "0.34",
+            "--planes", "sagittal, axial,coronal")
+    assert r[0] == 0 and "0 built" in r[1], r
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_verify_refuses_a_listed_file_that_is_a_link(sets, tmp_path):
+    out = tmp_path / "t"
+    shutil.copytree(sets[1], out)
+    pid = load_manifest(out)["splits"]["train"][0]
+    tar = out / "wds" / "coronal" / f"train-{pid}.tar"
+    outside = tmp_path / "outside.tar"
+    shutil.move(tar, outside)
+    tar.symlink_to(outside)  # the same bytes, elsewhere: verify must not read through it
+    problems = verify(out)
+    assert any("symbolic link" in p and f"train-{pid}.tar" in p for p in problems), problems
+
+
+def test_show_of_a_plane_run_draws_that_plane(runs, sets, tmp_path, monkeypatch):
+    import train.show as show
+
+    seen = []
+    real = show.ShardSource.select_plane
+
+    def spy(self, plane):
+        seen.append(plane)
+        return real(self, plane)
+
+    monkeypatch.setattr(show.ShardSource, "select_plane", spy)
+    r = cli("show", "--run", runs / "sagittal", "--out", tmp_path / "fig")
+    assert r[0] == 0, r
+    assert seen == ["sagittal"] and any((tmp_path / "fig").iterdir())
+
+
+def test_export_of_a_plane_model_names_its_plane(runs, tmp_path):
+    r = cli("export", runs / "coronal" / "checkpoints" / "last.pt", tmp_path / "m.pt", "--format", "torchscript")
+    assert r[0] == 0, r
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    assert meta["preprocess"]["plane"] == "coronal" and "coronal slice" in meta["context"]["rule"]
+    assert "canonical RAS y" in meta["context"]["rule"]
 
 
 def test_a_tampered_plane_shard_fails_verify(sets, tmp_path):

@@ -5,7 +5,8 @@ The exported graph is the eval-mode model (one output whatever the recipe: deep 
 extra outputs exist only in train mode):
 
   input  "image"  (N, M * (2k+1), size, size) float32: channel (o+k)*M + m holds modality m of
-                  the set's M (T1, T1Gd, T2, FLAIR; MEN-RT: T1Gd alone) of the axial slice at
+                  the set's M (T1, T1Gd, T2, FLAIR; MEN-RT: T1Gd alone) of the slice (of the
+                  plane the model was trained on: "preprocess.plane", axial when absent) at
                   offset o in -k..k, preprocessed as the checkpoint records ("preprocess", "context");
   output "logits" (N, K, size, size) float32: sigmoid(logits) > 0.5 gives the K channels named in
                   metadata "output.channels" (WT/TC/ET or NCR/NET/ED/ET, gli-2024 adds RC, ...).
@@ -43,9 +44,11 @@ FORMAT_VERSION = 1
 META_KEY = "brats_shards"  # ONNX metadata_props key; TorchScript extra file META_KEY + ".json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 OPSETS = range(11, 21)  # what torch 2.13's TorchScript-based ONNX exporter implements (max 20)
-CONTEXT_RULE = ("channel (o+k)*{m} + m holds modality m of the set's {m} of the axial slice z+o (canonical RAS z), "
-                "o in -k..k; a neighbour that is not a brain slice is replaced by the nearest brain slice between it "
-                "and z")
+CONTEXT_RULE = ("channel (o+k)*{m} + m holds modality m of the set's {m} of the {plane} slice z+o (z: the index "
+                "along {axis}), o in -k..k; a neighbour that is not a brain slice is replaced by the nearest brain "
+                "slice between it and z")
+# the canonical (RAS) axis slices of each plane are cut along (preprocess.geometry: the view's last axis)
+PLANE_AXIS = {"axial": "canonical RAS z", "coronal": "canonical RAS y", "sagittal": "canonical RAS x"}
 
 
 class ExportError(BratsShardsError, ValueError):
@@ -120,7 +123,8 @@ def load_for_export(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
                    "channels": list(rec["channels"]), "mask_mode": mode,
                    "activation": "sigmoid", "threshold": THRESHOLD},
         "preprocess": rec["preprocess"].to_dict(),  # as predict applies it: every brain slice kept
-        "context": {"slices_each_side": k, "rule": CONTEXT_RULE.format(m=len(mods))},
+        "context": {"slices_each_side": k, "rule": CONTEXT_RULE.format(m=len(mods), plane=rec["preprocess"].plane,
+                                                                         axis=PLANE_AXIS[rec["preprocess"].plane])},
         "postprocess": {**rec["postprocess"].to_dict(),
                         "rule": "train/postprocess.py, on the 3D prediction mapped back to the source grid"},
         "labels": {"rule": label_rule(rel, mode),

@@ -38,7 +38,7 @@ from train.runfolder import read_val_patients, refuse_existing_run, refuse_links
     write_val_patients
 from train.runlock import RunLock
 from train.runtime import autocast, barrier, dist_env, loader, pick_device, progress_bar, to_device
-from train.validate import choose_postprocess, epoch_record, reduce, summary, thinned_validation, validate
+from train.validate import check_geometries, choose_postprocess, epoch_record, reduce, summary, thinned_validation, validate
 
 
 @dataclass
@@ -163,6 +163,7 @@ def setup(shards: str, out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
         ck, cfg = resumed_config(out / "checkpoints" / "last.pt", source, cfg, given)
         device = pick_device(cfg.device)
     source.select_plane(cfg.plane)  # the plane's slices and geometry; what the checkpoint records for predict
+    check_geometries(source)
     cfg = dataclasses.replace(cfg, fmt=cfg.fmt or ("zarr" if "zarr" in source.layouts() else "wds"))
     set_mode, rel = set_mode_of(source), release_of_set(source.manifest["config"])
     n_mod = len(set_channels(source.manifest)[0])

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from shards.domain import REGIONS, RELEASES, Release, subregion_channels, subregions_of, to_labels, to_regions
-from shards.source import ShardSource
+from preprocess.geometry import Geometry
+from shards.source import ShardSetError, ShardSource
 from train import recipe
 from train.metrics import THRESHOLD, confusion, scores
 from train.postprocess import PostprocessConfig, choose
@@ -164,6 +165,19 @@ def thinned_validation(config: dict, folds: int) -> str | None:
 
 def slice_voxel_mm3(geometry: dict, size: int) -> float:
     """Volume of one voxel of a patient's resized slices: the source spacing scaled by crop/size."""
-    sx, sy, sz = geometry["spacing"]
-    x0, x1, y0, y1 = geometry["crop_box"]
-    return sx * (x1 - x0) / size * sy * (y1 - y0) / size * sz
+    return float(np.prod(Geometry.from_dict(geometry).slice_spacing(size)))
+
+
+def check_geometries(source: ShardSource) -> None:
+    """Every patient's geometry of the plane read (`source.plane`), checked before training uses it
+    (its validation and post-processing volumes): a tampered record is refused, named, not a
+    traceback at the end of an epoch or a volume silently off."""
+    for pid, p in source.manifest["patients"].items():
+        try:
+            geo = Geometry.from_dict(p["geometry"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ShardSetError(f"{source.location}: patient {pid} ({source.plane} slices): {e}") from None
+        if geo.plane != source.plane or (p["slice_index"] and p["slice_index"][-1] >= geo.view_shape[2]):
+            raise ShardSetError(f"{source.location}: patient {pid}: its geometry is not that of its {source.plane} "
+                                f"slices (plane {geo.plane}, {geo.view_shape[2]} slices, slice_index up to "
+                                f"{p['slice_index'][-1] if p['slice_index'] else None})")

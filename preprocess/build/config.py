@@ -41,13 +41,14 @@ def parse_formats(value) -> tuple[Format, ...]:
 
 
 def parse_planes(value) -> tuple[str, ...]:
-    """The slicing planes of a build: axial first (every set's own slices), then coronal and/or
-    sagittal, each once."""
-    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value or value[0] != "axial" \
+    """The slicing planes of a build: axial (every set's own slices) and coronal and/or sagittal,
+    each once, in any order given; kept in the order axial, coronal, sagittal (one config)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or "axial" not in value \
             or any(not isinstance(v, str) or v not in PLANES for v in value) or len(set(value)) != len(value):
-        raise ValueError(f"planes must list axial first, then coronal and/or sagittal, each once "
-                         f"(e.g. axial,coronal,sagittal), not {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value!r}")
-    return tuple(value)
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        raise ValueError(f"planes must list axial and any of coronal, sagittal, each once "
+                         f"(e.g. axial,coronal,sagittal), not {shown[:80]!r}")
+    return tuple(p for p in PLANES if p in value)
 
 
 def parse_val_fraction(value) -> float:

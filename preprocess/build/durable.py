@@ -120,12 +120,9 @@ class OutputLock:
 
 def refuse_link_on_the_way(out: Path, rel: str) -> None:
     """Refuse to write `out/rel` when a folder on the way to it (or it) is a symbolic link."""
-    p = out
-    for part in rel.split("/"):
-        p = p / part
-        if p.is_symlink():
-            raise BuildError(f"{p} is a symbolic link (planted during the build): a build writes only inside "
-                             f"its output folder and never follows a link there; remove the link and re-run")
+    if link := layout.symlink_on_the_way(out, rel):
+        raise BuildError(f"{out / link} is a symbolic link (planted during the build): a build writes only inside "
+                         f"its output folder and never follows a link there; remove the link and re-run")
 
 
 # what a build writes or deletes in its output folder (anything else there is the user's)
