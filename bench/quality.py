@@ -27,6 +27,7 @@ Recipes:
               --planes axial,coronal,sagittal: WORK/shards{size}-planes, whose axial files are the
               axial set's), seeds 0, 1, 2
   triplanar/sK  default/sK, coronal/sK and sagittal/sK averaged in 3D (predict --ensemble)
+  axial-ensemble  default/s0, s1 and s2 averaged the same way: three models of one plane
   nnunet/sK   nnU-Net v2's own 2d configuration (bench/nnunet_peer.py, in a Python with nnunetv2:
               --nnunet-python), the same patients, split, model size and slices; seeds 0, 1, 2
 
@@ -139,6 +140,8 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
         for plane in PLANES[1:]:
             out[f"{plane}/s{seed}"] = (dataclasses.replace(base, plane=plane, seed=seed), None)
         out[f"triplanar/s{seed}"] = (None, [f"{p}/s{seed}" for p in ("default",) + PLANES[1:]])
+    # the control: as many axial models (the 3 seeds) averaged, so the planes' share of a gain shows
+    out["axial-ensemble"] = (None, [f"default/s{seed}" for seed in (0, 1, 2)])
     out["-postprocess"] = (None, "default/s0")
     for name in sorted(extra):
         part, _, seed = name.rpartition("/s")
