@@ -105,6 +105,13 @@ def file_entry(out: Path, path: Path, pid: str | None, split: str | None, fmt: s
     return entry
 
 
+def plane_entry(p: dict, plane: str) -> dict:
+    """A validated patient entry as its `plane` slices' entry (axial: the entry itself)."""
+    if plane == "axial":
+        return p
+    return {**{k: v for k, v in p.items() if k != "planes"}, **p["planes"][plane]}
+
+
 def plane_view(m: dict, plane: str) -> dict:
     """A validated manifest as a set of one plane's slices: every patient's entry with that plane's
     slices and geometry (`manifest_rules.PLANE_FIELDS`), `config.preprocess.plane` naming it (what a checkpoint
@@ -114,8 +121,7 @@ def plane_view(m: dict, plane: str) -> dict:
     if plane not in set_planes(m):
         raise ManifestError(f"the shard set holds {', '.join(set_planes(m))} slices, not {plane}: build it with "
                             f"--planes {','.join(q for q in layout.PLANES if q in set_planes(m) or q == plane)}")
-    patients = {pid: {**{k: v for k, v in p.items() if k != "planes"}, **p["planes"][plane]}
-                for pid, p in m["patients"].items()}
+    patients = {pid: plane_entry(p, plane) for pid, p in m["patients"].items()}
     config = dict(m["config"], preprocess=dict(m["config"]["preprocess"], plane=plane))
     return dict(m, config=config, patients=patients)
 
@@ -253,7 +259,7 @@ def summary(m: dict) -> dict:
         by_format[f["format"]] = by_format.get(f["format"], 0) + f["bytes"]
     channels = list(set_channels(m)[1])
     channels = (channels + [f"channel {c}" for c in range(len(channels), n_chan)])[:n_chan]
-    planes = {q: sum(plane_view(m, q)["patients"][p]["n_slices"] for p in m["patients"]) for q in set_planes(m)}
+    planes = {q: sum(plane_entry(p, q)["n_slices"] for p in m["patients"].values()) for q in set_planes(m)}
     return {"format": m["format"], "splits": splits, "mask_channels": channels, "bytes": by_format,
             "failed": m["failed"], "config": m["config"], "planes": planes}
 

@@ -85,9 +85,8 @@ class ShardSource:
             raise ShardSetError(str(e)) from None
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.files = {f["path"]: f for f in self.manifest["files"]}
-        self.set_manifest, self.plane = self.manifest, "axial"
-        self._wds = {f["patient"]: f["path"] for f in self.manifest["files"]
-                     if f["format"] == "wds" and file_plane(f) == "axial"}
+        self.set_manifest, self.plane = self.manifest, "axial"  # until a reader selects another plane
+        self._wds = self._tars_of("axial")
         if self.remote:
             self.cache = Path(cache_dir or default_cache_dir()) / "sha256"
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -312,9 +311,13 @@ class ShardSource:
         except ManifestError as e:
             raise ShardSetError(f"{self.location}: {e}") from None
         self.plane = plane
-        self._wds = {f["patient"]: f["path"] for f in self.manifest["files"]
-                     if f["format"] == "wds" and file_plane(f) == plane}
+        self._wds = self._tars_of(plane)
         return self
+
+    def _tars_of(self, plane: str) -> dict[str, str]:
+        """patient -> the path of its `plane` tar."""
+        return {f["patient"]: f["path"] for f in self.set_manifest["files"]
+                if f["format"] == "wds" and file_plane(f) == plane}
 
     def layouts(self) -> list[str]:
         return list(self.manifest["format"]["layouts"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from shards import layout
 from shards.atomic import sha256_file
 from shards.contract import ShardFormatError
-from shards.manifest import LAYOUTS, ManifestError, file_plane, load_manifest, plain, plane_view, read_local, \
+from shards.manifest import LAYOUTS, ManifestError, file_plane, load_manifest, plain, plane_entry, read_local, \
     set_planes
 from shards.provenance import changed_patients
 from shards.tree import walk
@@ -112,7 +112,7 @@ def _check_counts(root: Path, m: dict, bad: set | frozenset = frozenset()) -> li
 
 def _check_plane(read, m: dict, pid: str, plane: str, files: tuple[list, list], bad, problems: list) -> None:
     """One patient's files of one plane against the manifest (`_check_counts`)."""
-    p = plane_view(m, plane)["patients"][pid]
+    p = plane_entry(m["patients"][pid], plane)
     tars, zarr_files = files
     try:
         if "zarr" in m["format"]["layouts"] and not bad.intersection(zarr_files):
