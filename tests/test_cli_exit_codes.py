@@ -154,6 +154,26 @@ def test_ctrl_c_in_a_real_training_run_says_how_to_resume(shard_set, tmp_path):
     assert "Traceback" not in err
 
 
+def test_matplotlib_is_loaded_before_the_first_step(shard_set, tmp_path, monkeypatch):
+    """A Ctrl-C inside matplotlib's first import reads as an ImportError, not KeyboardInterrupt:
+    the trainer imports it at setup, so SIGINT after an epoch can not land there."""
+    import train.loop
+    from train.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr("train.plots._plt", lambda: calls.append("plt"))
+
+    def first_step(*args, **kwargs):
+        calls.append("step")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.loop, "train_epoch", first_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.loop.train(str(shard_set), tmp_path / "run", TrainConfig(base_channels=4, depth=2, batch_size=8,
+                                                                        num_workers=0, epochs=1), progress=False)
+    assert calls == ["plt", "step"]
+
+
 @pytest.mark.parametrize("argv,line", [
     (["train", "SET", "--out", "RUN", "--format", "tar"], "error: --format must be one of zarr, wds, not 'tar'"),
     (["train", "SET", "--out", "RUN", "--fg-fraction", "3"], "error: --fg-fraction must lie in [0, 1], not 3.0"),

@@ -108,6 +108,8 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
         if rank == 0 and (note := thinned_validation(run.source.manifest["config"], cfg.folds)):
             print(note, file=sys.stderr, flush=True)
         trackers = start_recording(run, shards, overwrite, log, run_name, quiet=not progress) if rank == 0 else []
+        if rank == 0:
+            plots.load()  # a Ctrl-C in a later first import would not read as one (plots._plt)
         ok = False
         try:  # the trackers are closed however the loop ends (MLflow marks a failed run)
             for epoch in range(run.start, cfg.epochs):

@@ -11,12 +11,20 @@ from train import palette
 
 
 def _plt():
+    """pyplot on the Agg backend. The trainer calls this before its first step (`load`): a Ctrl-C
+    that lands inside matplotlib's first import surfaces as an ImportError from a C extension's
+    initialisation, not as the KeyboardInterrupt that says how to resume."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def load() -> None:
+    """Import matplotlib now, at setup, rather than at the end of the first epoch."""
+    _plt()
 
 
 def _save(fig, path: Path) -> Path:
