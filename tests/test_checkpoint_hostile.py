@@ -93,6 +93,8 @@ def set_config(**kw):
     (set_config(model="resnet"), "config"),
     (set_config(norm="group"), "config"),
     (set_config(deep_supervision="yes"), "config.deep_supervision"),
+    (set_config(init="pretrained"), "config"),
+    (set_config(dice_smooth=float("nan")), "config"),
     (lambda ck: ck.update(config=[1, 2]), "config"),
     (lambda ck: ck["preprocess"]["preprocess"].update(size=10**6), "preprocess.preprocess"),
     (lambda ck: ck["preprocess"]["preprocess"].update(size=32.5), "preprocess.preprocess.size"),

@@ -238,3 +238,43 @@ def test_grad_clip_bounds_the_update(shard_set, tmp_path):
     assert moved(cfg, "free") > 1e-4
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=float("nan"))
+
+
+def test_he_init_is_nnunets_and_seeded():
+    """init="he" (nnU-Net's InitWeights_He, slope 1e-2): every convolution's weights He-normal,
+    std sqrt(2 / (1 + 0.01^2) / fan_in), biases 0; the same seed gives the same weights."""
+    from train.loop import training_parts
+
+    cfg = TrainConfig(base_channels=8, depth=3, init="he")
+    model = training_parts(cfg, torch.device("cpu"))["model"]
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs
+    for m in convs:
+        fan_in = m.weight[0].numel()  # torch's fan_in: weight.size(1) x kernel, for transposed ones too
+        want = (2 / (1 + 1e-4) / fan_in) ** 0.5
+        if m.weight.numel() >= 2000:  # enough draws for the std to be within 10 %
+            assert abs(float(m.weight.std()) / want - 1) < 0.1, (m, float(m.weight.std()), want)
+        assert m.bias is None or not m.bias.any()
+    again = training_parts(cfg, torch.device("cpu"))["model"].state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    torch_default = training_parts(TrainConfig(base_channels=8, depth=3), torch.device("cpu"))["model"]
+    assert not torch.equal(torch_default.head.weight, model.head.weight)
+    with pytest.raises(ValueError, match="init must be one of torch, he"):
+        TrainConfig(init="xavier")
+
+
+def test_dice_smooth_is_the_losss_eps():
+    """dice_smooth (nnU-Net: 1e-5): an empty channel predicted empty costs nothing at either eps, and
+    a channel predicted wrongly on a few pixels costs far more at 1e-5 than at 1."""
+    from train.recipe import make_recipe_loss
+
+    target = torch.zeros(2, 1, 8, 8)
+    empty = torch.full((2, 1, 8, 8), -20.0)
+    assert make_recipe_loss("dice", 1e-5)(empty, target) < 0.05 and make_recipe_loss("dice", 1.0)(empty, target) < 1e-6
+    stray = empty.clone()
+    stray[0, 0, 0, :2] = 20.0  # two false-positive pixels on an empty channel
+    assert float(make_recipe_loss("dice", 1e-5)(stray, target)) > 0.99
+    assert float(make_recipe_loss("dice", 1.0)(stray, target)) < 0.7
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="dice_smooth"):
+            TrainConfig(dice_smooth=bad)

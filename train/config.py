@@ -39,6 +39,8 @@ class TrainConfig:
     augment: Literal["off", "light", "nnunet"] = "nnunet"  # light: the seed's flips/rotation in the loader
     fg_fraction: float = 1 / 3  # share of each batch with tumour (foreground oversampling)
     fg_balance: bool = False  # nnU-Net's sampling: that share always drawn, for a mask channel chosen evenly
+    init: Literal["torch", "he"] = "torch"  # he: nnU-Net's He-normal weights, zero biases
+    dice_smooth: float = 1.0  # the Dice loss's eps (nnU-Net: 1e-5)
     grad_clip: float = 0.0  # >0: clip the gradient norm at this (nnU-Net: 12); 0: off
     context: int = 0  # 2.5D: neighbouring slices on each side as extra channels
     folds: int = 0  # >1: cross-validation on the training split; `fold` is held out for validation
@@ -62,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= {least}, not {getattr(self, name)}")
         if not (isinstance(self.grad_clip, (int, float)) and 0.0 <= self.grad_clip < float("inf")):
             raise ValueError(f"grad_clip must be a finite number >= 0, not {self.grad_clip!r}")
+        if not (isinstance(self.dice_smooth, (int, float)) and 0.0 < self.dice_smooth < float("inf")):
+            raise ValueError(f"dice_smooth must be a finite number > 0, not {self.dice_smooth!r}")
         if not 0.0 <= self.fg_fraction <= 1.0:
             raise ValueError(f"fg_fraction must lie in [0, 1], not {self.fg_fraction}")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):

@@ -32,7 +32,7 @@ from train.augment import AugmentConfig, augment_batch
 from train.config import TrainConfig, chooses_postprocess, model_channels, release_of_set
 from train.data import SliceStream, StreamConfig, derive_seed, fold_patients
 from train.errors import TrainError
-from train.model import build_model
+from train.model import build_model, init_he
 from train.resume import check_position, restore, resumed_config
 from train.runfolder import read_val_patients, refuse_existing_run, refuse_links, start_run_folder, write_metrics, \
     write_val_patients
@@ -171,7 +171,7 @@ def setup(shards: str, out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     n_mod = len(set_channels(source.manifest)[0])
     train_pids, val_pids = split_patients(source, cfg, shards)
     parts = training_parts(cfg, device, *model_channels(source.manifest["config"], cfg))
-    run = Run(out, cfg, source, rank, world, device, parts, parts["model"], recipe.make_recipe_loss(cfg.loss),
+    run = Run(out, cfg, source, rank, world, device, parts, parts["model"], recipe.make_recipe_loss(cfg.loss, cfg.dice_smooth),
               *streams(source, cfg, rank, world, train_pids, val_pids), rel, set_mode,
               recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel),
               torch.arange(cfg.input_channels(n_mod)) % n_mod)
@@ -221,7 +221,10 @@ def training_parts(cfg: TrainConfig, device: torch.device, in_channels: int | No
     torch.manual_seed(cfg.seed)
     in_channels = cfg.in_channels if in_channels is None else in_channels
     model = build_model(cfg.model, cfg.base_channels, cfg.depth, in_channels, out_channels, cfg.norm, cfg.act,
-                        cfg.deep_supervision).to(device)
+                        cfg.deep_supervision)
+    if cfg.init == "he":
+        init_he(model)
+    model = model.to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -24,11 +24,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def make_loss(name: str):
+def make_loss(name: str, smooth: float = 1.0):
+    """`smooth`: the Dice's eps (nnU-Net: 1e-5)."""
     if name == "dice":
-        return soft_dice_loss
+        return lambda logits, target: soft_dice_loss(logits, target, smooth)
     if name == "dice-bce":
-        return lambda logits, target: soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(
+        return lambda logits, target: soft_dice_loss(logits, target, smooth) + F.binary_cross_entropy_with_logits(
             logits.float(), target.float())
     raise ValueError(f"unknown loss {name!r}; choose dice or dice-bce")
 

@@ -113,6 +113,17 @@ class UNet(nn.Module):
         return [out] + [h(levels[-2 - i]) for i, h in enumerate(self.aux_heads)]
 
 
+def init_he(model: nn.Module, slope: float = 1e-2) -> nn.Module:
+    """nnU-Net's initialisation (InitWeights_He): every convolution's weights He-normal for leaky
+    ReLU of this slope, biases 0; torch's default is He-uniform with a = sqrt(5)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, a=slope)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
 ModelName = Literal["unet", "attention-unet"]
 MODELS = get_args(ModelName)
 

@@ -58,10 +58,10 @@ def ds_weights(n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def make_recipe_loss(name: str):
+def make_recipe_loss(name: str, smooth: float = 1.0):
     """The loss of one output or, for a list (deep supervision), the weighted sum over outputs,
     each against the target averaged down to its size (area pooling: soft targets at the edges)."""
-    base = make_loss(name)
+    base = make_loss(name, smooth)
 
     def loss(outputs, target):
         if isinstance(outputs, torch.Tensor):
