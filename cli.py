@@ -186,7 +186,7 @@ def info(
 # train's options that go into TrainConfig as they are (the recipe's are RECIPE_FIELDS; --format is `fmt`)
 TRAIN_OPTIONS = ("model", "base_channels", "depth", "loss", "warmup_epochs", "folds", "fold", "epochs", "batch_size",
                  "num_workers", "seed", "device", "compile", "log_samples", "max_batches", "checkpoint_every",
-                 "fg_balance", "grad_clip", "plane")
+                 "grad_clip", "plane")
 
 
 @app.command()
@@ -200,7 +200,7 @@ def train(
     recipe: Annotated[str, typer.Option(help="Starting point for the options below: 'default' (the nnU-Net-style 2D recipe) or 'seed' (the seed notebook's: batch norm, Adam + plateau, no augmentation); options given explicitly override it.")] = "default",
     norm: Annotated[Optional[str], typer.Option(help="instance (nnU-Net) or batch (seed).  [default: instance]")] = None,
     act: Annotated[Optional[str], typer.Option(help="leaky (leaky ReLU, nnU-Net) or relu (seed).  [default: leaky]")] = None,
-    deep_supervision: Annotated[Optional[bool], typer.Option("--deep-supervision/--no-deep-supervision", help="Losses on the decoder's lower levels too (weights 1, 1/2, 1/4...).  [default: on]")] = None,
+    deep_supervision: Annotated[Optional[bool], typer.Option("--deep-supervision/--no-deep-supervision", help="Losses on the decoder's lower levels too (weights 1, 1/2, 1/4...), as nnU-Net.  [default: off]")] = None,
     targets: Annotated[Optional[str], typer.Option(help="regions: train sigmoid outputs on WT/TC/ET derived at train time (nnU-Net for BraTS); channels: the set's own mask channels.  [default: regions]")] = None,
     loss: Annotated[str, typer.Option(help="dice or dice-bce.")] = "dice-bce",
     optimizer: Annotated[Optional[str], typer.Option(help="sgd (Nesterov momentum 0.99), adam or adamw.  [default: sgd]")] = None,
@@ -210,7 +210,7 @@ def train(
     warmup_epochs: Annotated[float, typer.Option(help="cosine: linear warm-up over this many epochs.")] = 0.0,
     augment: Annotated[Optional[str], typer.Option(help="nnunet (rotation, scaling, mirroring, noise, blur, brightness, contrast, low resolution, gamma on the training device), light (the seed's flips and small rotations in the loader) or off.  [default: nnunet]")] = None,
     fg_fraction: Annotated[Optional[float], typer.Option(help="Share of each batch that holds tumour (foreground oversampling).  [default: 0.33]")] = None,
-    fg_balance: Annotated[bool, typer.Option("--fg-balance/--no-fg-balance", help="Foreground sampling as nnU-Net's: the --fg-fraction share of every batch drawn for a mask channel chosen evenly (rare ET as often as oedema), a slice weighted by that channel's pixels.")] = False,
+    fg_balance: Annotated[Optional[bool], typer.Option("--fg-balance/--no-fg-balance", help="Foreground sampling as nnU-Net's: the --fg-fraction share of every batch drawn for a mask channel chosen evenly (rare ET as often as oedema), a slice weighted by that channel's pixels; off: only a batch short of tumour slices gets some.  [default: off]")] = None,
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm at this value (nnU-Net: 12); 0: off.")] = 0.0,
     context: Annotated[Optional[int], typer.Option(help="2.5D: neighbouring slices on each side given as extra channels.  [default: 0]")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation: split the training patients into this many folds by the hash of the patient id alone (not --seed: the folds of one --folds K partition the patients whatever the seed; 0: off, use the set's val split).")] = 0,

@@ -136,10 +136,12 @@ def recipes(s: dict, default: TrainConfig, extra: set[str] = frozenset()) -> dic
     if not base.grad_clip:  # nnU-Net's gradient clipping (norm 12), as an addition, 3 seeds
         for seed in (0, 1, 2):
             out[f"+grad-clip/s{seed}"] = (dataclasses.replace(base, grad_clip=12.0, seed=seed), None)
-    for seed in (0, 1, 2):  # nnU-Net's remaining differences, each as an addition, then together
+    if not base.deep_supervision:  # nnU-Net's deep supervision, as an addition, 3 seeds
+        for seed in (0, 1, 2):
+            out[f"+deep-supervision/s{seed}"] = (dataclasses.replace(base, deep_supervision=True, seed=seed), None)
+    for seed in (0, 1, 2):  # nnU-Net's initialisation and Dice smoothing, as additions, 3 seeds
         out[f"+he-init/s{seed}"] = (dataclasses.replace(base, init="he", seed=seed), None)
         out[f"+smooth/s{seed}"] = (dataclasses.replace(base, dice_smooth=1e-5, seed=seed), None)
-        out[f"+fg-he/s{seed}"] = (dataclasses.replace(base, fg_balance=True, init="he", seed=seed), None)
     for seed in (0, 1, 2):  # triplanar 2D: a model per plane, then the three averaged in 3D (predict --ensemble)
         for plane in PLANES[1:]:
             out[f"{plane}/s{seed}"] = (dataclasses.replace(base, plane=plane, seed=seed), None)

@@ -46,6 +46,26 @@ def test_old_checkpoint_configs_read_as_the_seed_recipe():
     assert TrainConfig.from_dict({"augment": False}).augment == "off"
 
 
+def test_the_default_samples_as_nnunet_without_deep_supervision_and_old_runs_keep_theirs(shard_set, tmp_path):
+    """The default (measured on the bench): deep supervision off, nnU-Net's class-balanced draws an
+    option (off). A config stored before fg_balance existed reads as off (the seed recipe's); one
+    stored with deep supervision on keeps it, so such a run resumes as it started."""
+    from train.config import from_options
+
+    assert not TrainConfig().fg_balance and not TrainConfig().deep_supervision
+    assert not TrainConfig.from_dict({"model": "unet", "fg_fraction": 1 / 3}).fg_balance
+    assert TrainConfig.from_dict({**TrainConfig().to_dict(), "deep_supervision": True}).deep_supervision
+    seed = from_options("seed", {})
+    assert not seed.fg_balance and seed.fg_fraction == 0.0
+    given = from_options("default", {"fg_balance": True, "deep_supervision": True})
+    assert given.deep_supervision and given.fg_balance
+    run = tmp_path / "run"
+    train(str(shard_set), run, dataclasses.replace(TINY, epochs=1, max_batches=2), progress=False)
+    stored = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert stored["config"]["fg_balance"] is False and stored["config"]["deep_supervision"] is False
+    assert not any(k.startswith("aux_heads") for k in stored["model"])
+
+
 def test_config_refuses_bad_recipe_values():
     for bad in (dict(folds=1), dict(folds=3, fold=3), dict(context=-1), dict(fg_fraction=1.5), dict(norm="group"),
                 dict(schedule="step")):

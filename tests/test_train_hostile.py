@@ -92,7 +92,8 @@ def test_resume_with_options_left_out_takes_the_checkpoints(shard_set, run_copy)
     (["--lr", "0.5", "--batch-size", "4"], "--batch-size 4"),
     (["--recipe", "seed"], "--recipe seed"),
     (["--format", "wds"], "--format wds"),
-    (["--no-deep-supervision"], "--deep-supervision False"),
+    (["--deep-supervision"], "--deep-supervision True"),
+    (["--fg-balance"], "--fg-balance True"),
 ])
 def test_resume_with_another_run_fixing_option_is_refused_before_writing(shard_set, run_copy, extra, named):
     before = _snapshot(run_copy)

@@ -23,7 +23,7 @@ class TrainConfig:
     depth: int = 4
     norm: Norm = "instance"
     act: Act = "leaky"
-    deep_supervision: bool = True
+    deep_supervision: bool = False  # nnU-Net: on; measured better off at our budgets (BENCHMARKS.md)
     targets: Literal["regions", "channels"] = "regions"  # regions: WT/TC/ET derived at train time
     loss: Literal["dice", "dice-bce"] = "dice-bce"
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"

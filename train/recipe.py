@@ -5,10 +5,12 @@ Two recipes are named here. `SEED_RECIPE` is the seed notebook's (batch norm + R
 mask channels, Adam with plateau decay, no augmentation, no oversampling, no context, no
 post-processing); a checkpoint written before these options existed is read with it. The defaults
 of `TrainConfig` are the field's 2D recipe after nnU-Net (Isensee et al. 2021, and its BraTS 2020
-entry): region targets WT/TC/ET with sigmoid outputs, deep supervision, instance norm + leaky
-ReLU, SGD with Nesterov momentum 0.99 and the poly schedule, batch augmentation on the device,
-one third of each batch with tumour, and post-processing thresholds chosen on validation. The
-quality benchmark (bench/quality.py, BENCHMARKS.md) measures each ingredient against them.
+entry): region targets WT/TC/ET with sigmoid outputs, instance norm + leaky ReLU, SGD with
+Nesterov momentum 0.99 and the poly schedule, batch augmentation on the device, one third of each
+batch with tumour, and post-processing thresholds chosen on validation. nnU-Net's deep
+supervision is an option, off: the benchmark measured the recipe better without it (and no worse
+at 3x the slices). The quality benchmark (bench/quality.py, BENCHMARKS.md) measures each
+ingredient against them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from train.metrics import make_loss
 # the seed notebook's recipe, as TrainConfig field values
 SEED_RECIPE = {"norm": "batch", "act": "relu", "deep_supervision": False, "targets": "channels",
                "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "plateau",
-               "augment": "off", "fg_fraction": 0.0, "context": 0, "postprocess": False}
+               "augment": "off", "fg_fraction": 0.0, "fg_balance": False, "context": 0, "postprocess": False}
 
 
 # ---------------------------------------------------------------- targets
