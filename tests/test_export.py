@@ -25,9 +25,10 @@ SIZE = 32  # the shard_set fixture's slice size
 
 @pytest.fixture(scope="module")
 def checkpoints(shard_set, tmp_path_factory):
-    """Two tiny trained runs: the default recipe (instance norm, deep supervision, regions) with
+    """Two tiny trained runs: the default recipe with deep supervision on (instance norm, regions), with
     no context, and the seed's blocks (batch norm, the set's own channels) with context 1."""
-    configs = {0: TrainConfig(base_channels=4, depth=3, batch_size=8, num_workers=0, epochs=1, max_batches=2),
+    configs = {0: TrainConfig(base_channels=4, depth=3, batch_size=8, num_workers=0, epochs=1, max_batches=2,
+                              deep_supervision=True),
                1: TrainConfig(base_channels=4, depth=2, batch_size=8, num_workers=0, epochs=1, max_batches=2,
                               context=1, norm="batch", act="relu", deep_supervision=False, targets="channels",
                               postprocess=False)}
