@@ -109,7 +109,7 @@ def train(shards: str, out: str | Path, cfg: TrainConfig, resume: bool = False, 
             print(note, file=sys.stderr, flush=True)
         trackers = start_recording(run, shards, overwrite, log, run_name, quiet=not progress) if rank == 0 else []
         if rank == 0:
-            plots.load()  # a Ctrl-C in a later first import would not read as one (plots._plt)
+            plots.load()  # a Ctrl-C in a later first import would not read as one (plots.load)
         ok = False
         try:  # the trackers are closed however the loop ends (MLflow marks a failed run)
             for epoch in range(run.start, cfg.epochs):
@@ -171,7 +171,8 @@ def setup(shards: str, out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     n_mod = len(set_channels(source.manifest)[0])
     train_pids, val_pids = split_patients(source, cfg, shards)
     parts = training_parts(cfg, device, *model_channels(source.manifest["config"], cfg))
-    run = Run(out, cfg, source, rank, world, device, parts, parts["model"], recipe.make_recipe_loss(cfg.loss, cfg.dice_smooth),
+    loss_fn = recipe.make_recipe_loss(cfg.loss, cfg.dice_smooth)
+    run = Run(out, cfg, source, rank, world, device, parts, parts["model"], loss_fn,
               *streams(source, cfg, rank, world, train_pids, val_pids), rel, set_mode,
               recipe.output_mode(cfg.targets, set_mode), recipe.output_names(cfg.targets, set_mode, rel),
               torch.arange(cfg.input_channels(n_mod)) % n_mod)

@@ -11,9 +11,7 @@ from train import palette
 
 
 def _plt():
-    """pyplot on the Agg backend. The trainer calls this before its first step (`load`): a Ctrl-C
-    that lands inside matplotlib's first import surfaces as an ImportError from a C extension's
-    initialisation, not as the KeyboardInterrupt that says how to resume."""
+    """pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +21,10 @@ def _plt():
 
 
 def load() -> None:
-    """Import matplotlib now, at setup, rather than at the end of the first epoch."""
+    """Import matplotlib now: the trainer calls this before its first step, because a Ctrl-C that
+    lands inside matplotlib's first import (at the end of epoch 1 otherwise) surfaces as an
+    ImportError from a C extension's initialisation, not as the KeyboardInterrupt that says how
+    to resume."""
     _plt()
 
 
